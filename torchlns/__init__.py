@@ -1,0 +1,19 @@
+"""torchlns: bit-exact emulation of a logarithmic-number-system inference chip."""
+
+from .formats import (  # noqa: F401
+    CHIP_MAC,
+    FP8_E4M3,
+    FP8_E5M2,
+    IDEAL_MAC,
+    INT8,
+    LNS8,
+    FP8Format,
+    IntFormat,
+    LNSFormat,
+    MACConfig,
+)
+from .codec import amax, calibrate, decode, default_offset, default_scale, encode, expand_param  # noqa: F401
+
+__version__ = "0.1.0"
+from .mac import lns_conv1d, lns_conv2d, lns_linear  # noqa: F401,E402
+from .tensor import CodedTensor, FP8Tensor, IntTensor, LNSTensor  # noqa: F401,E402

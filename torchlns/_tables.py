@@ -1,0 +1,92 @@
+"""Exact lookup tables of the chip model, built once per parameter set and cached.
+
+# Note: exact tables
+Every table entry is a correctly rounded function of an irrational number 2^(t/2^F)
+(t not a multiple of 2^F), so there are no rounding ties and each entry has exactly one
+right answer. The spec says float64 ``pow`` + one rounding is right for F <= 10; torchlns
+allows F up to 14, so tables are computed with ``decimal`` at 60 significant digits, then
+rounded on the 2^-23 (or 2^-P) grid of [1, 2). With 60 digits the error is ~1e-60, far
+smaller than the distance of any 2^((2i+1)/2^(F+1)) from a 24-bit grid point, and
+``tests/test_tables.py`` checks the float64 shortcut agrees for F <= 10.
+
+Tables are returned as exact integers ``N`` with an implied scale ``2^-S`` (``value = N/2^S``)
+so that callers can use them in integer arithmetic (the fixed accumulator) or as float64
+(every entry has <= 25 significant bits, so float64 holds it exactly).
+"""
+
+from __future__ import annotations
+
+import functools
+from decimal import ROUND_CEILING, ROUND_HALF_EVEN, Context, Decimal
+
+import torch
+
+_CTX = Context(prec=60)
+_LN2 = _CTX.ln(Decimal(2))
+MANT_BITS = 23  # float32 fraction bits
+
+
+def _pow2(numerator: int, denominator: int) -> Decimal:
+    """2^(numerator/denominator) to 60 digits."""
+    return _CTX.exp(_CTX.multiply(_LN2, _CTX.divide(Decimal(numerator), Decimal(denominator))))
+
+
+def _round_on_grid(value: Decimal, frac_bits: int, rounding: str) -> int:
+    """``value * 2^frac_bits`` rounded to an integer (half-even or ceiling)."""
+    scaled = _CTX.multiply(value, Decimal(1 << frac_bits))
+    return int(scaled.to_integral_value(rounding=rounding))
+
+
+@functools.lru_cache(maxsize=None)
+def encode_thresholds(frac_bits: int) -> tuple[int, ...]:
+    """float32 fraction fields (23-bit ints) of ``c_i = 2^((i+0.5)/2^F)`` rounded up, i < 2^F.
+
+    For a float32 mantissa ``m = 1 + frac/2^23``, ``m >= c_i`` iff ``frac >= threshold[i]``.
+    Always < 2^23 for F <= 14 (c_i < 2 - 2^-23), so every threshold is a valid fraction.
+    """
+    n = 1 << frac_bits
+    out = []
+    for i in range(n):
+        c = _pow2(2 * i + 1, 2 * n)
+        out.append(_round_on_grid(c, MANT_BITS, ROUND_CEILING) - (1 << MANT_BITS))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=None)
+def decode_mantissas(frac_bits: int) -> tuple[int, ...]:
+    """``D[r] = 2^(r/2^F)`` rounded to nearest float32, as 24-bit significands (scale 2^-23)."""
+    n = 1 << frac_bits
+    return tuple(_round_on_grid(_pow2(r, n), MANT_BITS, ROUND_HALF_EVEN) for r in range(n))
+
+
+@functools.lru_cache(maxsize=None)
+def conversion_table(frac_bits: int, conversion: str, lut_bits: int) -> tuple[tuple[int, ...], int]:
+    """``C[r]`` of spec section 2 step 2 as ``(numerators, S)`` with ``C[r] = N[r] / 2^S``."""
+    n = 1 << frac_bits
+    if conversion == "exact":
+        return decode_mantissas(frac_bits), MANT_BITS
+    if conversion == "lut":
+        return tuple(_round_on_grid(_pow2(r, n), lut_bits, ROUND_HALF_EVEN) for r in range(n)), lut_bits
+    if conversion == "mitchell":
+        return tuple(n + r for r in range(n)), frac_bits
+    raise ValueError(f"unknown conversion {conversion!r}")
+
+
+# Device-resident copies. Keyed on the device so each device builds its tensor once.
+@functools.lru_cache(maxsize=None)
+def thresholds_tensor(frac_bits: int, device: torch.device) -> torch.Tensor:
+    return torch.tensor(encode_thresholds(frac_bits), dtype=torch.int32, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def decode_bits_tensor(frac_bits: int, device: torch.device) -> torch.Tensor:
+    """float32 bit patterns of ``D[r]`` (exponent field 127, i.e. values in [1, 2))."""
+    mants = decode_mantissas(frac_bits)
+    return torch.tensor([(127 << MANT_BITS) | (m - (1 << MANT_BITS)) for m in mants], dtype=torch.int32, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def conversion_tensor_f64(frac_bits: int, conversion: str, lut_bits: int, device: torch.device) -> torch.Tensor:
+    """``C[r]`` as exact float64 values (every entry has <= 25 significant bits)."""
+    nums, shift = conversion_table(frac_bits, conversion, lut_bits)
+    return torch.tensor([v / (1 << shift) for v in nums], dtype=torch.float64, device=device)

@@ -1,0 +1,437 @@
+"""Reference multiply-accumulate: lns_linear / lns_conv1d / lns_conv2d (chip-model.md 2-5).
+
+Vectorized PyTorch, exact wherever the spec says exact, and the oracle for every kernel.
+
+# Note: reference MAC arithmetic
+* LNS products are formed per (row, column, k) from the log sum ``G = g_a + g_w`` and
+  converted with ``C[r]`` (``_tables.conversion_table``). Every ``C[r]`` has at most 25
+  significant bits and ``|q| < 800``, so ``C[r] * 2^q`` is an exact float64: both
+  accumulators start from exact products.
+* float32 accumulator: the exact products are summed in float64 and the sum is rounded once
+  to float32. The error is at most ``2^-24 |y| + K 2^-53 sum|p|``, inside the spec's
+  ``K 2^-24 sum|p|``, so the reference is the most accurate member of the allowed family.
+  (A product outside the float32 range, which only absurd offsets can produce, is kept
+  exact here; a float32 datapath would overflow or flush it.)
+* fixed accumulator: ``p_int = ±min(floor(C[r] 2^(q-Λ)), 2^(W-1)-1)`` is computed as an
+  exact float64 floor and summed in int64. ``K 2^(W-1) < 2^63`` is checked, so the sum
+  cannot wrap. The bias ``rne(b / 2^Λ)`` is clamped to ``±(2^63 - 1024)``, which cannot
+  change the saturated result (for ``K <= 1023`` the sum is < 2^57; otherwise
+  ``(K+1) T + 1024 < 2^63``), and the addition detects int64 overflow explicitly instead of
+  relying on wrap-around. ``acc * 2^Λ`` is exact in float64 and rounded once to float32.
+* NaN dominates: any NaN operand in a dot product makes that output NaN, even when its
+  partner is zero (as IEEE ``NaN * 0``). Zero codes give zero products; conv padding is the
+  zero code.
+* FP8/INT: the K axis is cut at every block boundary of either operand; inside a segment
+  both scales are constant. The segment sum is exact (INT, as float64 of integers below
+  2^53) or float64 of exact products (FP8), then ``y_seg = float32(sum) * (s_x * s_w)`` in
+  float32, and segments are added in order in float32. With per-tensor or per-channel
+  scales there is one segment and this is exactly ``y = float32(acc) * (s_x s_w)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+
+from . import _tables
+from .codec import _fp8_table, calibrate, encode, expand_param
+from .formats import IDEAL_MAC, LNS8, FP8Format, Format, IntFormat, LNSFormat, MACConfig
+
+__all__ = ["lns_linear", "lns_conv1d", "lns_conv2d"]
+
+_ACC_LSB_RANGE = (-512, 512)
+_BIAS_CLAMP = float(2**63 - 1024)
+_I64_MAX = 2**63 - 1
+_I64_MIN = -(2**63)
+_CHUNK_ELEMENTS = 1 << 22  # rows*N*K per elementwise chunk: ~32 MB per float64 temporary
+
+
+@dataclass
+class _Matrix:
+    """A 2-D operand of the MAC: rows x K codes and their compact parameters.
+
+    ``param`` has shape (1 or rows, 1 or K or ceil(K/block)) (see Note: parameter layout in
+    codec.py); ``block`` is the block size along K or None.
+    """
+
+    codes: torch.Tensor
+    fmt: Format
+    param: torch.Tensor
+    block: Optional[int]
+
+    def param_along_k(self) -> torch.Tensor:
+        return expand_param(self.param, 1 if self.block else None, self.block, self.codes.shape[1])
+
+
+# ----------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------
+def _check_mac(mac: MACConfig, acc_lsb: Optional[int], fmt: Format) -> None:
+    if not isinstance(mac, MACConfig):
+        raise TypeError(f"mac must be a MACConfig, got {type(mac).__name__}")
+    if not isinstance(fmt, LNSFormat):
+        if acc_lsb is not None:
+            raise ValueError(f"acc_lsb applies to the LNS fixed accumulator; {fmt} accumulates as spec section 5 says")
+        return
+    if mac.accumulator == "fixed":
+        if acc_lsb is None:
+            raise ValueError("the fixed accumulator needs acc_lsb (the exponent of its LSB); a converted module calibrates it")
+        if isinstance(acc_lsb, bool) or not isinstance(acc_lsb, int):
+            raise TypeError(f"acc_lsb must be an int, got {type(acc_lsb).__name__}")
+        lo, hi = _ACC_LSB_RANGE
+        if not lo <= acc_lsb <= hi:
+            raise ValueError(f"acc_lsb={acc_lsb} is out of range {lo}..{hi} (beyond it every output saturates or vanishes)")
+    elif acc_lsb is not None:
+        raise ValueError("acc_lsb is only used by the fixed accumulator; this MAC accumulates in float32")
+
+
+def _check_pair(fx: Format, fw: Format) -> None:
+    if type(fx) is not type(fw):
+        raise TypeError(f"cannot multiply {fx} activations by {fw} weights: both operands must be LNS, FP8 or INT")
+    if isinstance(fx, LNSFormat) and fx.frac_bits != fw.frac_bits:
+        raise ValueError(
+            f"LNS operands must share frac_bits so that log codes add: activations {fx}, weights {fw}"
+        )
+
+
+def _check_bias(bias, n_out: int, device) -> Optional[torch.Tensor]:
+    if bias is None:
+        return None
+    if not isinstance(bias, torch.Tensor) or not bias.dtype.is_floating_point:
+        raise TypeError(f"bias must be a float tensor, got {getattr(bias, 'dtype', type(bias).__name__)}")
+    if bias.shape != (n_out,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({n_out},)")
+    return bias.detach().to(device=device, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------
+# LNS core
+# ----------------------------------------------------------------------------------------
+def _exp2_f64(e: torch.Tensor) -> torch.Tensor:
+    """2^e as float64 for integer e in [-1022, 1023], built from the bit pattern (exact)."""
+    return ((e.to(torch.int64) + 1023) << 52).view(torch.float64)
+
+
+def _log_fields(m: _Matrix):
+    """(log value g, negative, zero, nan) per element; g is meaningless where zero/nan."""
+    fmt = m.fmt
+    c = m.codes.to(torch.int32) & ((1 << fmt.bits) - 1)
+    mag = c & fmt.e_max
+    negative = c >= fmt.nan_code
+    zero = mag == 0
+    g = torch.where(zero, 0, mag + m.param_along_k().to(torch.int32))
+    return g, negative, zero, zero & negative
+
+
+def _lns_mac(x: _Matrix, w: _Matrix, bias, mac: MACConfig, acc_lsb) -> torch.Tensor:
+    F = x.fmt.frac_bits
+    M, K = x.codes.shape
+    N = w.codes.shape[0]
+    fixed = mac.accumulator == "fixed"
+    if fixed:
+        W = mac.acc_bits
+        if K * 2 ** (W - 1) >= 2**63:
+            raise ValueError(
+                f"accumulator overflow: K={K} products of up to 2^{W - 1} need K*2^{W - 1} < 2^63 "
+                f"for an exact int64 sum; split the reduction or use fewer acc_bits"
+            )
+        T = 2 ** (W - 1) - 1
+    gx, nx, zx, nanx = _log_fields(x)
+    gw, nw, zw, nanw = _log_fields(w)
+    table = _tables.conversion_tensor_f64(F, mac.conversion, mac.lut_bits, x.codes.device)
+    shift = 0 if not fixed else acc_lsb
+    out = torch.empty(M, N, dtype=torch.int64 if fixed else torch.float64, device=x.codes.device)
+    rows = max(1, _CHUNK_ELEMENTS // max(1, N * K))
+    for r0 in range(0, M, rows):
+        r1 = min(M, r0 + rows)
+        G = gx[r0:r1, None, :] + gw[None, :, :]
+        p = table[(G & ((1 << F) - 1)).long()] * _exp2_f64((G >> F) - shift)
+        if fixed:
+            p = p.floor_().clamp_(max=T)
+        p = p.masked_fill_(zx[r0:r1, None, :] | zw[None, :, :], 0.0)
+        p = torch.where(nx[r0:r1, None, :] ^ nw[None, :, :], -p, p)
+        out[r0:r1] = p.to(torch.int64).sum(-1) if fixed else p.sum(-1)
+    nan_out = nanx.any(1)[:, None] | nanw.any(1)[None, :]
+    if not fixed:
+        y = out.to(torch.float32)
+        if bias is not None:
+            y = y + bias
+    else:
+        y = _fixed_output(out, bias, T, acc_lsb)
+    return y.masked_fill_(nan_out, math.nan)
+
+
+def _fixed_output(acc: torch.Tensor, bias, T: int, acc_lsb: int) -> torch.Tensor:
+    """Bias, final saturation and scaling of the fixed accumulator (see the Note above)."""
+    if bias is not None:
+        b = torch.round(bias.to(torch.float64) * 2.0**-acc_lsb).clamp_(-_BIAS_CLAMP, _BIAS_CLAMP).to(torch.int64)
+        b = b.expand_as(acc)
+        over = (b > 0) & (acc > _I64_MAX - b.clamp(min=0))
+        under = (b < 0) & (acc < _I64_MIN - b.clamp(max=0))
+        acc = torch.where(over | under, 0, acc) + torch.where(over | under, 0, b)
+        acc = torch.where(over, T, torch.where(under, -T, acc))
+    acc = acc.clamp(-T, T)
+    return (acc.to(torch.float64) * 2.0**acc_lsb).to(torch.float32)
+
+
+# ----------------------------------------------------------------------------------------
+# FP8 / INT core
+# ----------------------------------------------------------------------------------------
+def _unscaled_values(m: _Matrix) -> torch.Tensor:
+    if isinstance(m.fmt, FP8Format):
+        return _fp8_table(m.fmt, m.codes.device)[m.codes.long()].to(torch.float64)
+    return m.codes.to(torch.float64)
+
+
+def _segments(K: int, *blocks: Optional[int]) -> list:
+    cuts = {0, K}
+    for b in blocks:
+        if b:
+            cuts.update(range(0, K, b))
+    cuts = sorted(cuts)
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def _scaled_mac(x: _Matrix, w: _Matrix, bias) -> torch.Tensor:
+    M, K = x.codes.shape
+    N = w.codes.shape[0]
+    if isinstance(x.fmt, IntFormat) and K * x.fmt.qmax * w.fmt.qmax >= 2**53:
+        raise ValueError(f"accumulator overflow: K={K} products of {x.fmt} x {w.fmt} exceed the 2^53 exact range")
+    vx, vw = _unscaled_values(x), _unscaled_values(w)
+    sx, sw = x.param_along_k(), w.param_along_k()
+    # Scales per element of K, or a single column; both are constant inside a segment.
+    y = torch.zeros(M, N, dtype=torch.float32, device=x.codes.device)
+    for k0, k1 in _segments(K, x.block, w.block):
+        part = (vx[:, k0:k1] @ vw[:, k0:k1].T).to(torch.float32)
+        scale = sx[:, min(k0, sx.shape[1] - 1), None] * sw[None, :, min(k0, sw.shape[1] - 1)]
+        y = y + part * scale
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def _mac(x: _Matrix, w: _Matrix, bias, mac: MACConfig, acc_lsb) -> torch.Tensor:
+    if x.codes.shape[1] != w.codes.shape[1]:
+        raise ValueError(f"reduction sizes differ: activations have K={x.codes.shape[1]}, weights K={w.codes.shape[1]}")
+    if x.codes.device != w.codes.device:
+        raise ValueError(f"operands are on different devices: {x.codes.device} and {w.codes.device}")
+    if isinstance(x.fmt, LNSFormat):
+        return _lns_mac(x, w, bias, mac, acc_lsb)
+    return _scaled_mac(x, w, bias)
+
+
+# ----------------------------------------------------------------------------------------
+# operands
+# ----------------------------------------------------------------------------------------
+def _coded_parts(t):
+    """(codes, fmt, compact param, block axis, block size) of a coded tensor."""
+    from .tensor import CodedTensor
+
+    if isinstance(t, CodedTensor):
+        axis, size = t.block if t.block else (None, None)
+        return t.codes, t.fmt, t.param, axis, size
+    return None
+
+
+def _encode_operand(t, fmt: Format, what: str, block_size: Optional[int] = None):
+    """Float operand -> (codes, fmt, compact param, block axis, size); per tensor by default."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what} must be a tensor or an LNSTensor, got {type(t).__name__}")
+    if block_size is None:
+        param = calibrate(t, fmt)
+        return encode(t, fmt, param), fmt, param, None, None
+    param = calibrate(t, fmt, "block", axis=-1, block_size=block_size)
+    return encode(t, fmt, expand_param(param, t.dim() - 1, block_size, t.shape[-1])), fmt, param, t.dim() - 1, block_size
+
+
+def _resolve_formats(x, w):
+    px, pw = _coded_parts(x), _coded_parts(w)
+    fmt = px[1] if px else pw[1] if pw else LNS8
+    return px, pw, fmt
+
+
+def _rows_param(param: torch.Tensor, block_axis, lead_ndim: int) -> torch.Tensor:
+    """Compact param of an (..., K) operand -> (1 or rows, kdim) with rows = prod(leading)."""
+    if block_axis is not None and block_axis != lead_ndim:
+        raise ValueError("per-block parameters of a linear operand must run along its last (reduction) axis")
+    lead = param.shape[:lead_ndim]
+    if all(s == 1 for s in lead):
+        return param.reshape(1, param.shape[-1])
+    return param.reshape(-1, param.shape[-1])
+
+
+# ----------------------------------------------------------------------------------------
+# public ops
+# ----------------------------------------------------------------------------------------
+def lns_linear(x, w, bias: Optional[torch.Tensor] = None, mac: MACConfig = IDEAL_MAC, *,
+               acc_lsb: Optional[int] = None, x_block_size: Optional[int] = None) -> torch.Tensor:
+    """``y[..., n] = MAC_k(x[..., k], w[n, k]) + bias[n]`` as the chip computes it.
+
+    ``x`` and ``w`` are coded tensors (LNS, FP8 or INT; both of one kind) or float tensors,
+    which are encoded per tensor in the other operand's format (LNS8 if both are float).
+    ``x_block_size`` encodes a float ``x`` with dynamic per-block offsets/scales along K, as
+    MX formats do. ``acc_lsb`` is required by, and only by, the LNS fixed accumulator.
+    """
+    px, pw, fmt = _resolve_formats(x, w)
+    if x_block_size is not None and px is not None:
+        raise ValueError("x_block_size encodes a float x dynamically; x is already encoded")
+    px = px or _encode_operand(x, fmt, "x", x_block_size)
+    pw = pw or _encode_operand(w, fmt, "w")
+    xc, fx, xp, xax, xbs = px
+    wc, fw, wp, wax, wbs = pw
+    _check_pair(fx, fw)
+    _check_mac(mac, acc_lsb, fx)
+    if wc.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(wc.shape)}")
+    if xc.dim() < 1:
+        raise ValueError("x must have at least one dim (..., in_features)")
+    if wax == 0:
+        raise ValueError("per-block weight parameters must run along the reduction axis (dim 1)")
+    lead = xc.shape[:-1]
+    K = xc.shape[-1]
+    xm = _Matrix(xc.reshape(-1, K), fx, _rows_param(xp, xax, xc.dim() - 1), xbs)
+    wm = _Matrix(wc, fw, wp, wbs)
+    y = _mac(xm, wm, _check_bias(bias, wc.shape[0], xc.device), mac, acc_lsb)
+    return y.reshape(*lead, wc.shape[0])
+
+
+def _pair(v, n: int, what: str) -> tuple:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (v,) * n
+    if isinstance(v, (tuple, list)) and len(v) == n and all(isinstance(i, int) for i in v):
+        return tuple(v)
+    raise ValueError(f"{what} must be an int or a tuple of {n} ints, got {v!r}")
+
+
+def _conv_padding(padding, kernel, dilation, stride, n: int):
+    """(before, after) padding per spatial dim; 'same' pads the extra element after, as torch."""
+    if padding == "valid":
+        return [(0, 0)] * n
+    if padding == "same":
+        if any(s != 1 for s in stride):
+            raise ValueError("padding='same' is not supported for strided convolutions")
+        total = [d * (k - 1) for k, d in zip(kernel, dilation)]
+        return [(t // 2, t - t // 2) for t in total]
+    return [(p, p) for p in _pair(padding, n, "padding")]
+
+
+def _im2col_index(H, W, kernel, stride, padding, dilation, device):
+    """Flat input index of each (tap, output position), or H*W for padding (the zero code)."""
+    (ph0, _), (pw0, _) = padding
+    Ho = (H + sum(padding[0]) - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    Wo = (W + sum(padding[1]) - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    if Ho < 1 or Wo < 1:
+        raise ValueError(f"input {H}x{W} is smaller than the dilated kernel after padding")
+    ih = torch.arange(kernel[0], device=device)[:, None] * dilation[0] + torch.arange(Ho, device=device)[None, :] * stride[0] - ph0
+    iw = torch.arange(kernel[1], device=device)[:, None] * dilation[1] + torch.arange(Wo, device=device)[None, :] * stride[1] - pw0
+    valid = ((ih >= 0) & (ih < H))[:, None, :, None] & ((iw >= 0) & (iw < W))[None, :, None, :]
+    flat = ih[:, None, :, None] * W + iw[None, :, None, :]
+    idx = torch.where(valid, flat, H * W)  # (kh, kw, Ho, Wo)
+    return idx.reshape(kernel[0] * kernel[1], Ho * Wo), Ho, Wo
+
+
+def _im2col(t: torch.Tensor, idx: torch.Tensor, pad_value) -> torch.Tensor:
+    """(N, C, H, W) -> (N*L, C*kh*kw) columns in PyTorch's (c, i, j) order."""
+    N, C, H, W = t.shape
+    flat = torch.cat([t.reshape(N, C, H * W), t.new_full((N, C, 1), pad_value)], dim=2)
+    cols = flat[:, :, idx]  # (N, C, taps, L)
+    return cols.permute(0, 3, 1, 2).reshape(N * idx.shape[1], C * idx.shape[0])
+
+
+def _conv(x, w, bias, stride, padding, dilation, groups, mac, acc_lsb, x_block_size, n: int, name: str):
+    px, pw, fmt = _resolve_formats(x, w)
+    if pw is None:
+        pw = _encode_operand(w, fmt, "w")
+    wc, fw, wp, wax, wbs = pw
+    if wc.dim() != n + 2:
+        raise ValueError(f"{name} weight must be {n + 2}-D (out, in/groups, *kernel), got shape {tuple(wc.shape)}")
+    if px is not None and x_block_size is not None:
+        raise ValueError("x_block_size encodes a float x dynamically; x is already encoded")
+    xt = x.codes if px else x
+    if not isinstance(xt, torch.Tensor) or xt.dim() not in (n + 1, n + 2):
+        raise ValueError(f"{name} input must be {n + 1}-D or {n + 2}-D, got {getattr(xt, 'shape', type(xt).__name__)}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    unbatched = xt.dim() == n + 1
+    stride_, dilation_ = _pair(stride, n, "stride"), _pair(dilation, n, "dilation")
+    kernel = tuple(wc.shape[2:])
+    pads = _conv_padding(padding, kernel, dilation_, stride_, n)
+    if n == 1:  # conv1d is conv2d with a height-1 kernel
+        stride_, dilation_, kernel, pads = (1, *stride_), (1, *dilation_), (1, *kernel), [(0, 0), *pads]
+    Cout, Cin_g = wc.shape[0], wc.shape[1]
+
+    def as4d(t):
+        t = t.unsqueeze(0) if unbatched else t
+        return t.unsqueeze(2) if n == 1 else t
+
+    xt4 = as4d(xt)
+    Nb, C, H, W = xt4.shape
+    if C != Cin_g * groups or Cout % groups:
+        raise ValueError(f"{name}: input has {C} channels, weight expects {Cin_g}x{groups} groups and {Cout} outputs")
+    idx, Ho, Wo = _im2col_index(H, W, kernel, stride_, pads, dilation_, xt.device)
+    taps = idx.shape[0]
+    Kg = Cin_g * taps
+    if px is not None:
+        xc, fx, xp, xax, xbs = px
+        cols_codes = _im2col(xt4, idx, 0)
+        xparam_full = expand_param(xp, xax, xbs, xc.shape[xax] if xax is not None else 0).expand(xc.shape)
+        if xp.numel() == 1:
+            cols_param = xp.reshape(1, 1)
+        elif isinstance(fx, LNSFormat):  # any offset layout: gather one offset per column entry
+            cols_param = _im2col(as4d(xparam_full), idx, 0)
+        else:
+            raise ValueError(f"{fx} activations of a convolution take a per-tensor scale, or x_block_size for dynamic blocks")
+    else:
+        fx = fmt
+        cols_float = _im2col(as4d(x.to(torch.float32)), idx, 0.0)
+    _check_pair(fx, fw)
+    _check_mac(mac, acc_lsb, fx)
+    b = _check_bias(bias, Cout, xt.device)
+    wflat_codes = wc.reshape(Cout, Kg)
+    wparam = expand_param(wp, wax, wbs, wc.shape[wax] if wax is not None else 0)
+    w_block = None
+    if isinstance(fw, LNSFormat):
+        wparam = wparam.expand(wc.shape).reshape(Cout, Kg)
+    elif wax is None or wax == 1:
+        if wax == 1:  # blocks of channels are runs of wbs*taps along K
+            wparam, w_block = wp.reshape(wp.shape[0], -1), wbs * taps
+        else:
+            wparam = wp.reshape(wp.shape[0], 1)
+    else:
+        raise ValueError(f"{fw} conv weights take per-tensor, per-channel or per-block (along dim 1) scales")
+    outs = []
+    Cout_g = Cout // groups
+    for gi in range(groups):
+        ks, os_ = slice(gi * Kg, (gi + 1) * Kg), slice(gi * Cout_g, (gi + 1) * Cout_g)
+        if px is not None:
+            xm = _Matrix(cols_codes[:, ks], fx, cols_param[:, ks] if cols_param.shape[1] > 1 else cols_param, None)
+        else:
+            codes, _, p, _, bs = _encode_operand(cols_float[:, ks], fmt, "x", x_block_size)
+            xm = _Matrix(codes, fmt, p, bs)
+        wm_param = wparam[os_] if wparam.shape[0] > 1 else wparam
+        wm = _Matrix(wflat_codes[os_], fw, wm_param, w_block)
+        outs.append(_mac(xm, wm, b[os_] if b is not None else None, mac, acc_lsb))
+    y = torch.cat(outs, dim=1).reshape(Nb, Ho * Wo, Cout).permute(0, 2, 1).reshape(Nb, Cout, Ho, Wo)
+    if n == 1:
+        y = y.squeeze(2)
+    return y.squeeze(0) if unbatched else y
+
+
+def lns_conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1, mac: MACConfig = IDEAL_MAC, *,
+               acc_lsb: Optional[int] = None, x_block_size: Optional[int] = None) -> torch.Tensor:
+    """2-D convolution as the chip computes it: the MAC over each receptive field.
+
+    Arguments follow ``F.conv2d`` (padding may be an int, a pair, 'valid' or 'same');
+    padding is the zero code. See ``lns_linear`` for operands, ``acc_lsb`` and ``x_block_size``
+    (blocks run along each group's ``Cin/groups * kh * kw`` reduction axis).
+    """
+    return _conv(x, w, bias, stride, padding, dilation, groups, mac, acc_lsb, x_block_size, 2, "lns_conv2d")
+
+
+def lns_conv1d(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1, mac: MACConfig = IDEAL_MAC, *,
+               acc_lsb: Optional[int] = None, x_block_size: Optional[int] = None) -> torch.Tensor:
+    """1-D convolution as the chip computes it; see ``lns_conv2d``."""
+    return _conv(x, w, bias, stride, padding, dilation, groups, mac, acc_lsb, x_block_size, 1, "lns_conv1d")
