@@ -65,8 +65,8 @@ def _as_offset(offset: ParamLike, fmt: LNSFormat, shape: torch.Size, device) -> 
         if offset.dtype.is_floating_point or offset.dtype.is_complex or offset.dtype == torch.bool:
             raise TypeError(f"an LNS offset must be an integer tensor, got dtype {offset.dtype}")
         _check_broadcast(offset, shape, "offset")
-        off = offset.to(device=device, dtype=torch.int32) if offset.numel() else offset.to(device, torch.int32)
         lo, hi = (int(offset.min()), int(offset.max())) if offset.numel() else (0, 0)
+        off = offset.to(device=device, dtype=torch.int32) if lo >= -(2**31) and hi < 2**31 else None
     elif isinstance(offset, int) and not isinstance(offset, bool):
         lo = hi = offset
         off = None
@@ -78,7 +78,7 @@ def _as_offset(offset: ParamLike, fmt: LNSFormat, shape: torch.Size, device) -> 
             f"offset {bad} is out of range for {fmt}: valid offsets are {fmt.offset_min}..{fmt.offset_max}, "
             f"which keep every value a normal float32 ((1 + offset)/2^F >= -126 and (E_max + offset)/2^F <= 127)"
         )
-    if off is None:
+    if off is None:  # an int (range-checked above, so it fits int32)
         off = torch.tensor(offset, dtype=torch.int32, device=device)
     return off
 
@@ -209,11 +209,13 @@ def _encode_fp8(x: torch.Tensor, fmt: FP8Format, scale: torch.Tensor) -> torch.T
     # Below the smallest normal the grid step is 2^(1-B-M); |y| / step is exact in float32
     # and torch.round is half-to-even. A result of 2^M lands exactly on the smallest normal
     # code, so subnormal and normal codes join without a special case.
-    sub_code = torch.round(y.abs() * 2.0 ** (B - 1 + M)).to(torch.int32)
+    min_normal = 2.0 ** (1 - B)
+    sub_code = torch.round(y.abs().clamp(max=min_normal) * 2.0 ** (B - 1 + M)).to(torch.int32)
     # Normal range: round the float32 fraction to M bits, half-to-even, on the bit pattern;
     # a carry out of the fraction bumps the exponent, as it should. Then rebias.
     shift = 23 - M
-    rounded = abs_bits + ((1 << (shift - 1)) - 1) + ((abs_bits >> shift) & 1)
+    finite_bits = abs_bits.clamp(max=_INF_BITS)  # keeps the rounding add inside int32
+    rounded = finite_bits + ((1 << (shift - 1)) - 1) + ((finite_bits >> shift) & 1)
     norm_code = (rounded >> shift) - ((127 - B) << M)
     code = torch.where(abs_bits < ((127 + 1 - B) << 23), sub_code, norm_code)
     code = code.clamp(max=_fp8_max_code(fmt))  # saturate finite overflow (and e4m3's inf)

@@ -37,7 +37,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import _tables
-from .codec import _fp8_table, calibrate, encode, expand_param
+from .codec import _as_float32, _fp8_table, calibrate, encode, expand_param
 from .formats import IDEAL_MAC, LNS8, FP8Format, Format, IntFormat, LNSFormat, MACConfig
 
 __all__ = ["lns_linear", "lns_conv1d", "lns_conv2d"]
@@ -100,6 +100,10 @@ def _check_pair(fx: Format, fw: Format) -> None:
 def _check_bias(bias, n_out: int, device) -> Optional[torch.Tensor]:
     if bias is None:
         return None
+    from .tensor import CodedTensor
+
+    if isinstance(bias, CodedTensor):
+        raise TypeError(f"bias is a {type(bias).__name__}; the chip adds a float32 bias, so pass a float tensor")
     if not isinstance(bias, torch.Tensor) or not bias.dtype.is_floating_point:
         raise TypeError(f"bias must be a float tensor, got {getattr(bias, 'dtype', type(bias).__name__)}")
     if bias.shape != (n_out,):
@@ -253,14 +257,13 @@ def _resolve_formats(x, w):
     return px, pw, fmt
 
 
-def _rows_param(param: torch.Tensor, block_axis, lead_ndim: int) -> torch.Tensor:
+def _rows_param(param: torch.Tensor, block_axis, lead_shape: torch.Size) -> torch.Tensor:
     """Compact param of an (..., K) operand -> (1 or rows, kdim) with rows = prod(leading)."""
-    if block_axis is not None and block_axis != lead_ndim:
+    if block_axis is not None and block_axis != len(lead_shape):
         raise ValueError("per-block parameters of a linear operand must run along its last (reduction) axis")
-    lead = param.shape[:lead_ndim]
-    if all(s == 1 for s in lead):
+    if all(s == 1 for s in param.shape[:-1]):
         return param.reshape(1, param.shape[-1])
-    return param.reshape(-1, param.shape[-1])
+    return param.expand(*lead_shape, param.shape[-1]).reshape(-1, param.shape[-1])
 
 
 # ----------------------------------------------------------------------------------------
@@ -292,7 +295,7 @@ def lns_linear(x, w, bias: Optional[torch.Tensor] = None, mac: MACConfig = IDEAL
         raise ValueError("per-block weight parameters must run along the reduction axis (dim 1)")
     lead = xc.shape[:-1]
     K = xc.shape[-1]
-    xm = _Matrix(xc.reshape(-1, K), fx, _rows_param(xp, xax, xc.dim() - 1), xbs)
+    xm = _Matrix(xc.reshape(-1, K), fx, _rows_param(xp, xax, lead), xbs)
     wm = _Matrix(wc, fw, wp, wbs)
     y = _mac(xm, wm, _check_bias(bias, wc.shape[0], xc.device), mac, acc_lsb)
     return y.reshape(*lead, wc.shape[0])
@@ -350,7 +353,9 @@ def _conv(x, w, bias, stride, padding, dilation, groups, mac, acc_lsb, x_block_s
         raise ValueError(f"{name} weight must be {n + 2}-D (out, in/groups, *kernel), got shape {tuple(wc.shape)}")
     if px is not None and x_block_size is not None:
         raise ValueError("x_block_size encodes a float x dynamically; x is already encoded")
-    xt = x.codes if px else x
+    if px is None and x_block_size is None:
+        px = _encode_operand(x, fmt, "x")  # per tensor, before im2col
+    xt = px[0] if px else _as_float32(x)
     if not isinstance(xt, torch.Tensor) or xt.dim() not in (n + 1, n + 2):
         raise ValueError(f"{name} input must be {n + 1}-D or {n + 2}-D, got {getattr(xt, 'shape', type(xt).__name__)}")
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
@@ -386,7 +391,7 @@ def _conv(x, w, bias, stride, padding, dilation, groups, mac, acc_lsb, x_block_s
             raise ValueError(f"{fx} activations of a convolution take a per-tensor scale, or x_block_size for dynamic blocks")
     else:
         fx = fmt
-        cols_float = _im2col(as4d(x.to(torch.float32)), idx, 0.0)
+        cols_float = _im2col(as4d(xt), idx, 0.0)
     _check_pair(fx, fw)
     _check_mac(mac, acc_lsb, fx)
     b = _check_bias(bias, Cout, xt.device)

@@ -206,7 +206,7 @@ def _compact_shape(x: torch.Tensor, granularity, axis, block_size) -> list:
         ax = _norm_axis(0 if axis is None else axis, nd)
         return [x.shape[d] if d == ax else 1 for d in range(nd)]
     if granularity == "block":
-        return [-(-x.shape[d] // block_size) if d == axis else 1 for d in range(nd)]
+        return [-(-x.shape[d] // block_size) if d == axis else x.shape[d] for d in range(nd)]
     raise ValueError(f"unknown granularity {granularity!r}; expected 'tensor', 'channel' or 'block'")
 
 
