@@ -43,6 +43,8 @@ def _check_format(fmt) -> None:
 def _as_float32(x, what: str = "x") -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if hasattr(x, "codes") and type(x) is not torch.Tensor:
+        raise TypeError(f"{what} is already encoded ({type(x).__name__}); call .dequantize() first")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(
             f"{what} has dtype {x.dtype}; torchlns encodes float16, bfloat16, float32 or float64 "

@@ -65,6 +65,11 @@ class _Matrix:
     def param_along_k(self) -> torch.Tensor:
         return expand_param(self.param, 1 if self.block else None, self.block, self.codes.shape[1])
 
+    @property
+    def k_block(self) -> Optional[int]:
+        """Run length along K over which the parameter is constant (None: all of K)."""
+        return self.block or (1 if self.param.shape[1] > 1 else None)
+
 
 # ----------------------------------------------------------------------------------------
 # validation
@@ -208,7 +213,7 @@ def _scaled_mac(x: _Matrix, w: _Matrix, bias) -> torch.Tensor:
     sx, sw = x.param_along_k(), w.param_along_k()
     # Scales per element of K, or a single column; both are constant inside a segment.
     y = torch.zeros(M, N, dtype=torch.float32, device=x.codes.device)
-    for k0, k1 in _segments(K, x.block, w.block):
+    for k0, k1 in _segments(K, x.k_block, w.k_block):
         part = (vx[:, k0:k1] @ vw[:, k0:k1].T).to(torch.float32)
         scale = sx[:, min(k0, sx.shape[1] - 1), None] * sw[None, :, min(k0, sw.shape[1] - 1)]
         y = y + part * scale
@@ -398,15 +403,12 @@ def _conv(x, w, bias, stride, padding, dilation, groups, mac, acc_lsb, x_block_s
     wflat_codes = wc.reshape(Cout, Kg)
     wparam = expand_param(wp, wax, wbs, wc.shape[wax] if wax is not None else 0)
     w_block = None
-    if isinstance(fw, LNSFormat):
+    if not isinstance(fw, LNSFormat) and wax == 1 and wp.shape[2:].numel() == 1:
+        wparam, w_block = wp.reshape(wp.shape[0], -1), wbs * taps  # blocks of channels: runs of wbs*taps
+    elif not isinstance(fw, LNSFormat) and wax is None and wp.shape[1:].numel() == 1:
+        wparam = wp.reshape(wp.shape[0], 1)  # per tensor or per output channel
+    else:  # any other layout: one parameter per weight element
         wparam = wparam.expand(wc.shape).reshape(Cout, Kg)
-    elif wax is None or wax == 1:
-        if wax == 1:  # blocks of channels are runs of wbs*taps along K
-            wparam, w_block = wp.reshape(wp.shape[0], -1), wbs * taps
-        else:
-            wparam = wp.reshape(wp.shape[0], 1)
-    else:
-        raise ValueError(f"{fw} conv weights take per-tensor, per-channel or per-block (along dim 1) scales")
     outs = []
     Cout_g = Cout // groups
     for gi in range(groups):
