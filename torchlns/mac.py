@@ -18,6 +18,8 @@ Vectorized PyTorch, exact wherever the spec says exact, and the oracle for every
   change the saturated result (for ``K <= 1023`` the sum is < 2^57; otherwise
   ``(K+1) T + 1024 < 2^63``), and the addition detects int64 overflow explicitly instead of
   relying on wrap-around. ``acc * 2^Λ`` is exact in float64 and rounded once to float32.
+  A ±inf bias saturates; a NaN bias has no integer value and makes its outputs NaN, as it
+  does with the float32 accumulator.
 * NaN dominates: any NaN operand in a dot product makes that output NaN, even when its
   partner is zero (as IEEE ``NaN * 0``). Zero codes give zero products; conv padding is the
   zero code.
@@ -183,7 +185,8 @@ def _fixed_output(acc: torch.Tensor, bias, T: int, acc_lsb: int) -> torch.Tensor
         acc = torch.where(over | under, 0, acc) + torch.where(over | under, 0, b)
         acc = torch.where(over, T, torch.where(under, -T, acc))
     acc = acc.clamp(-T, T)
-    return (acc.to(torch.float64) * 2.0**acc_lsb).to(torch.float32)
+    y = (acc.to(torch.float64) * 2.0**acc_lsb).to(torch.float32)
+    return y if bias is None else y.masked_fill_(torch.isnan(bias).expand_as(y), math.nan)
 
 
 # ----------------------------------------------------------------------------------------
@@ -210,13 +213,18 @@ def _scaled_mac(x: _Matrix, w: _Matrix, bias) -> torch.Tensor:
     if isinstance(x.fmt, IntFormat) and K * x.fmt.qmax * w.fmt.qmax >= 2**53:
         raise ValueError(f"accumulator overflow: K={K} products of {x.fmt} x {w.fmt} exceed the 2^53 exact range")
     vx, vw = _unscaled_values(x), _unscaled_values(w)
+    integer = isinstance(x.fmt, IntFormat)
     sx, sw = x.param_along_k(), w.param_along_k()
     # Scales per element of K, or a single column; both are constant inside a segment.
-    y = torch.zeros(M, N, dtype=torch.float32, device=x.codes.device)
+    y = None  # the first segment is not added to 0.0, which would turn -0.0 into +0.0
     for k0, k1 in _segments(K, x.k_block, w.k_block):
         part = (vx[:, k0:k1] @ vw[:, k0:k1].T).to(torch.float32)
+        if integer:  # an integer sum has no -0, but float64's -5 * 0 does
+            part = torch.where(part == 0, 0.0, part)
         scale = sx[:, min(k0, sx.shape[1] - 1), None] * sw[None, :, min(k0, sw.shape[1] - 1)]
-        y = y + part * scale
+        y = part * scale if y is None else y + part * scale
+    if y is None:  # K = 0: an empty sum
+        y = torch.zeros(M, N, dtype=torch.float32, device=x.codes.device)
     if bias is not None:
         y = y + bias
     return y
@@ -268,7 +276,7 @@ def _rows_param(param: torch.Tensor, block_axis, lead_shape: torch.Size) -> torc
         raise ValueError("per-block parameters of a linear operand must run along its last (reduction) axis")
     if all(s == 1 for s in param.shape[:-1]):
         return param.reshape(1, param.shape[-1])
-    return param.expand(*lead_shape, param.shape[-1]).reshape(-1, param.shape[-1])
+    return param.expand(*lead_shape, param.shape[-1]).reshape(lead_shape.numel(), param.shape[-1])
 
 
 # ----------------------------------------------------------------------------------------
@@ -300,7 +308,7 @@ def lns_linear(x, w, bias: Optional[torch.Tensor] = None, mac: MACConfig = IDEAL
         raise ValueError("per-block weight parameters must run along the reduction axis (dim 1)")
     lead = xc.shape[:-1]
     K = xc.shape[-1]
-    xm = _Matrix(xc.reshape(-1, K), fx, _rows_param(xp, xax, lead), xbs)
+    xm = _Matrix(xc.reshape(lead.numel(), K), fx, _rows_param(xp, xax, lead), xbs)
     wm = _Matrix(wc, fw, wp, wbs)
     y = _mac(xm, wm, _check_bias(bias, wc.shape[0], xc.device), mac, acc_lsb)
     return y.reshape(*lead, wc.shape[0])
