@@ -221,8 +221,8 @@ def _encode_fp8(x: torch.Tensor, fmt: FP8Format, scale: torch.Tensor) -> torch.T
     norm_code = (rounded >> shift) - ((127 - B) << M)
     code = torch.where(abs_bits < ((127 + 1 - B) << 23), sub_code, norm_code)
     code = code.clamp(max=_fp8_max_code(fmt))  # saturate finite overflow (and e4m3's inf)
-    if fmt.has_inf:
-        code = torch.where(abs_bits == _INF_BITS, 0x7C, code)
+    if fmt.has_inf:  # only an infinite x; a finite x whose quotient overflows saturates
+        code = torch.where((x.view(torch.int32) & _ABS_MASK) == _INF_BITS, 0x7C, code)
     code = torch.where(abs_bits > _INF_BITS, _fp8_nan_code(fmt), code)
     code = torch.where(sign, code | 0x80, code)
     return code.to(torch.uint8)

@@ -115,7 +115,9 @@ class FP8Format:
     """OCP FP8: ``"e4m3"`` (bias 7, max 448, no inf) or ``"e5m2"`` (bias 15, max 57344, inf).
 
     Codes are the uint8 bit patterns of ``torch.float8_e4m3fn`` / ``torch.float8_e5m2``.
-    Unlike torch's casts, encoding saturates finite overflow (and, for e4m3, ±inf) to ±max.
+    Unlike torch's e5m2 cast, encoding saturates finite overflow to ±max, including a finite
+    ``x`` whose float32 quotient ``x / scale`` overflows; e4m3 also saturates ±inf, and only
+    an infinite ``x`` encodes to e5m2's ±inf.
     """
 
     variant: Literal["e4m3", "e5m2"] = "e4m3"
