@@ -17,3 +17,6 @@ from .codec import amax, calibrate, decode, default_offset, default_scale, encod
 __version__ = "0.1.0"
 from .mac import lns_conv1d, lns_conv2d, lns_linear  # noqa: F401,E402
 from .tensor import CodedTensor, FP8Tensor, IntTensor, LNSTensor  # noqa: F401,E402
+from ._backend import TorchLNSBackendWarning, backend_info, has_native  # noqa: F401,E402
+
+has_native()  # a missing extension is reported once, at import, not at the first op

@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="torchlns",
         description="Bit-exact emulation of a logarithmic-number-system (LNS) inference chip.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", title="commands")
     sub.required = True
 
     demo = sub.add_parser(

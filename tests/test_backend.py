@@ -1,0 +1,78 @@
+"""The backend selector: native extension present, and the fallback when it is not."""
+
+import sys
+import warnings
+
+import pytest
+import torch
+
+from torchlns import _backend
+from torchlns._backend import TorchLNSBackendWarning, backend_info, has_native
+
+KEYS = {"cpu", "cuda", "cuda_available", "native_error", "torch_version", "build_info"}
+
+
+@pytest.fixture
+def fresh_backend():
+    """Forget the cached load attempt before and after the test."""
+    _backend._reset()
+    yield _backend
+    _backend._reset()
+
+
+def test_backend_info_keys():
+    info = backend_info()
+    assert KEYS <= set(info)
+    assert info["cpu"] in ("native", "reference")
+    assert info["cuda"] in ("triton", "reference")
+    assert info["torch_version"] == torch.__version__
+
+
+def test_native_extension_is_built():
+    # CI builds the extension (`pip install --no-build-isolation -e .`), so it must load.
+    info = backend_info()
+    assert info["native_error"] is None, info["native_error"]
+    assert has_native()
+    assert info["cpu"] == "native"
+    build = info["build_info"]
+    assert isinstance(build["compiler"], str) and build["compiler"]
+    assert isinstance(build["openmp"], bool)
+    assert isinstance(build["num_threads"], int) and build["num_threads"] >= 1
+    assert build["cplusplus"] >= 201703
+
+
+def test_missing_extension_warns_once_and_falls_back(fresh_backend, monkeypatch):
+    # A None entry in sys.modules makes `import torchlns._C` raise ImportError.
+    monkeypatch.setitem(sys.modules, "torchlns._C", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        info = backend_info()
+        assert not has_native()
+        assert backend_info()["cpu"] == "reference"
+        assert fresh_backend.native() is None
+    ours = [w for w in caught if issubclass(w.category, TorchLNSBackendWarning)]
+    assert len(ours) == 1, [str(w.message) for w in caught]
+    msg = str(ours[0].message)
+    assert "torchlns._C" in msg
+    assert "pip install --no-build-isolation -e ." in msg
+    assert "reference" in msg
+    assert info["cpu"] == "reference"
+    assert info["cuda"] == "reference"
+    assert info["build_info"] is None
+    assert "Error" in info["native_error"]  # ImportError or ModuleNotFoundError
+    assert info["native_error"] in msg
+
+
+def test_loader_error_text_is_reported(fresh_backend, monkeypatch):
+    def broken():
+        raise ImportError("undefined symbol: _ZN3c104fake")
+
+    monkeypatch.setattr(fresh_backend, "_import_native", broken)
+    with pytest.warns(TorchLNSBackendWarning, match="undefined symbol"):
+        info = backend_info()
+    assert info["native_error"] == "ImportError: undefined symbol: _ZN3c104fake"
+    assert info["cpu"] == "reference"
+
+
+def test_warning_is_a_user_warning():
+    assert issubclass(TorchLNSBackendWarning, UserWarning)
