@@ -58,7 +58,7 @@ setup(
             name="torchlns._C",
             sources=sources,
             depends=headers,
-            extra_compile_args=["-O3", "-std=c++17", *omp],
+            extra_compile_args=["-O3", "-std=c++17", "-ffp-contract=off", *omp],
             extra_link_args=[*omp, *rpath],
         )
     ],

@@ -12,6 +12,7 @@ from .formats import (  # noqa: F401
     LNSFormat,
     MACConfig,
 )
+from . import ops as _ops  # noqa: F401  (declares the torchlns:: ops first)
 from .codec import amax, calibrate, decode, default_offset, default_scale, encode, expand_param  # noqa: F401
 
 __version__ = "0.1.0"

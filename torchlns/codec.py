@@ -140,11 +140,10 @@ def _float32_fields(x: torch.Tensor):
     return sign, abs_bits, e, frac
 
 
-def _integer_log(e: torch.Tensor, frac: torch.Tensor, fmt: LNSFormat) -> torch.Tensor:
+def _integer_log(e: torch.Tensor, frac: torch.Tensor, frac_bits: int, mitchell: bool, thresholds: torch.Tensor) -> torch.Tensor:
     """``g``: the integer log of ``(1 + frac/2^23) * 2^e`` in units of 2^-F (spec section 1)."""
-    F = fmt.frac_bits
-    if fmt.rounding == "nearest":
-        thresholds = _tables.thresholds_tensor(F, frac.device)
+    F = frac_bits
+    if not mitchell:
         step = torch.searchsorted(thresholds, frac, right=True).to(torch.int32)
     else:  # mitchell: rne(f * 2^F), with f = frac / 2^23; may carry into the next octave
         shift = 23 - F
@@ -158,56 +157,52 @@ def _integer_log(e: torch.Tensor, frac: torch.Tensor, fmt: LNSFormat) -> torch.T
 # ----------------------------------------------------------------------------------------
 # LNS
 # ----------------------------------------------------------------------------------------
-def _encode_lns(x: torch.Tensor, fmt: LNSFormat, offset: torch.Tensor) -> torch.Tensor:
-    sign, abs_bits, e, frac = _float32_fields(x)
-    g = _integer_log(e, frac, fmt)
-    mag = (g - offset).clamp(max=fmt.e_max)
+# Reference kernels of the torchlns:: ops (torchlns/ops.py). They take the format as plain
+# fields and the tables as tensors, exactly as the C++ and Triton kernels do.
+def lns_encode_reference(x: torch.Tensor, offset: torch.Tensor, thresholds: torch.Tensor, bits: int,
+                         frac_bits: int, mitchell: bool) -> torch.Tensor:
+    e_max, nan_code = (1 << (bits - 1)) - 1, 1 << (bits - 1)
+    sign, abs_bits, e, frac = _float32_fields(x.contiguous())
+    g = _integer_log(e, frac, frac_bits, mitchell, thresholds)
+    mag = (g - offset).clamp(max=e_max)
     mag = torch.where(mag < 1, 0, mag)  # underflow flushes to zero
-    mag = torch.where(abs_bits == _INF_BITS, fmt.e_max, mag)  # ±inf saturates
+    mag = torch.where(abs_bits == _INF_BITS, e_max, mag)  # ±inf saturates
     mag = torch.where(abs_bits == 0, 0, mag)
-    code = torch.where(sign & (mag != 0), mag | fmt.nan_code, mag)  # zero drops the sign
-    code = torch.where(abs_bits > _INF_BITS, fmt.nan_code, code)
-    return _to_code_dtype(code, fmt)
-
-
-def _to_code_dtype(code: torch.Tensor, fmt: LNSFormat) -> torch.Tensor:
-    if fmt.bits == 16:  # int16 holds the same bit pattern: reinterpret codes >= 2^15
+    code = torch.where(sign & (mag != 0), mag | nan_code, mag)  # zero drops the sign
+    code = torch.where(abs_bits > _INF_BITS, nan_code, code)
+    if bits == 16:  # int16 holds the same bit pattern: reinterpret codes >= 2^15
         code = torch.where(code >= 1 << 15, code - (1 << 16), code)
-    return code.to(fmt.code_dtype)
+    return code.to(torch.uint8 if bits <= 8 else torch.int16)
 
 
-def _decode_lns(codes: torch.Tensor, fmt: LNSFormat, offset: torch.Tensor) -> torch.Tensor:
-    F = fmt.frac_bits
-    c = codes.to(torch.int32) & ((1 << fmt.bits) - 1)
-    negative = c >= fmt.nan_code
-    mag = c & fmt.e_max
+def lns_decode_reference(codes: torch.Tensor, offset: torch.Tensor, decode_bits: torch.Tensor, bits: int,
+                         frac_bits: int) -> torch.Tensor:
+    F, e_max = frac_bits, (1 << (bits - 1)) - 1
+    c = codes.to(torch.int32) & ((1 << bits) - 1)
+    negative = c > e_max
+    mag = c & e_max
     g = mag + offset
     # D[r] has exponent field 127; adding q to the field scales by 2^q exactly. A valid
     # offset keeps q in [-126, 127], so the result is always a normal float32.
-    value_bits = _tables.decode_bits_tensor(F, c.device)[g & ((1 << F) - 1)] + ((g >> F) << 23)
-    value = value_bits.view(torch.float32)
+    value = (decode_bits[g & ((1 << F) - 1)] + ((g >> F) << 23)).view(torch.float32)
     value = torch.where(negative, -value, value)
-    value = torch.where(mag == 0, torch.where(negative, math.nan, 0.0), value)
-    return value
+    return torch.where(mag == 0, torch.where(negative, math.nan, 0.0), value)
+
+
+def _lns_tables(fmt: LNSFormat, device):
+    return _tables.thresholds_tensor(fmt.frac_bits, device), _tables.decode_bits_tensor(fmt.frac_bits, device)
 
 
 # ----------------------------------------------------------------------------------------
 # FP8
 # ----------------------------------------------------------------------------------------
-def _fp8_max_code(fmt: FP8Format) -> int:
-    return 0x7E if fmt.variant == "e4m3" else 0x7B
-
-
-def _fp8_nan_code(fmt: FP8Format) -> int:
-    return 0x7F if fmt.variant == "e4m3" else 0x7F  # S.1111.111 / S.11111.11
-
-
-def _encode_fp8(x: torch.Tensor, fmt: FP8Format, scale: torch.Tensor) -> torch.Tensor:
+def fp8_encode_reference(x: torch.Tensor, scale: torch.Tensor, exp_bits: int, man_bits: int, bias: int,
+                         max_code: int, has_inf: bool) -> torch.Tensor:
     y = x / scale
     bits = y.view(torch.int32)
     sign = bits < 0
     abs_bits = bits & _ABS_MASK
-    M, B = fmt.man_bits, fmt.bias
+    M, B = man_bits, bias
     # Below the smallest normal the grid step is 2^(1-B-M); |y| / step is exact in float32
     # and torch.round is half-to-even. A result of 2^M lands exactly on the smallest normal
     # code, so subnormal and normal codes join without a special case.
@@ -220,12 +215,17 @@ def _encode_fp8(x: torch.Tensor, fmt: FP8Format, scale: torch.Tensor) -> torch.T
     rounded = finite_bits + ((1 << (shift - 1)) - 1) + ((finite_bits >> shift) & 1)
     norm_code = (rounded >> shift) - ((127 - B) << M)
     code = torch.where(abs_bits < ((127 + 1 - B) << 23), sub_code, norm_code)
-    code = code.clamp(max=_fp8_max_code(fmt))  # saturate finite overflow (and e4m3's inf)
-    if fmt.has_inf:  # only an infinite x; a finite x whose quotient overflows saturates
+    code = code.clamp(max=max_code)  # saturate finite overflow (and e4m3's inf)
+    if has_inf:  # only an infinite x; a finite x whose quotient overflows saturates
         code = torch.where((x.view(torch.int32) & _ABS_MASK) == _INF_BITS, 0x7C, code)
-    code = torch.where(abs_bits > _INF_BITS, _fp8_nan_code(fmt), code)
+    code = torch.where((abs_bits > _INF_BITS) | ((x.view(torch.int32) & _ABS_MASK) > _INF_BITS), 0x7F, code)
     code = torch.where(sign, code | 0x80, code)
     return code.to(torch.uint8)
+
+
+def _fp8_fields(fmt: FP8Format) -> tuple:
+    """(exp_bits, man_bits, bias, largest finite code, has_inf) of the fp8_encode op."""
+    return fmt.exp_bits, fmt.man_bits, fmt.bias, 0x7E if fmt.variant == "e4m3" else 0x7B, fmt.has_inf
 
 
 def fp8_value_table(fmt: FP8Format, device=None) -> torch.Tensor:
@@ -258,21 +258,19 @@ def _fp8_table(fmt: FP8Format, device: torch.device) -> torch.Tensor:
     return torch.tensor(_fp8_table_values(fmt), dtype=torch.float32, device=device)
 
 
-def _decode_fp8(codes: torch.Tensor, fmt: FP8Format, scale: torch.Tensor) -> torch.Tensor:
-    return _fp8_table(fmt, codes.device)[codes.to(torch.int64)] * scale
+def fp8_decode_reference(codes: torch.Tensor, scale: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    return values[codes.to(torch.int64)] * scale
 
 
 # ----------------------------------------------------------------------------------------
 # INT
 # ----------------------------------------------------------------------------------------
-def _encode_int(x: torch.Tensor, fmt: IntFormat, scale: torch.Tensor) -> torch.Tensor:
-    if x.numel() and bool(torch.isnan(x).any()):
-        raise ValueError(f"{fmt} has no code for NaN, and the input contains NaN")
-    q = torch.round(x / scale).clamp(-fmt.qmax, fmt.qmax)
-    return q.to(fmt.code_dtype)
+def int_encode_reference(x: torch.Tensor, scale: torch.Tensor, qmax: int, bits: int) -> torch.Tensor:
+    q = torch.round(x / scale).clamp(-qmax, qmax)
+    return q.to(torch.int8 if bits <= 8 else torch.int16)
 
 
-def _decode_int(codes: torch.Tensor, fmt: IntFormat, scale: torch.Tensor) -> torch.Tensor:
+def int_decode_reference(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return codes.to(torch.float32) * scale
 
 
@@ -286,25 +284,33 @@ def encode(x: torch.Tensor, fmt: Format, offset_or_scale: ParamLike) -> torch.Te
     them that broadcasts against ``x``. Inputs of any float dtype are rounded to float32 first.
     """
     _check_format(fmt)
-    x = _as_float32(x).contiguous()
+    x = _as_float32(x)
+    ops = torch.ops.torchlns
     if isinstance(fmt, LNSFormat):
-        return _encode_lns(x, fmt, _as_offset(offset_or_scale, fmt, x.shape, x.device))
+        offset = _as_offset(offset_or_scale, fmt, x.shape, x.device)
+        thresholds, _ = _lns_tables(fmt, x.device)
+        return ops.lns_encode(x, offset, thresholds, fmt.bits, fmt.frac_bits, fmt.rounding == "mitchell")
     scale = _as_scale(offset_or_scale, x.shape, x.device)
     if isinstance(fmt, FP8Format):
-        return _encode_fp8(x, fmt, scale)
-    return _encode_int(x, fmt, scale)
+        return ops.fp8_encode(x, scale, *_fp8_fields(fmt))
+    if x.numel() and bool(torch.isnan(x).any()):
+        raise ValueError(f"{fmt} has no code for NaN, and the input contains NaN")
+    return ops.int_encode(x, scale, fmt.qmax, fmt.bits)
 
 
 def decode(codes: torch.Tensor, fmt: Format, offset_or_scale: ParamLike) -> torch.Tensor:
     """Decode codes of ``fmt`` to float32 (exact, spec sections 1 and 5)."""
     _check_format(fmt)
     codes = _check_codes(codes, fmt)
+    ops = torch.ops.torchlns
     if isinstance(fmt, LNSFormat):
-        return _decode_lns(codes, fmt, _as_offset(offset_or_scale, fmt, codes.shape, codes.device))
+        offset = _as_offset(offset_or_scale, fmt, codes.shape, codes.device)
+        _, decode_bits = _lns_tables(fmt, codes.device)
+        return ops.lns_decode(codes, offset, decode_bits, fmt.bits, fmt.frac_bits)
     scale = _as_scale(offset_or_scale, codes.shape, codes.device)
     if isinstance(fmt, FP8Format):
-        return _decode_fp8(codes, fmt, scale)
-    return _decode_int(codes, fmt, scale)
+        return ops.fp8_decode(codes, scale, _fp8_table(fmt, codes.device))
+    return ops.int_decode(codes, scale)
 
 
 # ----------------------------------------------------------------------------------------
@@ -365,7 +371,7 @@ def offset_for_amax(m: torch.Tensor, fmt: LNSFormat) -> torch.Tensor:
     """
     m = torch.where(m > 0, m, 1.0).to(torch.float32).contiguous()
     _, _, e, frac = _float32_fields(m)
-    g = _integer_log(e, frac, fmt)
+    g = _integer_log(e, frac, fmt.frac_bits, fmt.rounding == "mitchell", _lns_tables(fmt, m.device)[0])
     return (g - fmt.e_max).clamp(fmt.offset_min, fmt.offset_max)
 
 

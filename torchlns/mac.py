@@ -126,35 +126,32 @@ def _exp2_f64(e: torch.Tensor) -> torch.Tensor:
     return ((e.to(torch.int64) + 1023) << 52).view(torch.float64)
 
 
-def _log_fields(m: _Matrix):
-    """(log value g, negative, zero, nan) per element; g is meaningless where zero/nan."""
-    fmt = m.fmt
-    c = m.codes.to(torch.int32) & ((1 << fmt.bits) - 1)
-    mag = c & fmt.e_max
-    negative = c >= fmt.nan_code
+def _log_fields(codes: torch.Tensor, offset: torch.Tensor, bits: int):
+    """(log value g, negative, zero, nan) per element; g is 0 where the code is zero/NaN."""
+    e_max = (1 << (bits - 1)) - 1
+    c = codes.to(torch.int32) & ((1 << bits) - 1)
+    mag = c & e_max
+    negative = c > e_max
     zero = mag == 0
-    g = torch.where(zero, 0, mag + m.param_along_k().to(torch.int32))
+    g = torch.where(zero, 0, mag + offset.to(torch.int32))
     return g, negative, zero, zero & negative
 
 
-def _lns_mac(x: _Matrix, w: _Matrix, bias, mac: MACConfig, acc_lsb) -> torch.Tensor:
-    F = x.fmt.frac_bits
-    M, K = x.codes.shape
-    N = w.codes.shape[0]
-    fixed = mac.accumulator == "fixed"
-    if fixed:
-        W = mac.acc_bits
-        if K * 2 ** (W - 1) >= 2**63:
-            raise ValueError(
-                f"accumulator overflow: K={K} products of up to 2^{W - 1} need K*2^{W - 1} < 2^63 "
-                f"for an exact int64 sum; split the reduction or use fewer acc_bits"
-            )
-        T = 2 ** (W - 1) - 1
-    gx, nx, zx, nanx = _log_fields(x)
-    gw, nw, zw, nanw = _log_fields(w)
-    table = _tables.conversion_tensor_f64(F, mac.conversion, mac.lut_bits, x.codes.device)
-    shift = 0 if not fixed else acc_lsb
-    out = torch.empty(M, N, dtype=torch.int64 if fixed else torch.float64, device=x.codes.device)
+def lns_mm_reference(x: torch.Tensor, x_offset: torch.Tensor, w: torch.Tensor, w_offset: torch.Tensor,
+                     table: torch.Tensor, bias: Optional[torch.Tensor], x_bits: int, w_bits: int, frac_bits: int,
+                     fixed: bool, acc_bits: int, acc_lsb: int) -> torch.Tensor:
+    """Reference kernel of ``torchlns::lns_mm``: (M, K) x (N, K) codes -> (M, N) float32.
+
+    Offsets broadcast against their codes; ``table`` is ``C[r]`` as exact float64.
+    """
+    F = frac_bits
+    M, K = x.shape
+    N = w.shape[0]
+    gx, nx, zx, nanx = _log_fields(x, x_offset, x_bits)
+    gw, nw, zw, nanw = _log_fields(w, w_offset, w_bits)
+    T = 2 ** (acc_bits - 1) - 1
+    shift = acc_lsb if fixed else 0
+    out = torch.empty(M, N, dtype=torch.int64 if fixed else torch.float64, device=x.device)
     rows = max(1, _CHUNK_ELEMENTS // max(1, N * K))
     for r0 in range(0, M, rows):
         r1 = min(M, r0 + rows)
@@ -173,6 +170,22 @@ def _lns_mac(x: _Matrix, w: _Matrix, bias, mac: MACConfig, acc_lsb) -> torch.Ten
     else:
         y = _fixed_output(out, bias, T, acc_lsb)
     return y.masked_fill_(nan_out, math.nan)
+
+
+def _lns_mac(x: _Matrix, w: _Matrix, bias, mac: MACConfig, acc_lsb) -> torch.Tensor:
+    K = x.codes.shape[1]
+    fixed = mac.accumulator == "fixed"
+    if fixed and K * 2 ** (mac.acc_bits - 1) >= 2**63:
+        raise ValueError(
+            f"accumulator overflow: K={K} products of up to 2^{mac.acc_bits - 1} need K*2^{mac.acc_bits - 1} < 2^63 "
+            f"for an exact int64 sum; split the reduction or use fewer acc_bits"
+        )
+    F = x.fmt.frac_bits
+    table = _tables.conversion_tensor_f64(F, mac.conversion, mac.lut_bits, x.codes.device)
+    return torch.ops.torchlns.lns_mm(
+        x.codes, x.param_along_k().to(torch.int32), w.codes, w.param_along_k().to(torch.int32), table, bias,
+        x.fmt.bits, w.fmt.bits, F, fixed, mac.acc_bits, acc_lsb if fixed else 0,
+    )
 
 
 def _fixed_output(acc: torch.Tensor, bias, T: int, acc_lsb: int) -> torch.Tensor:

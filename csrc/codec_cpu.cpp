@@ -1,0 +1,350 @@
+// CPU kernels of the torchlns codec ops (encode/decode of LNS, FP8 and INT).
+//
+// The schemas are declared once, in torchlns/ops.py; this file only registers CPU kernels.
+// Every kernel is the same bit manipulation as the pure-PyTorch reference
+// (torchlns/codec.py), so results are bit-identical; tests/test_kernels.py checks that.
+// The tables (encode thresholds, decode bit patterns, FP8 values) come in as tensors
+// from Python, where they are computed exactly once (see Note: exact tables in
+// torchlns/_tables.py).
+//
+// Broadcasting, strides and threading are TensorIterator's. Inner loops are plain
+// element loops compiled for several ISAs (TORCHLNS_MULTIVERSION): the package runs on
+// any x86-64, and picks AVX2 or AVX-512 code at load time where the CPU has it.
+
+#include <ATen/ATen.h>
+#include <ATen/TensorIterator.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "multiversion.h"
+
+namespace torchlns {
+namespace {
+
+constexpr uint32_t kAbsMask = 0x7FFFFFFFu;
+constexpr uint32_t kInfBits = 0x7F800000u;
+constexpr uint32_t kMantMask = (1u << 23) - 1;
+
+inline uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float bits_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Note: elementwise kernels
+// Each op is a functor ``Op`` with types Out/In/Param/Params and a branch-free
+// ``Op::apply(in, param, params)``. TORCHLNS_CONTIGUOUS_ENTRY compiles its loop over
+// contiguous data once per ISA (TORCHLNS_MULTIVERSION); its pointers are __restrict
+// function parameters (GCC ignores restrict on locals), which the vectorizer needs: a uint8
+// store may otherwise alias the lookup tables and every other load. ``run_elementwise``
+// sends TensorIterator's contiguous chunks there and anything strided to a plain loop.
+template <typename Op>
+using ContiguousFn = void (*)(typename Op::Out*, const typename Op::In*, const typename Op::Param*, bool, int64_t,
+                              typename Op::Params);
+
+#define TORCHLNS_CONTIGUOUS_ENTRY(NAME, OP)                                                                  \
+  TORCHLNS_MULTIVERSION void NAME(OP::Out* __restrict out, const OP::In* __restrict in,                     \
+                                  const OP::Param* __restrict param, bool param_is_scalar, int64_t n,       \
+                                  const OP::Params p) {                                                      \
+    if (param_is_scalar) {                                                                                   \
+      const OP::Param q = *param;                                                                            \
+      for (int64_t i = 0; i < n; ++i) out[i] = OP::apply(in[i], q, p);                                       \
+    } else {                                                                                                 \
+      for (int64_t i = 0; i < n; ++i) out[i] = OP::apply(in[i], param[i], p);                                \
+    }                                                                                                        \
+  }
+
+template <typename Op>
+void run_elementwise(at::TensorIterator& iter, const typename Op::Params& p, ContiguousFn<Op> contiguous) {
+  using Out = typename Op::Out;
+  using In = typename Op::In;
+  using Param = typename Op::Param;
+  iter.for_each([&](char** data, const int64_t* strides, int64_t n) {
+    if (strides[0] == sizeof(Out) && strides[1] == sizeof(In) && (strides[2] == 0 || strides[2] == sizeof(Param))) {
+      contiguous(reinterpret_cast<Out*>(data[0]), reinterpret_cast<const In*>(data[1]),
+                 reinterpret_cast<const Param*>(data[2]), strides[2] == 0, n, p);
+      return;
+    }
+    for (int64_t i = 0; i < n; ++i)
+      *reinterpret_cast<Out*>(data[0] + i * strides[0]) = Op::apply(
+          *reinterpret_cast<const In*>(data[1] + i * strides[1]), *reinterpret_cast<const Param*>(data[2] + i * strides[2]), p);
+  });
+}
+
+at::TensorIterator elementwise_iter(const at::Tensor& out, const at::Tensor& in, const at::Tensor& param) {
+  return at::TensorIteratorConfig()
+      .add_output(out)
+      .add_const_input(in)
+      .add_const_input(param)
+      .check_all_same_dtype(false)
+      .build();
+}
+
+// ---------------------------------------------------------------------------------------
+// LNS encode
+// ---------------------------------------------------------------------------------------
+struct LnsEncodeParams {
+  int frac_bits;
+  int32_t e_max;
+  int32_t nan_code;
+  const int32_t* bucket_base;  // per (F+1)-bit bucket of the fraction: thresholds below it
+  const int32_t* bucket_thr;   // per bucket: the threshold inside it, or 2^23 (none)
+};
+
+// Branch-free, so that the element loop vectorizes. Spec section 1, exactly.
+template <bool kMitchell>
+TORCHLNS_INLINE int32_t lns_encode_one(float x, int32_t off, const LnsEncodeParams& p) {
+  const uint32_t u = float_bits(x), a = u & kAbsMask;
+  const bool sub = a < (1u << 23);  // subnormal (or zero): normalise, |x| * 2^24 is exact
+  const uint32_t scaled = float_bits(bits_float(a) * 16777216.0f);
+  const uint32_t nrm = sub ? scaled : a;
+  const int32_t e = int32_t(nrm >> 23) - 127 - (sub ? 24 : 0);
+  const int32_t frac = int32_t(nrm & kMantMask);
+  int32_t step;
+  if (kMitchell) {  // rne(f * 2^F); may carry into the next octave
+    const int shift = 23 - p.frac_bits;
+    const int32_t kept = frac >> shift, rem = frac & ((1 << shift) - 1), half = 1 << (shift - 1);
+    step = kept + int32_t((rem > half) | ((rem == half) & ((kept & 1) != 0)));
+  } else {
+    // #{i : frac >= c_i}. Thresholds are > 2^-(F+1) apart in [1, 2), so each
+    // (F+1)-bit bucket of the fraction holds at most one of them.
+    const int32_t b = frac >> (22 - p.frac_bits);
+    step = p.bucket_base[b] + int32_t(frac >= p.bucket_thr[b]);
+  }
+  int32_t mag = e * (1 << p.frac_bits) + step - off;
+  // std::min/max rather than ?: clamps: GCC if-converts (and so vectorizes) only these.
+  mag = std::max(std::min(mag, p.e_max), 0);  // saturate; E < 1 underflows to zero
+  mag = a == kInfBits ? p.e_max : mag;        // ±inf saturates
+  mag = a == 0 ? 0 : mag;
+  const int32_t code = ((mag != 0) & ((u >> 31) != 0)) ? (mag | p.nan_code) : mag;  // zero drops the sign
+  return a > kInfBits ? p.nan_code : code;
+}
+
+template <typename Code, bool kMitchell>
+struct LnsEncode {
+  using Out = Code;
+  using In = float;
+  using Param = int32_t;
+  using Params = LnsEncodeParams;
+  static TORCHLNS_INLINE Code apply(float x, int32_t off, const LnsEncodeParams& p) {
+    return Code(uint16_t(lns_encode_one<kMitchell>(x, off, p)));
+  }
+};
+using LnsEncodeU8 = LnsEncode<uint8_t, false>;
+using LnsEncodeU8M = LnsEncode<uint8_t, true>;
+using LnsEncodeI16 = LnsEncode<int16_t, false>;
+using LnsEncodeI16M = LnsEncode<int16_t, true>;
+TORCHLNS_CONTIGUOUS_ENTRY(lns_encode_u8, LnsEncodeU8)
+TORCHLNS_CONTIGUOUS_ENTRY(lns_encode_u8_mitchell, LnsEncodeU8M)
+TORCHLNS_CONTIGUOUS_ENTRY(lns_encode_i16, LnsEncodeI16)
+TORCHLNS_CONTIGUOUS_ENTRY(lns_encode_i16_mitchell, LnsEncodeI16M)
+
+at::Tensor lns_encode_cpu(const at::Tensor& x, const at::Tensor& offset, const at::Tensor& thresholds, int64_t bits,
+                          int64_t frac_bits, bool mitchell) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "lns_encode: x must be float32, got ", x.scalar_type());
+  TORCH_CHECK(offset.scalar_type() == at::kInt, "lns_encode: offset must be int32, got ", offset.scalar_type());
+  TORCH_CHECK(thresholds.scalar_type() == at::kInt && thresholds.numel() == (int64_t(1) << frac_bits),
+              "lns_encode: thresholds must be 2^frac_bits int32 values");
+  const bool wide = bits > 8;
+  auto out = at::empty(x.sizes(), x.options().dtype(wide ? at::kShort : at::kByte));
+  const auto thr = thresholds.contiguous();
+  const int32_t* t = thr.data_ptr<int32_t>();
+  const int F = int(frac_bits);
+  std::vector<int32_t> base(size_t(2) << F), inside(size_t(2) << F, 1 << 23);
+  for (int b = 0, i = 0; b < (2 << F); ++b) {
+    const int32_t lo = b << (22 - F), hi = (b + 1) << (22 - F);
+    while (i < (1 << F) && t[i] < lo) ++i;
+    base[b] = i;
+    if (i < (1 << F) && t[i] < hi) inside[b] = t[i];
+    TORCH_CHECK(i + 1 >= (1 << F) || t[i + 1] >= hi || t[i] >= hi, "lns_encode: two thresholds in one bucket");
+  }
+  const LnsEncodeParams p{F, int32_t((1 << (bits - 1)) - 1), int32_t(1) << (bits - 1), base.data(), inside.data()};
+  auto iter = elementwise_iter(out, x, offset);
+  if (wide)
+    mitchell ? run_elementwise<LnsEncodeI16M>(iter, p, lns_encode_i16_mitchell)
+             : run_elementwise<LnsEncodeI16>(iter, p, lns_encode_i16);
+  else
+    mitchell ? run_elementwise<LnsEncodeU8M>(iter, p, lns_encode_u8_mitchell)
+             : run_elementwise<LnsEncodeU8>(iter, p, lns_encode_u8);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------
+// LNS decode
+// ---------------------------------------------------------------------------------------
+struct LnsDecodeParams {
+  int frac_bits;
+  int32_t e_max, code_mask;
+  const int32_t* decode_bits;
+};
+
+template <typename Code>
+struct LnsDecode {
+  using Out = float;
+  using In = Code;
+  using Param = int32_t;
+  using Params = LnsDecodeParams;
+  static TORCHLNS_INLINE float apply(Code code, int32_t off, const LnsDecodeParams& p) {
+    const int32_t c = int32_t(code) & p.code_mask, mag = c & p.e_max;
+    const uint32_t sign = uint32_t(c > p.e_max) << 31;
+    // D[r] has exponent field 127; adding q to the field scales by 2^q exactly. For the
+    // zero/NaN code the value is replaced below; g stays in range for a valid offset.
+    const int32_t g = mag + off;
+    const uint32_t v = uint32_t(p.decode_bits[g & ((1 << p.frac_bits) - 1)] + ((g >> p.frac_bits) << 23));
+    return bits_float(mag == 0 ? (sign ? 0x7FC00000u : 0u) : (v | sign));
+  }
+};
+using LnsDecodeU8 = LnsDecode<uint8_t>;
+using LnsDecodeI16 = LnsDecode<int16_t>;
+TORCHLNS_CONTIGUOUS_ENTRY(lns_decode_u8, LnsDecodeU8)
+TORCHLNS_CONTIGUOUS_ENTRY(lns_decode_i16, LnsDecodeI16)
+
+at::Tensor lns_decode_cpu(const at::Tensor& codes, const at::Tensor& offset, const at::Tensor& decode_bits,
+                          int64_t bits, int64_t frac_bits) {
+  const bool wide = bits > 8;
+  TORCH_CHECK(codes.scalar_type() == (wide ? at::kShort : at::kByte), "lns_decode: codes of a ", bits,
+              "-bit format must be ", wide ? "int16" : "uint8", ", got ", codes.scalar_type());
+  TORCH_CHECK(offset.scalar_type() == at::kInt, "lns_decode: offset must be int32");
+  auto out = at::empty(codes.sizes(), codes.options().dtype(at::kFloat));
+  const auto table = decode_bits.contiguous();
+  const LnsDecodeParams p{int(frac_bits), int32_t((1 << (bits - 1)) - 1), int32_t((1 << bits) - 1),
+                          table.data_ptr<int32_t>()};
+  auto iter = elementwise_iter(out, codes, offset);
+  wide ? run_elementwise<LnsDecodeI16>(iter, p, lns_decode_i16) : run_elementwise<LnsDecodeU8>(iter, p, lns_decode_u8);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------
+// FP8 encode / decode (same bit manipulation as codec.fp8_encode_reference)
+// ---------------------------------------------------------------------------------------
+struct Fp8Params {
+  int man_bits, bias, max_code;
+  bool has_inf;
+};
+
+struct Fp8Encode {
+  using Out = uint8_t;
+  using In = float;
+  using Param = float;
+  using Params = Fp8Params;
+  static TORCHLNS_INLINE uint8_t apply(float x, float s, const Fp8Params& p) {
+    const uint32_t xa = float_bits(x) & kAbsMask;
+    const float y = x / s;  // float32 division, as the spec says
+    const uint32_t u = float_bits(y), a = u & kAbsMask;
+    const uint32_t min_normal_bits = uint32_t(127 + 1 - p.bias) << 23;
+    // Subnormal grid: |y| * 2^(B-1+M) is exact; nearbyint rounds half to even.
+    const float ay = bits_float(a < min_normal_bits ? a : min_normal_bits);
+    const int32_t sub = int32_t(__builtin_nearbyintf(ay * bits_float(uint32_t(127 + p.bias - 1 + p.man_bits) << 23)));
+    const int shift = 23 - p.man_bits;
+    const uint32_t f = a < kInfBits ? a : kInfBits;
+    const uint32_t rounded = f + ((1u << (shift - 1)) - 1) + ((f >> shift) & 1);
+    int32_t code = a < min_normal_bits ? sub : int32_t(rounded >> shift) - ((127 - p.bias) << p.man_bits);
+    code = std::min(code, p.max_code);
+    code = (p.has_inf && xa == kInfBits) ? 0x7C : code;
+    code = (xa > kInfBits) ? 0x7F : code;
+    return uint8_t(code | int32_t((u >> 31) << 7));
+  }
+};
+TORCHLNS_CONTIGUOUS_ENTRY(fp8_encode_contiguous, Fp8Encode)
+
+at::Tensor fp8_encode_cpu(const at::Tensor& x, const at::Tensor& scale, int64_t exp_bits, int64_t man_bits, int64_t bias,
+                          int64_t max_code, bool has_inf) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && scale.scalar_type() == at::kFloat, "fp8_encode: float32 x and scale");
+  (void)exp_bits;
+  auto out = at::empty(x.sizes(), x.options().dtype(at::kByte));
+  auto iter = elementwise_iter(out, x, scale);
+  run_elementwise<Fp8Encode>(iter, Fp8Params{int(man_bits), int(bias), int(max_code), has_inf}, fp8_encode_contiguous);
+  return out;
+}
+
+struct TableDecode {
+  using Out = float;
+  using In = uint8_t;
+  using Param = float;
+  using Params = const float*;
+  static TORCHLNS_INLINE float apply(uint8_t c, float s, const float* values) { return values[c] * s; }
+};
+TORCHLNS_CONTIGUOUS_ENTRY(table_decode_contiguous, TableDecode)
+
+at::Tensor fp8_decode_cpu(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& values) {
+  TORCH_CHECK(codes.scalar_type() == at::kByte, "fp8_decode: codes must be uint8");
+  TORCH_CHECK(values.scalar_type() == at::kFloat && values.numel() == 256, "fp8_decode: 256 float32 values");
+  auto out = at::empty(codes.sizes(), codes.options().dtype(at::kFloat));
+  const auto table = values.contiguous();
+  auto iter = elementwise_iter(out, codes, scale);
+  run_elementwise<TableDecode>(iter, table.data_ptr<float>(), table_decode_contiguous);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------
+// INT encode / decode (NaN is rejected by the Python wrapper before this runs)
+// ---------------------------------------------------------------------------------------
+template <typename Code>
+struct IntEncode {
+  using Out = Code;
+  using In = float;
+  using Param = float;
+  using Params = float;  // qmax
+  static TORCHLNS_INLINE Code apply(float x, float s, float qmax) {
+    return Code(std::max(std::min(__builtin_nearbyintf(x / s), qmax), -qmax));
+  }
+};
+using IntEncodeI8 = IntEncode<int8_t>;
+using IntEncodeI16 = IntEncode<int16_t>;
+TORCHLNS_CONTIGUOUS_ENTRY(int_encode_i8, IntEncodeI8)
+TORCHLNS_CONTIGUOUS_ENTRY(int_encode_i16, IntEncodeI16)
+
+at::Tensor int_encode_cpu(const at::Tensor& x, const at::Tensor& scale, int64_t qmax, int64_t bits) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && scale.scalar_type() == at::kFloat, "int_encode: float32 x and scale");
+  const bool wide = bits > 8;
+  auto out = at::empty(x.sizes(), x.options().dtype(wide ? at::kShort : at::kChar));
+  auto iter = elementwise_iter(out, x, scale);
+  wide ? run_elementwise<IntEncodeI16>(iter, float(qmax), int_encode_i16)
+       : run_elementwise<IntEncodeI8>(iter, float(qmax), int_encode_i8);
+  return out;
+}
+
+template <typename Code>
+struct IntDecode {
+  using Out = float;
+  using In = Code;
+  using Param = float;
+  using Params = int;  // unused
+  static TORCHLNS_INLINE float apply(Code c, float s, int) { return float(c) * s; }
+};
+using IntDecodeI8 = IntDecode<int8_t>;
+using IntDecodeI16 = IntDecode<int16_t>;
+TORCHLNS_CONTIGUOUS_ENTRY(int_decode_i8, IntDecodeI8)
+TORCHLNS_CONTIGUOUS_ENTRY(int_decode_i16, IntDecodeI16)
+
+at::Tensor int_decode_cpu(const at::Tensor& codes, const at::Tensor& scale) {
+  const bool wide = codes.scalar_type() == at::kShort;
+  TORCH_CHECK(wide || codes.scalar_type() == at::kChar, "int_decode: codes must be int8 or int16");
+  auto out = at::empty(codes.sizes(), codes.options().dtype(at::kFloat));
+  auto iter = elementwise_iter(out, codes, scale);
+  wide ? run_elementwise<IntDecodeI16>(iter, 0, int_decode_i16) : run_elementwise<IntDecodeI8>(iter, 0, int_decode_i8);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchlns, CPU, m) {
+  m.impl("lns_encode", &lns_encode_cpu);
+  m.impl("lns_decode", &lns_decode_cpu);
+  m.impl("fp8_encode", &fp8_encode_cpu);
+  m.impl("fp8_decode", &fp8_decode_cpu);
+  m.impl("int_encode", &int_encode_cpu);
+  m.impl("int_decode", &int_decode_cpu);
+}
+
+}  // namespace torchlns

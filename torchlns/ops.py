@@ -1,0 +1,98 @@
+"""The ``torchlns::`` operators: each declared once, with a kernel per backend.
+
+# Note: op registration
+* Schemas live here and only here. Ops take the format as plain fields and its exact
+  tables as tensors (see Note: exact tables in _tables.py), so every backend computes the
+  same function of the same inputs.
+* The pure-PyTorch reference (codec.py, mac.py) is registered as the
+  ``CompositeExplicitAutograd`` kernel: the fallback for every device. A backend kernel
+  overrides it where one exists: C++ for ``CPU`` (csrc/, loaded with torchlns._C).
+* Fake kernels give shapes and dtypes for torch.compile and meta tensors.
+* The ops take and return codes and integers, which have no gradient; the
+  straight-through estimator lives at the float level (autograd.py).
+* Argument checking (offset ranges, code ranges, accumulator overflow) happens in the
+  public Python functions before an op runs, so kernels see valid inputs only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .codec import (
+    fp8_decode_reference,
+    fp8_encode_reference,
+    int_decode_reference,
+    int_encode_reference,
+    lns_decode_reference,
+    lns_encode_reference,
+)
+from .mac import lns_mm_reference
+
+_lib = torch.library.Library("torchlns", "DEF")
+
+SCHEMAS = {
+    "lns_encode": "lns_encode(Tensor x, Tensor offset, Tensor thresholds, int bits, int frac_bits, bool mitchell) -> Tensor",
+    "lns_decode": "lns_decode(Tensor codes, Tensor offset, Tensor decode_bits, int bits, int frac_bits) -> Tensor",
+    "fp8_encode": "fp8_encode(Tensor x, Tensor scale, int exp_bits, int man_bits, int bias, int max_code, bool has_inf) -> Tensor",
+    "fp8_decode": "fp8_decode(Tensor codes, Tensor scale, Tensor values) -> Tensor",
+    "int_encode": "int_encode(Tensor x, Tensor scale, int qmax, int bits) -> Tensor",
+    "int_decode": "int_decode(Tensor codes, Tensor scale) -> Tensor",
+    "lns_mm": (
+        "lns_mm(Tensor x, Tensor x_offset, Tensor w, Tensor w_offset, Tensor table, Tensor? bias, int x_bits, "
+        "int w_bits, int frac_bits, bool fixed, int acc_bits, int acc_lsb) -> Tensor"
+    ),
+}
+REFERENCE = {
+    "lns_encode": lns_encode_reference,
+    "lns_decode": lns_decode_reference,
+    "fp8_encode": fp8_encode_reference,
+    "fp8_decode": fp8_decode_reference,
+    "int_encode": int_encode_reference,
+    "int_decode": int_decode_reference,
+    "lns_mm": lns_mm_reference,
+}
+
+for _name, _schema in SCHEMAS.items():
+    _lib.define(_schema)
+    _lib.impl(_name, REFERENCE[_name], "CompositeExplicitAutograd")
+
+
+def _shape_of(data: torch.Tensor, *params: torch.Tensor) -> torch.Size:
+    return torch.broadcast_shapes(data.shape, *(p.shape for p in params))
+
+
+@torch.library.register_fake("torchlns::lns_encode")
+def _(x, offset, thresholds, bits, frac_bits, mitchell):
+    return x.new_empty(_shape_of(x, offset), dtype=torch.uint8 if bits <= 8 else torch.int16)
+
+
+@torch.library.register_fake("torchlns::lns_decode")
+def _(codes, offset, decode_bits, bits, frac_bits):
+    return codes.new_empty(_shape_of(codes, offset), dtype=torch.float32)
+
+
+@torch.library.register_fake("torchlns::fp8_encode")
+def _(x, scale, exp_bits, man_bits, bias, max_code, has_inf):
+    return x.new_empty(_shape_of(x, scale), dtype=torch.uint8)
+
+
+@torch.library.register_fake("torchlns::fp8_decode")
+def _(codes, scale, values):
+    return codes.new_empty(_shape_of(codes, scale), dtype=torch.float32)
+
+
+@torch.library.register_fake("torchlns::int_encode")
+def _(x, scale, qmax, bits):
+    return x.new_empty(_shape_of(x, scale), dtype=torch.int8 if bits <= 8 else torch.int16)
+
+
+@torch.library.register_fake("torchlns::int_decode")
+def _(codes, scale):
+    return codes.new_empty(_shape_of(codes, scale), dtype=torch.float32)
+
+
+@torch.library.register_fake("torchlns::lns_mm")
+def _(x, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits, acc_lsb):
+    torch._check(x.dim() == 2 and w.dim() == 2, lambda: "lns_mm takes (M, K) and (N, K) codes")
+    torch._check(x.shape[1] == w.shape[1], lambda: "lns_mm: reduction sizes differ")
+    return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)
