@@ -38,7 +38,7 @@ def _round_on_grid(value: Decimal, frac_bits: int, rounding: str) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def encode_thresholds(frac_bits: int) -> tuple[int, ...]:
+def _encode_thresholds(frac_bits: int) -> tuple[int, ...]:
     """float32 fraction fields (23-bit ints) of ``c_i = 2^((i+0.5)/2^F)`` rounded up, i < 2^F.
 
     For a float32 mantissa ``m = 1 + frac/2^23``, ``m >= c_i`` iff ``frac >= threshold[i]``.
@@ -53,18 +53,18 @@ def encode_thresholds(frac_bits: int) -> tuple[int, ...]:
 
 
 @functools.lru_cache(maxsize=None)
-def decode_mantissas(frac_bits: int) -> tuple[int, ...]:
+def _decode_mantissas(frac_bits: int) -> tuple[int, ...]:
     """``D[r] = 2^(r/2^F)`` rounded to nearest float32, as 24-bit significands (scale 2^-23)."""
     n = 1 << frac_bits
     return tuple(_round_on_grid(_pow2(r, n), MANT_BITS, ROUND_HALF_EVEN) for r in range(n))
 
 
 @functools.lru_cache(maxsize=None)
-def conversion_table(frac_bits: int, conversion: str, lut_bits: int) -> tuple[tuple[int, ...], int]:
+def _conversion_table(frac_bits: int, conversion: str, lut_bits: int) -> tuple[tuple[int, ...], int]:
     """``C[r]`` of spec section 2 step 2 as ``(numerators, S)`` with ``C[r] = N[r] / 2^S``."""
     n = 1 << frac_bits
     if conversion == "exact":
-        return decode_mantissas(frac_bits), MANT_BITS
+        return _decode_mantissas(frac_bits), MANT_BITS
     if conversion == "lut":
         return tuple(_round_on_grid(_pow2(r, n), lut_bits, ROUND_HALF_EVEN) for r in range(n)), lut_bits
     if conversion == "mitchell":
@@ -72,21 +72,71 @@ def conversion_table(frac_bits: int, conversion: str, lut_bits: int) -> tuple[tu
     raise ValueError(f"unknown conversion {conversion!r}")
 
 
-# Device-resident copies. Keyed on the device so each device builds its tensor once.
-@functools.lru_cache(maxsize=None)
-def thresholds_tensor(frac_bits: int, device: torch.device) -> torch.Tensor:
-    return torch.tensor(encode_thresholds(frac_bits), dtype=torch.int32, device=device)
+# The public table functions are constants of their arguments: torch.compile calls them at
+# trace time (assume_constant_result) instead of tracing the decimal arithmetic. The marker
+# sits on plain functions because Dynamo looks through lru_cache wrappers.
+@torch.compiler.assume_constant_result
+def encode_thresholds(frac_bits: int) -> tuple[int, ...]:
+    return _encode_thresholds(frac_bits)
 
 
-@functools.lru_cache(maxsize=None)
-def decode_bits_tensor(frac_bits: int, device: torch.device) -> torch.Tensor:
-    """float32 bit patterns of ``D[r]`` (exponent field 127, i.e. values in [1, 2))."""
-    mants = decode_mantissas(frac_bits)
-    return torch.tensor([(127 << MANT_BITS) | (m - (1 << MANT_BITS)) for m in mants], dtype=torch.int32, device=device)
+encode_thresholds.__doc__ = _encode_thresholds.__doc__
 
 
-@functools.lru_cache(maxsize=None)
-def conversion_tensor_f64(frac_bits: int, conversion: str, lut_bits: int, device: torch.device) -> torch.Tensor:
-    """``C[r]`` as exact float64 values (every entry has <= 25 significant bits)."""
+@torch.compiler.assume_constant_result
+def decode_mantissas(frac_bits: int) -> tuple[int, ...]:
+    return _decode_mantissas(frac_bits)
+
+
+decode_mantissas.__doc__ = _decode_mantissas.__doc__
+
+
+@torch.compiler.assume_constant_result
+def conversion_table(frac_bits: int, conversion: str, lut_bits: int) -> tuple[tuple[int, ...], int]:
+    return _conversion_table(frac_bits, conversion, lut_bits)
+
+
+conversion_table.__doc__ = _conversion_table.__doc__
+
+
+# Device-resident tensors: cached per (parameters, device) in eager mode; built from the
+# constant tuples inside a compiled graph.
+def _thresholds_values(frac_bits):
+    return encode_thresholds(frac_bits), torch.int32
+
+
+def _decode_bits_values(frac_bits):
+    return tuple((127 << MANT_BITS) | (m - (1 << MANT_BITS)) for m in decode_mantissas(frac_bits)), torch.int32
+
+
+def _conversion_values(frac_bits, conversion, lut_bits):
     nums, shift = conversion_table(frac_bits, conversion, lut_bits)
-    return torch.tensor([v / (1 << shift) for v in nums], dtype=torch.float64, device=device)
+    return tuple(v / (1 << shift) for v in nums), torch.float64
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_tensor(kind, args, device: torch.device) -> torch.Tensor:
+    values, dtype = kind(*args)
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def _table_tensor(kind, args, device) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        values, dtype = kind(*args)
+        return torch.tensor(values, dtype=dtype, device=device)
+    return _cached_tensor(kind, args, torch.device(device))
+
+
+def thresholds_tensor(frac_bits: int, device) -> torch.Tensor:
+    """``encode_thresholds`` as an int32 tensor on ``device``."""
+    return _table_tensor(_thresholds_values, (frac_bits,), device)
+
+
+def decode_bits_tensor(frac_bits: int, device) -> torch.Tensor:
+    """float32 bit patterns of ``D[r]`` (exponent field 127, i.e. values in [1, 2))."""
+    return _table_tensor(_decode_bits_values, (frac_bits,), device)
+
+
+def conversion_tensor_f64(frac_bits: int, conversion: str, lut_bits: int, device) -> torch.Tensor:
+    """``C[r]`` as exact float64 values (every entry has <= 25 significant bits)."""
+    return _table_tensor(_conversion_values, (frac_bits, conversion, lut_bits), device)

@@ -34,7 +34,15 @@ ParamLike = Union[int, float, torch.Tensor]
 
 # ----------------------------------------------------------------------------------------
 # argument checking
+#
+# Checks that read tensor values (offset ranges, code ranges, NaN in INT input) run in eager
+# mode only: under torch.compile they would break the graph. Compiled code therefore has to
+# be validated by running it eagerly once, which every model conversion does.
 # ----------------------------------------------------------------------------------------
+def _check_values() -> bool:
+    return not torch.compiler.is_compiling()
+
+
 def _check_format(fmt) -> None:
     if not isinstance(fmt, (LNSFormat, FP8Format, IntFormat)):
         raise TypeError(f"fmt must be an LNSFormat, FP8Format or IntFormat, got {type(fmt).__name__}")
@@ -67,6 +75,8 @@ def _as_offset(offset: ParamLike, fmt: LNSFormat, shape: torch.Size, device) -> 
         if offset.dtype.is_floating_point or offset.dtype.is_complex or offset.dtype == torch.bool:
             raise TypeError(f"an LNS offset must be an integer tensor, got dtype {offset.dtype}")
         _check_broadcast(offset, shape, "offset")
+        if not _check_values():
+            return offset.to(device=device, dtype=torch.int32)
         lo, hi = (int(offset.min()), int(offset.max())) if offset.numel() else (0, 0)
         off = offset.to(device=device, dtype=torch.int32) if lo >= -(2**31) and hi < 2**31 else None
     elif isinstance(offset, int) and not isinstance(offset, bool):
@@ -95,7 +105,7 @@ def _as_scale(scale: ParamLike, shape: torch.Size, device) -> torch.Tensor:
         s = torch.tensor(float(scale), dtype=torch.float32, device=device)
     else:
         raise TypeError(f"a scale must be a float or a float tensor, got {type(scale).__name__}")
-    if s.numel() and not bool(((s >= _F32_MIN_NORMAL) & torch.isfinite(s)).all()):
+    if _check_values() and s.numel() and not bool(((s >= _F32_MIN_NORMAL) & torch.isfinite(s)).all()):
         bad = s[~((s >= _F32_MIN_NORMAL) & torch.isfinite(s))].flatten()[0].item()
         raise ValueError(f"scale {bad!r} is invalid: a scale must be a positive, finite, normal float32")
     return s
@@ -106,7 +116,7 @@ def _check_codes(codes, fmt: Format) -> torch.Tensor:
         raise TypeError(f"codes must be a torch.Tensor, got {type(codes).__name__}")
     if codes.dtype != fmt.code_dtype:
         raise TypeError(f"codes of {fmt} must have dtype {fmt.code_dtype}, got {codes.dtype}")
-    if codes.numel() == 0:
+    if codes.numel() == 0 or not _check_values():
         return codes
     if isinstance(fmt, LNSFormat) and fmt.bits not in (8, 16):
         c = codes.to(torch.int32)
@@ -253,9 +263,20 @@ def _fp8_table_values(fmt: FP8Format) -> list:
 import functools  # noqa: E402
 
 
+@torch.compiler.assume_constant_result
+def _fp8_values(fmt: FP8Format) -> tuple:  # a constant: see Note in _tables.py
+    return tuple(_fp8_table_values(fmt))
+
+
 @functools.lru_cache(maxsize=None)
-def _fp8_table(fmt: FP8Format, device: torch.device) -> torch.Tensor:
-    return torch.tensor(_fp8_table_values(fmt), dtype=torch.float32, device=device)
+def _fp8_table_cached(fmt: FP8Format, device: torch.device) -> torch.Tensor:
+    return torch.tensor(_fp8_values(fmt), dtype=torch.float32, device=device)
+
+
+def _fp8_table(fmt: FP8Format, device) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return torch.tensor(_fp8_values(fmt), dtype=torch.float32, device=device)
+    return _fp8_table_cached(fmt, torch.device(device))
 
 
 def fp8_decode_reference(codes: torch.Tensor, scale: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -293,7 +314,7 @@ def encode(x: torch.Tensor, fmt: Format, offset_or_scale: ParamLike) -> torch.Te
     scale = _as_scale(offset_or_scale, x.shape, x.device)
     if isinstance(fmt, FP8Format):
         return ops.fp8_encode(x, scale, *_fp8_fields(fmt))
-    if x.numel() and bool(torch.isnan(x).any()):
+    if _check_values() and x.numel() and bool(torch.isnan(x).any()):
         raise ValueError(f"{fmt} has no code for NaN, and the input contains NaN")
     return ops.int_encode(x, scale, fmt.qmax, fmt.bits)
 

@@ -39,7 +39,8 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import _tables
-from .codec import _as_float32, _fp8_table, calibrate, encode, expand_param
+from .autograd import needs_grad, ste_conv, ste_linear
+from .codec import _as_float32, _fp8_table, calibrate, decode, encode, expand_param
 from .formats import IDEAL_MAC, LNS8, FP8Format, Format, IntFormat, LNSFormat, MACConfig
 
 __all__ = ["lns_linear", "lns_conv1d", "lns_conv2d"]
@@ -270,6 +271,7 @@ def _encode_operand(t, fmt: Format, what: str, block_size: Optional[int] = None)
     """Float operand -> (codes, fmt, compact param, block axis, size); per tensor by default."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{what} must be a tensor or an LNSTensor, got {type(t).__name__}")
+    t = t.detach()  # codes carry no gradient; the straight-through estimator supplies it
     if block_size is None:
         param = calibrate(t, fmt)
         return encode(t, fmt, param), fmt, param, None, None
@@ -277,10 +279,13 @@ def _encode_operand(t, fmt: Format, what: str, block_size: Optional[int] = None)
     return encode(t, fmt, expand_param(param, t.dim() - 1, block_size, t.shape[-1])), fmt, param, t.dim() - 1, block_size
 
 
-def _resolve_formats(x, w):
+def _resolve_formats(x, w, fmt: Optional[Format] = None):
+    """Coded parts of each operand, and the format that float operands are encoded in."""
     px, pw = _coded_parts(x), _coded_parts(w)
-    fmt = px[1] if px else pw[1] if pw else LNS8
-    return px, pw, fmt
+    coded = px[1] if px else pw[1] if pw else None
+    if fmt is not None and coded is not None and type(fmt) is not type(coded):
+        raise TypeError(f"fmt={fmt} conflicts with an operand already encoded as {coded}")
+    return px, pw, fmt or coded or LNS8
 
 
 def _rows_param(param: torch.Tensor, block_axis, lead_shape: torch.Size) -> torch.Tensor:
@@ -296,15 +301,17 @@ def _rows_param(param: torch.Tensor, block_axis, lead_shape: torch.Size) -> torc
 # public ops
 # ----------------------------------------------------------------------------------------
 def lns_linear(x, w, bias: Optional[torch.Tensor] = None, mac: MACConfig = IDEAL_MAC, *,
-               acc_lsb: Optional[int] = None, x_block_size: Optional[int] = None) -> torch.Tensor:
+               acc_lsb: Optional[int] = None, x_block_size: Optional[int] = None,
+               fmt: Optional[Format] = None) -> torch.Tensor:
     """``y[..., n] = MAC_k(x[..., k], w[n, k]) + bias[n]`` as the chip computes it.
 
     ``x`` and ``w`` are coded tensors (LNS, FP8 or INT; both of one kind) or float tensors,
-    which are encoded per tensor in the other operand's format (LNS8 if both are float).
+    which are encoded per tensor in ``fmt`` (default: the other operand's format, else LNS8).
+    Float operands that require grad get straight-through gradients (QAT).
     ``x_block_size`` encodes a float ``x`` with dynamic per-block offsets/scales along K, as
     MX formats do. ``acc_lsb`` is required by, and only by, the LNS fixed accumulator.
     """
-    px, pw, fmt = _resolve_formats(x, w)
+    px, pw, fmt = _resolve_formats(x, w, fmt)
     if x_block_size is not None and px is not None:
         raise ValueError("x_block_size encodes a float x dynamically; x is already encoded")
     px = px or _encode_operand(x, fmt, "x", x_block_size)
@@ -324,7 +331,21 @@ def lns_linear(x, w, bias: Optional[torch.Tensor] = None, mac: MACConfig = IDEAL
     xm = _Matrix(xc.reshape(lead.numel(), K), fx, _rows_param(xp, xax, lead), xbs)
     wm = _Matrix(wc, fw, wp, wbs)
     y = _mac(xm, wm, _check_bias(bias, wc.shape[0], xc.device), mac, acc_lsb)
-    return y.reshape(*lead, wc.shape[0])
+    y = y.reshape(*lead, wc.shape[0])
+    if needs_grad(x, w, bias):  # see Note: straight-through estimator in autograd.py
+        x_deq, w_deq = _dequantize(px), _dequantize(pw)
+        y = ste_linear(y, x_deq, w_deq, _grad_source(x, x_deq), _grad_source(w, w_deq), bias)
+    return y
+
+
+def _dequantize(parts) -> torch.Tensor:
+    codes, fmt, param, axis, size = parts
+    return decode(codes, fmt, expand_param(param, axis, size, codes.shape[axis] if axis is not None else 0))
+
+
+def _grad_source(operand, dequantized: torch.Tensor) -> torch.Tensor:
+    """The tensor that receives the operand's gradient: itself if float, else its values."""
+    return dequantized if _coded_parts(operand) is not None else operand
 
 
 def _pair(v, n: int, what: str) -> tuple:
@@ -370,8 +391,8 @@ def _im2col(t: torch.Tensor, idx: torch.Tensor, pad_value) -> torch.Tensor:
     return cols.permute(0, 3, 1, 2).reshape(N * idx.shape[1], C * idx.shape[0])
 
 
-def _conv(x, w, bias, stride, padding, dilation, groups, mac, acc_lsb, x_block_size, n: int, name: str):
-    px, pw, fmt = _resolve_formats(x, w)
+def _conv(x, w, bias, stride, padding, dilation, groups, mac, acc_lsb, x_block_size, fmt, n: int, name: str):
+    px, pw, fmt = _resolve_formats(x, w, fmt)
     if pw is None:
         pw = _encode_operand(w, fmt, "w")
     wc, fw, wp, wax, wbs = pw
@@ -390,6 +411,7 @@ def _conv(x, w, bias, stride, padding, dilation, groups, mac, acc_lsb, x_block_s
     stride_, dilation_ = _pair(stride, n, "stride"), _pair(dilation, n, "dilation")
     kernel = tuple(wc.shape[2:])
     pads = _conv_padding(padding, kernel, dilation_, stride_, n)
+    layer_geometry = (stride_, pads, dilation_)  # before conv1d is recast as conv2d
     if n == 1:  # conv1d is conv2d with a height-1 kernel
         stride_, dilation_, kernel, pads = (1, *stride_), (1, *dilation_), (1, *kernel), [(0, 0), *pads]
     Cout, Cin_g = wc.shape[0], wc.shape[1]
@@ -445,21 +467,32 @@ def _conv(x, w, bias, stride, padding, dilation, groups, mac, acc_lsb, x_block_s
     y = torch.cat(outs, dim=1).reshape(Nb, Ho * Wo, Cout).permute(0, 2, 1).reshape(Nb, Cout, Ho, Wo)
     if n == 1:
         y = y.squeeze(2)
+    if needs_grad(x, w, bias):  # see Note: straight-through estimator in autograd.py
+        # Dynamic per-block activations are encoded per receptive field, so an input element
+        # has no single dequantized value: the backward then uses the float input.
+        x_deq = _dequantize(px) if px is not None else _as_float32(x).detach()
+        w_deq = _dequantize(pw)
+        batch = (lambda t: t.unsqueeze(0)) if unbatched else (lambda t: t)  # noqa: E731
+        y = ste_conv(y, batch(x_deq), w_deq, batch(_grad_source(x, x_deq)), _grad_source(w, w_deq), bias,
+                     layer_geometry[0], layer_geometry[1], layer_geometry[2], groups)
+        return y.squeeze(0) if unbatched else y
     return y.squeeze(0) if unbatched else y
 
 
 def lns_conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1, mac: MACConfig = IDEAL_MAC, *,
-               acc_lsb: Optional[int] = None, x_block_size: Optional[int] = None) -> torch.Tensor:
+               acc_lsb: Optional[int] = None, x_block_size: Optional[int] = None,
+               fmt: Optional[Format] = None) -> torch.Tensor:
     """2-D convolution as the chip computes it: the MAC over each receptive field.
 
     Arguments follow ``F.conv2d`` (padding may be an int, a pair, 'valid' or 'same');
     padding is the zero code. See ``lns_linear`` for operands, ``acc_lsb`` and ``x_block_size``
     (blocks run along each group's ``Cin/groups * kh * kw`` reduction axis).
     """
-    return _conv(x, w, bias, stride, padding, dilation, groups, mac, acc_lsb, x_block_size, 2, "lns_conv2d")
+    return _conv(x, w, bias, stride, padding, dilation, groups, mac, acc_lsb, x_block_size, fmt, 2, "lns_conv2d")
 
 
 def lns_conv1d(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1, mac: MACConfig = IDEAL_MAC, *,
-               acc_lsb: Optional[int] = None, x_block_size: Optional[int] = None) -> torch.Tensor:
+               acc_lsb: Optional[int] = None, x_block_size: Optional[int] = None,
+               fmt: Optional[Format] = None) -> torch.Tensor:
     """1-D convolution as the chip computes it; see ``lns_conv2d``."""
-    return _conv(x, w, bias, stride, padding, dilation, groups, mac, acc_lsb, x_block_size, 1, "lns_conv1d")
+    return _conv(x, w, bias, stride, padding, dilation, groups, mac, acc_lsb, x_block_size, fmt, 1, "lns_conv1d")
