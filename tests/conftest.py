@@ -9,6 +9,13 @@ picks between the two, so a slow test is always exercised, never skipped.
 import os
 import random
 
+import torch
+
+# Without a GPU, the Triton kernels run in Triton's interpreter on CPU tensors. Triton reads
+# this when a kernel is decorated, so it must be set before torchlns.triton_kernels loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 from hypothesis import HealthCheck, settings
 

@@ -15,6 +15,8 @@ from types import ModuleType
 
 import torch
 
+from . import ops as _ops
+
 __all__ = ["TorchLNSBackendWarning", "backend_info", "has_native", "native"]
 
 REBUILD_COMMAND = 'pip install --no-build-isolation -e .'
@@ -84,14 +86,16 @@ def native() -> ModuleType | None:
 def backend_info() -> dict:
     """Which implementation each device uses, and why.
 
-    Keys: ``cpu`` (``"native"`` or ``"reference"``), ``cuda`` (``"reference"``; Triton
-    kernels are not wired in yet), ``cuda_available``, ``native_error`` (the import error
-    text, or ``None``), ``torch_version``, ``build_info`` (from the extension, or ``None``).
+    Keys: ``cpu`` (``"native"`` or ``"reference"``), ``cuda`` (``"triton"`` or
+    ``"reference"``), ``triton_error`` (why Triton is not serving CUDA, or ``None``),
+    ``cuda_available``, ``native_error`` (the import error text, or ``None``),
+    ``torch_version``, ``build_info`` (from the extension, or ``None``).
     """
     _load()
     return {
         "cpu": "native" if _native is not None else "reference",
-        "cuda": "reference",
+        "cuda": "triton" if _ops.TRITON_ERROR is None else "reference",
+        "triton_error": _ops.TRITON_ERROR,
         "cuda_available": torch.cuda.is_available(),
         "native_error": _native_error,
         "torch_version": torch.__version__,

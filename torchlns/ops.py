@@ -6,7 +6,8 @@
   same function of the same inputs.
 * The pure-PyTorch reference (codec.py, mac.py) is registered as the
   ``CompositeExplicitAutograd`` kernel: the fallback for every device. A backend kernel
-  overrides it where one exists: C++ for ``CPU`` (csrc/, loaded with torchlns._C).
+  overrides it where one exists: C++ for ``CPU`` (csrc/, loaded with torchlns._C) and
+  Triton for ``CUDA`` (triton_kernels.py, registered when a GPU and Triton are present).
 * Fake kernels give shapes and dtypes for torch.compile and meta tensors.
 * The ops take and return codes and integers, which have no gradient; the
   straight-through estimator lives at the float level (autograd.py).
@@ -96,3 +97,19 @@ def _(x, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, fixed, a
     torch._check(x.dim() == 2 and w.dim() == 2, lambda: "lns_mm takes (M, K) and (N, K) codes")
     torch._check(x.shape[1] == w.shape[1], lambda: "lns_mm: reduction sizes differ")
     return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)
+
+
+def register_triton() -> str | None:
+    """Register the Triton kernels for CUDA; returns why not, or None when registered."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    try:
+        from . import triton_kernels
+    except ImportError as e:  # triton missing or broken: the reference serves CUDA
+        return f"{type(e).__name__}: {e}"
+    for name, kernel in triton_kernels.KERNELS.items():
+        _lib.impl(name, kernel, "CUDA")
+    return None
+
+
+TRITON_ERROR = register_triton()
