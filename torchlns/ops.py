@@ -17,6 +17,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import torch
 
 from .codec import (
@@ -113,3 +116,19 @@ def register_triton() -> str | None:
 
 
 TRITON_ERROR = register_triton()
+
+
+@contextlib.contextmanager
+def reference_kernels():
+    """Run every torchlns op on its pure-PyTorch reference inside the block, on every device.
+
+    For debugging a kernel against its oracle and for benchmarks that compare the two; the
+    native kernels come back on exit.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Oo]verrid.*")
+        with torch.library._scoped_library("torchlns", "IMPL") as lib:
+            for name, fn in REFERENCE.items():
+                for key in ("CPU", "CUDA"):
+                    lib.impl(name, fn, key)
+            yield

@@ -1,0 +1,84 @@
+"""The MAC at the issue's benchmark shapes: native kernels against torch and the reference.
+
+Groups (baseline = torch's float32 layer, measured in the same run):
+  linear 512x1024x1024   lns_linear, operands already encoded
+  conv2d 8x64x56x56      lns_conv2d 64->64, 3x3, padding 1
+The reference rows run the same public call inside ``ops.reference_kernels()``, once (it
+takes seconds): their ratio to the native rows is the kernel's speed-up.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import torchlns
+from torchlns import CHIP_MAC, IDEAL_MAC, LNS8, MACConfig, ops
+
+LUT_FLOAT = MACConfig(conversion="lut", lut_bits=8)
+
+
+def _acc_lsb(y: torch.Tensor, mac: MACConfig):
+    return math.floor(math.log2(y.abs().max().item())) - (mac.acc_bits - 3) if mac.accumulator == "fixed" else None
+
+
+@pytest.fixture(scope="module")
+def linear_operands():
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(512, 1024, generator=g), torch.randn(1024, 1024, generator=g) / 32
+    xq = torchlns.LNSTensor.from_float(x, LNS8)
+    wq = torchlns.LNSTensor.from_float(w, LNS8, granularity="channel")
+    return x, w, xq, wq, F.linear(x, w)
+
+
+@pytest.mark.benchmark(group="linear 512x1024x1024")
+def test_linear_torch_float32(benchmark, linear_operands):
+    benchmark.extra_info["baseline"] = True
+    x, w, *_ = linear_operands
+    benchmark(F.linear, x, w)
+
+
+@pytest.mark.benchmark(group="linear 512x1024x1024")
+@pytest.mark.parametrize("mac", [IDEAL_MAC, LUT_FLOAT, CHIP_MAC], ids=repr)
+def test_lns_linear(benchmark, linear_operands, mac):
+    _, _, xq, wq, y = linear_operands
+    benchmark(torchlns.lns_linear, xq, wq, None, mac, acc_lsb=_acc_lsb(y, mac))
+
+
+@pytest.mark.benchmark(group="linear 512x1024x1024")
+@pytest.mark.parametrize("mac", [IDEAL_MAC, CHIP_MAC], ids=repr)
+def test_lns_linear_reference(benchmark, linear_operands, mac):
+    _, _, xq, wq, y = linear_operands
+    with ops.reference_kernels():
+        benchmark.pedantic(torchlns.lns_linear, (xq, wq, None, mac), {"acc_lsb": _acc_lsb(y, mac)}, rounds=1)
+
+
+@pytest.fixture(scope="module")
+def conv_operands():
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(8, 64, 56, 56, generator=g).relu(), torch.randn(64, 64, 3, 3, generator=g) / 24
+    xq = torchlns.LNSTensor.from_float(x, LNS8)
+    wq = torchlns.LNSTensor.from_float(w, LNS8, granularity="channel")
+    return x, w, xq, wq, F.conv2d(x, w, padding=1)
+
+
+@pytest.mark.benchmark(group="conv2d 8x64x56x56")
+def test_conv2d_torch_float32(benchmark, conv_operands):
+    benchmark.extra_info["baseline"] = True
+    x, w, *_ = conv_operands
+    benchmark(F.conv2d, x, w, None, 1, 1)
+
+
+@pytest.mark.benchmark(group="conv2d 8x64x56x56")
+@pytest.mark.parametrize("mac", [IDEAL_MAC, CHIP_MAC], ids=repr)
+def test_lns_conv2d(benchmark, conv_operands, mac):
+    _, _, xq, wq, y = conv_operands
+    benchmark.pedantic(torchlns.lns_conv2d, (xq, wq, None, 1, 1), {"mac": mac, "acc_lsb": _acc_lsb(y, mac)}, rounds=3)
+
+
+@pytest.mark.benchmark(group="conv2d 8x64x56x56")
+def test_lns_conv2d_reference(benchmark, conv_operands):
+    _, _, xq, wq, _ = conv_operands
+    with ops.reference_kernels():
+        benchmark.pedantic(torchlns.lns_conv2d, (xq, wq, None, 1, 1), rounds=1)
