@@ -22,16 +22,24 @@ import triton
 import triton.language as tl
 
 from . import mac as _mac
-from .codec import _fp8_fields  # noqa: F401  (re-exported for tests)
 
 BLOCK = 1024
 
 
-def _param_args(param: torch.Tensor, shape: torch.Size):
-    """(flat parameter tensor, is_scalar) for a parameter broadcasting against ``shape``."""
-    if param.numel() == 1:
-        return param.reshape(1).contiguous(), True
-    return param.expand(shape).contiguous().reshape(-1), False
+def _elementwise(kernel, data: torch.Tensor, param: torch.Tensor, out_dtype: torch.dtype, *tables, **meta):
+    """Launch an elementwise kernel ``(data, param, *tables, out, n, ..., PARAM_SCALAR, BLOCK)``.
+
+    The parameter broadcasts against ``data``: passed as one value when it is one, else
+    expanded to one per element.
+    """
+    out = torch.empty(data.shape, dtype=out_dtype, device=data.device)
+    n = data.numel()
+    if n:
+        scalar = param.numel() == 1
+        flat = param.reshape(1) if scalar else param.expand(data.shape).contiguous().reshape(-1)
+        kernel[(triton.cdiv(n, BLOCK),)](data.contiguous().reshape(-1), flat.contiguous(), *tables, out.reshape(-1), n,
+                                         PARAM_SCALAR=scalar, BLOCK=BLOCK, **meta)
+    return out
 
 
 @triton.jit
@@ -92,17 +100,9 @@ def _buckets(thresholds: torch.Tensor, F: int):
 
 
 def lns_encode(x, offset, thresholds, bits, frac_bits, mitchell):
-    out = torch.empty(x.shape, dtype=torch.uint8 if bits <= 8 else torch.int16, device=x.device)
-    n = x.numel()
-    if n == 0:
-        return out
-    off, scalar = _param_args(offset.to(torch.int32), x.shape)
     base, inside = _buckets(thresholds, frac_bits)
-    _lns_encode_kernel[(triton.cdiv(n, BLOCK),)](
-        x.contiguous().reshape(-1), off, base, inside, out.reshape(-1), n, F=frac_bits, E_MAX=(1 << (bits - 1)) - 1,
-        WIDE=bits > 8, MITCHELL=mitchell, PARAM_SCALAR=scalar, BLOCK=BLOCK)
-    return out
-
+    return _elementwise(_lns_encode_kernel, x, offset.to(torch.int32), torch.uint8 if bits <= 8 else torch.int16,
+                        base, inside, F=frac_bits, E_MAX=(1 << (bits - 1)) - 1, WIDE=bits > 8, MITCHELL=mitchell)
 
 @triton.jit
 def _lns_decode_kernel(c_ptr, off_ptr, dbits_ptr, out_ptr, n, F: tl.constexpr, BITS: tl.constexpr,
@@ -122,15 +122,8 @@ def _lns_decode_kernel(c_ptr, off_ptr, dbits_ptr, out_ptr, n, F: tl.constexpr, B
 
 
 def lns_decode(codes, offset, decode_bits, bits, frac_bits):
-    out = torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
-    n = codes.numel()
-    if n == 0:
-        return out
-    off, scalar = _param_args(offset.to(torch.int32), codes.shape)
-    _lns_decode_kernel[(triton.cdiv(n, BLOCK),)](codes.contiguous().reshape(-1), off, decode_bits, out.reshape(-1), n,
-                                                 F=frac_bits, BITS=bits, PARAM_SCALAR=scalar, BLOCK=BLOCK)
-    return out
-
+    return _elementwise(_lns_decode_kernel, codes, offset.to(torch.int32), torch.float32, decode_bits, F=frac_bits,
+                        BITS=bits)
 
 # ----------------------------------------------------------------------------------------
 # FP8 and INT
@@ -169,16 +162,8 @@ def _fp8_encode_kernel(x_ptr, s_ptr, out_ptr, n, MAN: tl.constexpr, BIAS: tl.con
 
 
 def fp8_encode(x, scale, exp_bits, man_bits, bias, max_code, has_inf):
-    out = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
-    n = x.numel()
-    if n == 0:
-        return out
-    s, scalar = _param_args(scale.to(torch.float32), x.shape)
-    _fp8_encode_kernel[(triton.cdiv(n, BLOCK),)](x.contiguous().reshape(-1), s, out.reshape(-1), n, MAN=man_bits,
-                                                 BIAS=bias, MAX_CODE=max_code, HAS_INF=has_inf, PARAM_SCALAR=scalar,
-                                                 BLOCK=BLOCK)
-    return out
-
+    return _elementwise(_fp8_encode_kernel, x, scale.to(torch.float32), torch.uint8, MAN=man_bits, BIAS=bias,
+                        MAX_CODE=max_code, HAS_INF=has_inf)
 
 @triton.jit
 def _table_decode_kernel(c_ptr, s_ptr, table_ptr, out_ptr, n, PARAM_SCALAR: tl.constexpr, BLOCK: tl.constexpr):
@@ -190,15 +175,7 @@ def _table_decode_kernel(c_ptr, s_ptr, table_ptr, out_ptr, n, PARAM_SCALAR: tl.c
 
 
 def fp8_decode(codes, scale, values):
-    out = torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
-    n = codes.numel()
-    if n == 0:
-        return out
-    s, scalar = _param_args(scale.to(torch.float32), codes.shape)
-    _table_decode_kernel[(triton.cdiv(n, BLOCK),)](codes.contiguous().reshape(-1), s, values, out.reshape(-1), n,
-                                                   PARAM_SCALAR=scalar, BLOCK=BLOCK)
-    return out
-
+    return _elementwise(_table_decode_kernel, codes, scale.to(torch.float32), torch.float32, values)
 
 @triton.jit
 def _int_encode_kernel(x_ptr, s_ptr, out_ptr, n, QMAX: tl.constexpr, WIDE: tl.constexpr, PARAM_SCALAR: tl.constexpr,
@@ -219,15 +196,8 @@ def _int_encode_kernel(x_ptr, s_ptr, out_ptr, n, QMAX: tl.constexpr, WIDE: tl.co
 
 
 def int_encode(x, scale, qmax, bits):
-    out = torch.empty(x.shape, dtype=torch.int8 if bits <= 8 else torch.int16, device=x.device)
-    n = x.numel()
-    if n == 0:
-        return out
-    s, scalar = _param_args(scale.to(torch.float32), x.shape)
-    _int_encode_kernel[(triton.cdiv(n, BLOCK),)](x.contiguous().reshape(-1), s, out.reshape(-1), n, QMAX=qmax,
-                                                 WIDE=bits > 8, PARAM_SCALAR=scalar, BLOCK=BLOCK)
-    return out
-
+    return _elementwise(_int_encode_kernel, x, scale.to(torch.float32), torch.int8 if bits <= 8 else torch.int16,
+                        QMAX=qmax, WIDE=bits > 8)
 
 @triton.jit
 def _int_decode_kernel(c_ptr, s_ptr, out_ptr, n, PARAM_SCALAR: tl.constexpr, BLOCK: tl.constexpr):
@@ -239,15 +209,7 @@ def _int_decode_kernel(c_ptr, s_ptr, out_ptr, n, PARAM_SCALAR: tl.constexpr, BLO
 
 
 def int_decode(codes, scale):
-    out = torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
-    n = codes.numel()
-    if n == 0:
-        return out
-    s, scalar = _param_args(scale.to(torch.float32), codes.shape)
-    _int_decode_kernel[(triton.cdiv(n, BLOCK),)](codes.contiguous().reshape(-1), s, out.reshape(-1), n,
-                                                 PARAM_SCALAR=scalar, BLOCK=BLOCK)
-    return out
-
+    return _elementwise(_int_decode_kernel, codes, scale.to(torch.float32), torch.float32)
 
 # ----------------------------------------------------------------------------------------
 # lns_mm
