@@ -76,3 +76,38 @@ def test_loader_error_text_is_reported(fresh_backend, monkeypatch):
 
 def test_warning_is_a_user_warning():
     assert issubclass(TorchLNSBackendWarning, UserWarning)
+
+
+FALLBACK_SCRIPT = r"""
+import sys, warnings
+sys.modules["torchlns._C"] = None  # the import fails, as with a build that has no compiler
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import torch, torchlns
+names = [type(w.message).__name__ for w in caught if "torchlns._C" in str(w.message)]
+assert names == ["TorchLNSBackendWarning"], names
+assert torchlns.backend_info()["cpu"] == "reference"
+assert not torch._C._dispatch_has_kernel_for_dispatch_key("torchlns::lns_mm", "CPU")
+torch.manual_seed(0)
+x, w = torch.randn(5, 40), torch.randn(7, 40)
+y = torchlns.lns_linear(x, w, torch.randn(7), torchlns.CHIP_MAC, acc_lsb=-20)
+codes = torchlns.encode(torch.randn(1000) * 100, torchlns.LNS8, -100)
+print(y.view(torch.int32).sum().item(), codes.to(torch.int64).sum().item())
+"""
+
+
+def test_reference_takes_over_without_the_extension_with_the_same_bits():
+    import subprocess
+    import sys
+
+    import torch
+
+    import torchlns
+
+    run = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    torch.manual_seed(0)
+    x, w = torch.randn(5, 40), torch.randn(7, 40)
+    y = torchlns.lns_linear(x, w, torch.randn(7), torchlns.CHIP_MAC, acc_lsb=-20)
+    codes = torchlns.encode(torch.randn(1000) * 100, torchlns.LNS8, -100)
+    assert run.stdout.split() == [str(y.view(torch.int32).sum().item()), str(codes.to(torch.int64).sum().item())]
