@@ -15,11 +15,15 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <algorithm>
 #include <optional>
+#include <utility>
+#include <vector>
 
 #include "multiversion.h"
 
@@ -36,43 +40,57 @@ inline double pow2(int64_t e) {  // exact for e in [-1022, 1023]
 }
 
 struct LogRows {
-  at::Tensor g;     // int32 log value, 0 where the code is zero
-  at::Tensor sign;  // double: +1, -1, or 0 for the zero code (and NaN)
-  at::Tensor nan;   // bool per row: the row holds a NaN code
+  at::Tensor g;      // int32 log value, 0 where the code is zero
+  at::Tensor sign;   // float32: +1, -1, or 0 for the zero code (and NaN)
+  at::Tensor nan;    // bool per row: the row holds a NaN code
+  int64_t q_lo = 0;  // range of q = g >> F over the nonzero codes
+  int64_t q_hi = 0;
 };
 
-LogRows log_rows(const at::Tensor& codes, const at::Tensor& offset, int64_t bits) {
+LogRows log_rows(const at::Tensor& codes, const at::Tensor& offset, int64_t bits, int frac_bits) {
   const int64_t rows = codes.size(0), K = codes.size(1);
   const int32_t e_max = (1 << (bits - 1)) - 1, mask = (1 << bits) - 1;
-  auto c32 = codes.to(at::kInt).bitwise_and(mask).contiguous();
-  auto off = offset.expand({rows, K}).contiguous();
+  auto c32 = codes.to(at::kInt).contiguous();
+  const auto off = offset.expand({rows, K});  // broadcast offsets are read through strides
+  const int64_t so_r = off.stride(0), so_k = off.stride(1);
   LogRows out{at::empty({rows, K}, codes.options().dtype(at::kInt)),
-              at::empty({rows, K}, codes.options().dtype(at::kDouble)),
+              at::empty({rows, K}, codes.options().dtype(at::kFloat)),
               at::zeros({rows}, codes.options().dtype(at::kBool))};
   const int32_t* c = c32.data_ptr<int32_t>();
   const int32_t* o = off.data_ptr<int32_t>();
   int32_t* g = out.g.data_ptr<int32_t>();
-  double* s = out.sign.data_ptr<double>();
+  float* s = out.sign.data_ptr<float>();
   bool* nan = out.nan.data_ptr<bool>();
+  std::vector<int64_t> lo(rows, INT64_MAX), hi(rows, INT64_MIN);
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       bool any_nan = false;
-      for (int64_t k = r * K; k < (r + 1) * K; ++k) {
-        const int32_t mag = c[k] & e_max;
-        const bool neg = c[k] > e_max;
+      int32_t q_lo = INT32_MAX, q_hi = INT32_MIN;
+      for (int64_t k = 0; k < K; ++k) {
+        const int32_t ck = c[r * K + k] & mask, mag = ck & e_max;
+        const bool neg = ck > e_max;
+        const int32_t gk = mag == 0 ? 0 : mag + o[r * so_r + k * so_k];
         any_nan |= (mag == 0) & neg;
-        g[k] = mag == 0 ? 0 : mag + o[k];
-        s[k] = mag == 0 ? 0.0 : (neg ? -1.0 : 1.0);
+        g[r * K + k] = gk;
+        s[r * K + k] = mag == 0 ? 0.0f : (neg ? -1.0f : 1.0f);
+        q_lo = mag == 0 ? q_lo : std::min(q_lo, gk >> frac_bits);
+        q_hi = mag == 0 ? q_hi : std::max(q_hi, gk >> frac_bits);
       }
       nan[r] = any_nan;
+      lo[r] = q_lo;
+      hi[r] = q_hi;
     }
   });
+  const int64_t all_lo = rows ? *std::min_element(lo.begin(), lo.end()) : INT32_MAX;
+  const int64_t all_hi = rows ? *std::max_element(hi.begin(), hi.end()) : INT32_MIN;
+  out.q_lo = all_lo > all_hi ? 0 : all_lo;  // no nonzero code at all: any range will do
+  out.q_hi = all_lo > all_hi ? 0 : all_hi;
   return out;
 }
 
 // One output of the float32 accumulator: sum of exact products, LANES-interleaved.
 TORCHLNS_MULTIVERSION
-double dot_float(const int32_t* gx, const double* sx, const int32_t* gw, const double* sw, int64_t K,
+double dot_float(const int32_t* gx, const float* sx, const int32_t* gw, const float* sw, int64_t K,
                  const double* table, int frac_bits) {
   double acc[LANES] = {0};
   const int32_t r_mask = (1 << frac_bits) - 1;
@@ -80,11 +98,11 @@ double dot_float(const int32_t* gx, const double* sx, const int32_t* gw, const d
   for (; k + LANES <= K; k += LANES)
     for (int l = 0; l < LANES; ++l) {
       const int32_t G = gx[k + l] + gw[k + l];
-      acc[l] += (sx[k + l] * sw[k + l]) * (table[G & r_mask] * pow2(G >> frac_bits));
+      acc[l] += double(sx[k + l] * sw[k + l]) * (table[G & r_mask] * pow2(G >> frac_bits));
     }
   for (int l = 0; k < K; ++k, ++l) {
     const int32_t G = gx[k] + gw[k];
-    acc[l] += (sx[k] * sw[k]) * (table[G & r_mask] * pow2(G >> frac_bits));
+    acc[l] += double(sx[k] * sw[k]) * (table[G & r_mask] * pow2(G >> frac_bits));
   }
   double total = 0.0;
   for (int l = 0; l < LANES; ++l) total += acc[l];
@@ -93,7 +111,7 @@ double dot_float(const int32_t* gx, const double* sx, const int32_t* gw, const d
 
 // One output of the fixed accumulator: exact int64 sum of truncated, saturated products.
 TORCHLNS_MULTIVERSION
-int64_t dot_fixed(const int32_t* gx, const double* sx, const int32_t* gw, const double* sw, int64_t K,
+int64_t dot_fixed(const int32_t* gx, const float* sx, const int32_t* gw, const float* sw, int64_t K,
                   const double* table, int frac_bits, int64_t acc_lsb, double T) {
   int64_t acc = 0;
   const int32_t r_mask = (1 << frac_bits) - 1;
@@ -101,9 +119,84 @@ int64_t dot_fixed(const int32_t* gx, const double* sx, const int32_t* gw, const 
     const int32_t G = gx[k] + gw[k];
     double p = std::floor(table[G & r_mask] * pow2(int64_t(G >> frac_bits) - acc_lsb));
     p = p < T ? p : T;
-    acc += int64_t((sx[k] * sw[k]) * p);
+    acc += int64_t(double(sx[k] * sw[k]) * p);
   }
   return acc;
+}
+
+// Note: remainder classes
+// For the float32 accumulator the MAC is a sum of 2^F ordinary matrix products. Split each
+// log value as g = q 2^F + r. A product's conversion depends only on t = r_x + r_w (with a
+// carry when t >= 2^F), so with C_ext[t] = C[t] for t < 2^F and 2 C[t - 2^F] above,
+//   y = sum_i A_i V_i^T,  A_i[m,k] = s_x 2^qx [r_x = i],  V_i[n,k] = s_w 2^qw C_ext[i + r_w].
+// Every entry and every product is an exact float32 as long as the exponents stay in the
+// normal range (checked; otherwise the direct kernel runs), so each product is exact and
+// only the float32 summation rounds: the spec's float32 accumulator. For the same bits at
+// any thread count, rows go in fixed blocks, each summed by one thread with
+// single-threaded GEMMs in a fixed class order (class_block_rows).
+// Rows per block: a function of M only (never of the thread count), large enough for
+// efficient GEMMs and small enough to give both cores work.
+inline int64_t class_block_rows(int64_t M) { return std::clamp<int64_t>((M + 7) / 8, 64, 1024); }
+
+bool class_gemm_in_range(const LogRows& lx, const LogRows& lw) {
+  // C_ext < 4: V entries need qw + 2 <= 127, products qx + qw + 2 <= 127; all >= -126.
+  return lx.q_lo >= -126 && lx.q_hi <= 127 && lw.q_lo >= -126 && lw.q_hi + 2 <= 127 && lx.q_lo + lw.q_lo >= -126 &&
+         lx.q_hi + lw.q_hi + 2 <= 127;
+}
+
+inline float pow2f_scaled(int32_t q, float sign) {  // sign * 2^q as float32, q in [-126, 127]
+  const uint32_t u = uint32_t(q + 127) << 23;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return sign * f;
+}
+
+at::Tensor lns_mm_float_classes(const LogRows& lx, const LogRows& lw, const double* C, int frac_bits) {
+  const int64_t M = lx.g.size(0), K = lx.g.size(1), N = lw.g.size(0);
+  const int R = 1 << frac_bits;
+  const auto f32 = lx.g.options().dtype(at::kFloat);
+  std::vector<float> C_ext(2 * R);
+  for (int t = 0; t < 2 * R; ++t) C_ext[t] = float(t < R ? C[t] : 2.0 * C[t - R]);
+  // V[i] is (N, K), written contiguously; the GEMMs take its transpose.
+  auto V = at::empty({R, N, K}, f32);
+  {
+    float* v = V.data_ptr<float>();
+    const int32_t* g = lw.g.data_ptr<int32_t>();
+    const float* sg = lw.sign.data_ptr<float>();
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n)
+        for (int64_t k = 0; k < K; ++k) {
+          const int32_t gv = g[n * K + k];
+          const float base = pow2f_scaled(gv >> frac_bits, sg[n * K + k]);
+          const int32_t r = gv & (R - 1);
+          for (int i = 0; i < R; ++i) v[(int64_t(i) * N + n) * K + k] = base * C_ext[i + r];
+        }
+    });
+  }
+  auto out = at::empty({M, N}, f32);
+  const int64_t block_rows = class_block_rows(M), blocks = (M + block_rows - 1) / block_rows;
+  const int32_t* gx = lx.g.data_ptr<int32_t>();
+  const float* sx = lx.sign.data_ptr<float>();
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * block_rows, rows = std::min(block_rows, M - r0);
+      auto A = at::zeros({R, rows, K}, f32);  // A_i: x's entries whose remainder is i
+      float* a = A.data_ptr<float>();
+      for (int64_t m = 0; m < rows; ++m)
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t e = (r0 + m) * K + k;
+          a[((gx[e] & (R - 1)) * rows + m) * K + k] = pow2f_scaled(gx[e] >> frac_bits, sx[e]);
+        }
+      auto acc = out.narrow(0, r0, rows);
+      for (int i = 0; i < R; ++i) {
+        if (i == 0)
+          at::mm_out(acc, A[i], V[i].t());
+        else
+          acc.addmm_(A[i], V[i].t());
+      }
+    }
+  });
+  return out;
 }
 
 at::Tensor lns_mm_cpu(const at::Tensor& x, const at::Tensor& x_offset, const at::Tensor& w,
@@ -114,13 +207,13 @@ at::Tensor lns_mm_cpu(const at::Tensor& x, const at::Tensor& x_offset, const at:
   TORCH_CHECK(table.scalar_type() == at::kDouble && table.numel() == (int64_t(1) << frac_bits),
               "lns_mm: table must hold 2^frac_bits float64 values");
   const int64_t M = x.size(0), N = w.size(0), K = x.size(1);
-  const LogRows lx = log_rows(x, x_offset, x_bits), lw = log_rows(w, w_offset, w_bits);
+  const LogRows lx = log_rows(x, x_offset, x_bits, int(frac_bits)), lw = log_rows(w, w_offset, w_bits, int(frac_bits));
   const auto tab = table.contiguous();
   const double* C = tab.data_ptr<double>();
   const int32_t* gx = lx.g.data_ptr<int32_t>();
   const int32_t* gw = lw.g.data_ptr<int32_t>();
-  const double* sx = lx.sign.data_ptr<double>();
-  const double* sw = lw.sign.data_ptr<double>();
+  const float* sx = lx.sign.data_ptr<float>();
+  const float* sw = lw.sign.data_ptr<float>();
   const bool* nx = lx.nan.data_ptr<bool>();
   const bool* nw = lw.nan.data_ptr<bool>();
   std::optional<at::Tensor> b32;
@@ -152,6 +245,17 @@ at::Tensor lns_mm_cpu(const at::Tensor& x, const at::Tensor& x_offset, const at:
           }
           acc = acc > T ? T : (acc < -T ? -T : acc);
           y[m * N + n] = nan_out ? nan : float(double(acc) * pow2(acc_lsb));
+        }
+    });
+  } else if (M && N && K && class_gemm_in_range(lx, lw)) {  // see Note: remainder classes
+    const auto sums = lns_mm_float_classes(lx, lw, C, F);
+    const float* s = sums.data_ptr<float>();
+    at::parallel_for(0, M, 64, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m)
+        for (int64_t n = 0; n < N; ++n) {
+          float v = s[m * N + n];
+          if (b) v = v + b[n];
+          y[m * N + n] = (nx[m] || nw[n]) ? nan : v;
         }
     });
   } else {

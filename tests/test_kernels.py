@@ -183,15 +183,16 @@ def test_lns_mm_native_vs_reference(mac, acc_lsb, M, N, K, offsets):
 
 
 def assert_mm_matches(got, want, args, what):
-    """Fixed accumulator: bit-equal. float32: both round a float64 sum of exact products once,
-    so they may differ by the float64 summation order (K 2^-53 Σ|p|) and one rounding."""
+    """Fixed accumulator: bit-equal. float32: the spec's bound, K 2^-24 Σ|p| (the reference
+    is within K 2^-53 Σ|p| and one rounding of the exact sum; see Note: remainder classes in
+    csrc/mac_cpu.cpp for why a kernel may use all of the spec's bound)."""
     if args[9]:
         assert_same(got, want, what)
         return
     assert torch.equal(torch.isnan(got), torch.isnan(want)), what
     ok = ~torch.isnan(want)
     K = args[0].shape[1]
-    bound = K * 2.0**-53 * sum_abs_products(args)[ok] + torch.finfo(torch.float32).eps * want[ok].double().abs()
+    bound = K * (2.0**-24 + 2.0**-53) * sum_abs_products(args)[ok] + torch.finfo(torch.float32).eps * want[ok].double().abs()
     if args[5] is not None:  # the bias add
         bound = bound + torch.finfo(torch.float32).eps * args[5].double().abs().expand_as(got)[ok]
     assert ((got[ok].double() - want[ok].double()).abs() <= bound + 2.0**-149).all(), what

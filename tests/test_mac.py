@@ -28,6 +28,7 @@ conftest.py); the default run covers every conversion x accumulator x granularit
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import time
@@ -42,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import sweep
+from torchlns import ops  # noqa: E402
 from torchlns import (
     LNS8,
     FP8Format,
@@ -173,6 +175,24 @@ def _expect_str(e) -> str:
     return f"[{lo!r}, {hi!r}], exact {ex}, spec tol {float(tol) if tol is not None else None!r}"
 
 
+# The tight float64 bracket is the reference's documented behaviour; the native kernels only
+# promise the spec's bound (the CPU kernel's remainder-class GEMMs sum in float32). So the
+# bracket is enforced inside ``on_reference()``, and the spec bound everywhere.
+_TIGHT = False
+
+
+@contextlib.contextmanager
+def on_reference():
+    """Run torchlns on its reference kernels and hold float32 results to the tight bracket."""
+    global _TIGHT
+    with ops.reference_kernels():
+        _TIGHT = True
+        try:
+            yield
+        finally:
+            _TIGHT = False
+
+
 def check(got: torch.Tensor, expect: np.ndarray, describe=lambda idx: "") -> None:
     assert isinstance(got, torch.Tensor) and type(got) is torch.Tensor, type(got)
     assert got.dtype == torch.float32, got.dtype
@@ -187,7 +207,9 @@ def check(got: torch.Tensor, expect: np.ndarray, describe=lambda idx: "") -> Non
             if math.isnan(lo) or math.isnan(hi):
                 ok = math.isnan(y)
             else:
-                ok = not math.isnan(y) and lo <= y <= hi
+                ok = not math.isnan(y) and (lo <= y <= hi or not _TIGHT)
+                if exact is None:  # a NaN/inf result: the bracket is all there is
+                    ok = ok and lo <= y <= hi
                 if ok and exact is not None and math.isfinite(y):
                     ok = abs(Fraction(y) - exact) <= tol
         if not ok:
@@ -547,6 +569,14 @@ def test_lns_linear_every_conversion_accumulator_granularity(conv, acc):
         fx, fw = pairs[i % len(pairs)]
         seed = 1000 * i + 17 * CONVERSIONS.index(conv) + ACCUMULATORS.index(acc)
         run_lns_linear_case(seed, fx, fw, mac, xg, wg, REGIMES[i % 3])
+
+
+@pytest.mark.parametrize("acc", [a for a in ACCUMULATORS if a[0] == "float32"], ids=lambda a: f"{a[0]}")
+@pytest.mark.parametrize("conv", CONVERSIONS, ids=lambda c: c[0] if c[0] != "lut" else f"lut{c[1]}")
+def test_reference_float32_accumulator_tight_bracket(conv, acc):
+    """The reference keeps its documented promise: float64 sums of exact products, rounded once."""
+    with on_reference():
+        test_lns_linear_every_conversion_accumulator_granularity(conv, acc)
 
 
 LNS_LINEAR_SPACE = list(itertools.product(LNS_FORMAT_PAIRS, range(len(CONVERSIONS)), range(len(ACCUMULATORS)),
