@@ -144,11 +144,19 @@ bool class_gemm_in_range(const LogRows& lx, const LogRows& lw) {
          lx.q_hi + lw.q_hi + 2 <= 127;
 }
 
-inline float pow2f_scaled(int32_t q, float sign) {  // sign * 2^q as float32, q in [-126, 127]
+TORCHLNS_INLINE float pow2f_scaled(int32_t q, float sign) {  // sign * 2^q as float32, q in [-126, 127]
   const uint32_t u = uint32_t(q + 127) << 23;
   float f;
   std::memcpy(&f, &u, 4);
   return sign * f;
+}
+
+TORCHLNS_MULTIVERSION
+void fill_class_plane(float* __restrict plane, const int32_t* __restrict g, const float* __restrict sign, int64_t n,
+                      int cls, int frac_bits) {
+  const int32_t mask = (1 << frac_bits) - 1;
+  for (int64_t e = 0; e < n; ++e)
+    plane[e] = (g[e] & mask) == cls ? pow2f_scaled(g[e] >> frac_bits, sign[e]) : 0.0f;
 }
 
 at::Tensor lns_mm_float_classes(const LogRows& lx, const LogRows& lw, const double* C, int frac_bits) {
@@ -180,13 +188,13 @@ at::Tensor lns_mm_float_classes(const LogRows& lx, const LogRows& lw, const doub
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * block_rows, rows = std::min(block_rows, M - r0);
-      auto A = at::zeros({R, rows, K}, f32);  // A_i: x's entries whose remainder is i
+      // A_i: x's entries whose remainder is i, zero elsewhere. One sequential pass per plane
+      // (no separate zero fill: the planes are (2^F - 1)/2^F zeros).
+      auto A = at::empty({R, rows, K}, f32);
       float* a = A.data_ptr<float>();
-      for (int64_t m = 0; m < rows; ++m)
-        for (int64_t k = 0; k < K; ++k) {
-          const int64_t e = (r0 + m) * K + k;
-          a[((gx[e] & (R - 1)) * rows + m) * K + k] = pow2f_scaled(gx[e] >> frac_bits, sx[e]);
-        }
+      const int32_t* gb = gx + r0 * K;
+      const float* sb = sx + r0 * K;
+      for (int i = 0; i < R; ++i) fill_class_plane(a + int64_t(i) * rows * K, gb, sb, rows * K, i, frac_bits);
       auto acc = out.narrow(0, r0, rows);
       for (int i = 0; i < R; ++i) {
         if (i == 0)
