@@ -1,15 +1,16 @@
 // CPU kernel of torchlns::lns_mm, the core of lns_linear / lns_conv (spec section 2).
 //
-// Direct form: each product is formed from its log sum G = g_x + g_w and converted with
-// the table C[r] (float64, exact; see Note: reference MAC arithmetic in torchlns/mac.py).
-// 2^q is built from its bit pattern, so C[r] * 2^q is an exact double for every q the
-// valid offsets allow.
+// float32 accumulator: 2^F matrix products of exactly representable operands (see Note:
+// remainder classes below), or, when some product could leave float32's normal range, the
+// direct form. fixed accumulator: always the direct form, since each product is truncated
+// before the sum. The direct form builds each product from its log sum G = g_x + g_w with
+// the table C[r] (float64, exact; see Note: reference MAC arithmetic in torchlns/mac.py);
+// 2^q comes from its bit pattern, so C[r] * 2^q is an exact double.
 //
-// Determinism: every output is summed by one thread, in a fixed order (LANES interleaved
-// partial sums over k, then the lanes in order), so the bits never depend on the thread
-// count. The float32 accumulator sums exact products in double and rounds once, which is
-// well inside the spec bound; the fixed accumulator is exact, so it matches the
-// reference bit for bit.
+// Determinism: every output is summed by one thread in a fixed order (direct form: LANES
+// interleaved partial sums over k, then the lanes in order; class form: fixed row blocks),
+// so the bits never depend on the thread count. The fixed accumulator is exact, so it
+// matches the reference bit for bit; float32 results stay within the spec's bound.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
