@@ -55,7 +55,9 @@ def random_floats(n: int, seed: int = 0) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------
 def test_cpu_kernels_are_registered():
     for name in ops.SCHEMAS:
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"torchlns::{name}", "CPU"), name
+        key = "CompositeExplicitAutograd" if name in ops.COMPOSITE else "CPU"
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"torchlns::{name}", key), name
+    assert ops.COMPOSITE < set(ops.SCHEMAS)
 
 
 @pytest.mark.parametrize("fmt", LNS_FORMATS, ids=str)
@@ -255,6 +257,13 @@ def opcheck_samples():
     for mac, lsb in [(MACConfig(), None), (MACConfig.chip(), -16)]:
         yield "lns_mm", mm_args(mm_case(3, 4, 9, fmt), fmt, mac, lsb)
         yield "lns_mm", mm_args(mm_case(3, 4, 9, fmt), fmt, mac, lsb, with_bias=False)
+        table = _tables.conversion_tensor_f64(3, mac.conversion, mac.lut_bits, torch.device("cpu"))
+        xc = OPS.lns_encode(torch.randn(2, 4, 7, 6), off.reshape(1, 1, 1, 1), thr, 8, 3, False)
+        wc = OPS.lns_encode(torch.randn(6, 2, 3, 3), off.reshape(1, 1, 1, 1), thr, 8, 3, False)
+        w_off = torch.randint(-110, -90, (6, 1, 1, 1), dtype=torch.int32)
+        fixed = mac.accumulator == "fixed"
+        yield "lns_conv", (xc, off.reshape(1, 1, 1, 1), wc, w_off, table, torch.randn(6), 8, 8, 3, fixed, 32,
+                           lsb or 0, [1, 2], [1, 0], [1, 1], [1, 1], 2)
 
 
 @pytest.mark.parametrize("name,args", list(opcheck_samples()), ids=lambda v: v if isinstance(v, str) else "")

@@ -174,13 +174,8 @@ def lns_mm_reference(x: torch.Tensor, x_offset: torch.Tensor, w: torch.Tensor, w
 
 
 def _lns_mac(x: _Matrix, w: _Matrix, bias, mac: MACConfig, acc_lsb) -> torch.Tensor:
-    K = x.codes.shape[1]
+    _check_reduction(x.codes.shape[1], mac)
     fixed = mac.accumulator == "fixed"
-    if fixed and K * 2 ** (mac.acc_bits - 1) >= 2**63:
-        raise ValueError(
-            f"accumulator overflow: K={K} products of up to 2^{mac.acc_bits - 1} need K*2^{mac.acc_bits - 1} < 2^63 "
-            f"for an exact int64 sum; split the reduction or use fewer acc_bits"
-        )
     F = x.fmt.frac_bits
     table = _tables.conversion_tensor_f64(F, mac.conversion, mac.lut_bits, x.codes.device)
     return torch.ops.torchlns.lns_mm(
@@ -391,6 +386,47 @@ def _im2col(t: torch.Tensor, idx: torch.Tensor, pad_value) -> torch.Tensor:
     return cols.permute(0, 3, 1, 2).reshape(N * idx.shape[1], C * idx.shape[0])
 
 
+def lns_conv_reference(x: torch.Tensor, x_offset: torch.Tensor, w: torch.Tensor, w_offset: torch.Tensor,
+                       table: torch.Tensor, bias: Optional[torch.Tensor], x_bits: int, w_bits: int, frac_bits: int,
+                       fixed: bool, acc_bits: int, acc_lsb: int, stride: Sequence[int], pad_before: Sequence[int],
+                       pad_after: Sequence[int], dilation: Sequence[int], groups: int) -> torch.Tensor:
+    """``torchlns::lns_conv``: (N, C, H, W) codes * (Cout, C/groups, kh, kw) codes -> float32.
+
+    im2col of the codes (padding is the zero code) and of the offsets, then ``lns_mm`` per
+    group, so every backend's MAC kernel does the arithmetic. Offsets broadcast against their
+    codes.
+    """
+    N, C, H, W = x.shape
+    Cout, Cin_g, kh, kw = w.shape
+    idx, Ho, Wo = _im2col_index(H, W, (kh, kw), stride, list(zip(pad_before, pad_after)), dilation, x.device)
+    Kg = Cin_g * idx.shape[0]
+    cols = _im2col(x, idx, 0)
+    col_off = x_offset.reshape(1, 1) if x_offset.numel() == 1 else _im2col(x_offset.expand(x.shape), idx, 0)
+    w2 = w.reshape(Cout, Kg)
+    if w_offset[0].numel() == 1:  # per tensor or per output channel
+        w_off = w_offset.reshape(w_offset.shape[0], 1)
+    else:
+        w_off = w_offset.expand(w.shape).reshape(Cout, Kg)
+    outs = []
+    Cout_g = Cout // groups
+    for gi in range(groups):
+        ks, os_ = slice(gi * Kg, (gi + 1) * Kg), slice(gi * Cout_g, (gi + 1) * Cout_g)
+        outs.append(torch.ops.torchlns.lns_mm(
+            cols[:, ks], col_off[:, ks] if col_off.shape[1] > 1 else col_off, w2[os_],
+            w_off[os_] if w_off.shape[0] > 1 else w_off, table, None if bias is None else bias[os_],
+            x_bits, w_bits, frac_bits, fixed, acc_bits, acc_lsb))
+    # Contiguous, as the fake kernel promises (strides are part of an op's contract).
+    return torch.cat(outs, dim=1).reshape(N, Ho * Wo, Cout).permute(0, 2, 1).reshape(N, Cout, Ho, Wo).contiguous()
+
+
+def _check_reduction(K: int, mac: MACConfig) -> None:
+    if mac.accumulator == "fixed" and K * 2 ** (mac.acc_bits - 1) >= 2**63:
+        raise ValueError(
+            f"accumulator overflow: K={K} products of up to 2^{mac.acc_bits - 1} need K*2^{mac.acc_bits - 1} < 2^63 "
+            f"for an exact int64 sum; split the reduction or use fewer acc_bits"
+        )
+
+
 def _conv(x, w, bias, stride, padding, dilation, groups, mac, acc_lsb, x_block_size, fmt, n: int, name: str):
     px, pw, fmt = _resolve_formats(x, w, fmt)
     if pw is None:
@@ -427,22 +463,56 @@ def _conv(x, w, bias, stride, padding, dilation, groups, mac, acc_lsb, x_block_s
     idx, Ho, Wo = _im2col_index(H, W, kernel, stride_, pads, dilation_, xt.device)
     taps = idx.shape[0]
     Kg = Cin_g * taps
-    if px is not None:
-        xc, fx, xp, xax, xbs = px
-        cols_codes = _im2col(xt4, idx, 0)
-        xparam_full = expand_param(xp, xax, xbs, xc.shape[xax] if xax is not None else 0).expand(xc.shape)
-        if xp.numel() == 1:
-            cols_param = xp.reshape(1, 1)
-        elif isinstance(fx, LNSFormat):  # any offset layout: gather one offset per column entry
-            cols_param = _im2col(as4d(xparam_full), idx, 0)
-        else:
-            raise ValueError(f"{fx} activations of a convolution take a per-tensor scale, or x_block_size for dynamic blocks")
+    if px is not None and isinstance(px[1], LNSFormat):
+        y = _lns_conv_op(px, pw, xt4, as4d, bias, mac, acc_lsb, stride_, pads, dilation_, groups, Kg, n)
     else:
-        fx = fmt
-        cols_float = _im2col(as4d(xt), idx, 0.0)
+        y = _scaled_or_dynamic_conv(px, pw, fmt, xt4, idx, bias, mac, acc_lsb, x_block_size, groups, Kg, taps, Ho, Wo)
+    if n == 1:
+        y = y.squeeze(2)
+    if needs_grad(x, w, bias):  # see Note: straight-through estimator in autograd.py
+        # Dynamic per-block activations are encoded per receptive field, so an input element
+        # has no single dequantized value: the backward then uses the float input.
+        x_deq = _dequantize(px) if px is not None else _as_float32(x).detach()
+        w_deq = _dequantize(pw)
+        batch = (lambda t: t.unsqueeze(0)) if unbatched else (lambda t: t)  # noqa: E731
+        y = ste_conv(y, batch(x_deq), w_deq, batch(_grad_source(x, x_deq)), _grad_source(w, w_deq), bias,
+                     layer_geometry[0], layer_geometry[1], layer_geometry[2], groups)
+    return y.squeeze(0) if unbatched else y
+
+
+def _lns_conv_op(px, pw, xt4, as4d, bias, mac, acc_lsb, stride, pads, dilation, groups, Kg, n):
+    """Coded LNS input: one torchlns::lns_conv call (see lns_conv_reference)."""
+    xc, fx, xp, xax, xbs = px
+    wc, fw, wp, wax, wbs = pw
     _check_pair(fx, fw)
     _check_mac(mac, acc_lsb, fx)
-    b = _check_bias(bias, Cout, xt.device)
+    _check_reduction(Kg, mac)
+    b = _check_bias(bias, wc.shape[0], xc.device)
+    x_off = as4d(expand_param(xp, xax, xbs, xc.shape[xax] if xax is not None else 0)).to(torch.int32)
+    w_off = expand_param(wp, wax, wbs, wc.shape[wax] if wax is not None else 0).to(torch.int32)
+    w4 = wc.unsqueeze(2) if n == 1 else wc
+    w_off = w_off.unsqueeze(2) if n == 1 else w_off
+    fixed = mac.accumulator == "fixed"
+    table = _tables.conversion_tensor_f64(fx.frac_bits, mac.conversion, mac.lut_bits, xc.device)
+    return torch.ops.torchlns.lns_conv(
+        xt4, x_off, w4, w_off, table, b, fx.bits, fw.bits, fx.frac_bits, fixed, mac.acc_bits,
+        acc_lsb if fixed else 0, list(stride), [p[0] for p in pads], [p[1] for p in pads], list(dilation), groups)
+
+
+def _scaled_or_dynamic_conv(px, pw, fmt, xt4, idx, bias, mac, acc_lsb, x_block_size, groups, Kg, taps, Ho, Wo):
+    """FP8/INT convolutions, and LNS with dynamic per-block activations (encoded per field)."""
+    wc, fw, wp, wax, wbs = pw
+    Cout, Nb = wc.shape[0], xt4.shape[0]
+    if px is not None:
+        fx, xp = px[1], px[2]
+        if xp.numel() != 1:
+            raise ValueError(f"{fx} activations of a convolution take a per-tensor scale, or x_block_size for dynamic blocks")
+        cols_codes, cols_param = _im2col(xt4, idx, 0), xp.reshape(1, 1)
+    else:
+        fx, cols_float = fmt, _im2col(xt4, idx, 0.0)
+    _check_pair(fx, fw)
+    _check_mac(mac, acc_lsb, fx)
+    b = _check_bias(bias, Cout, xt4.device)
     wflat_codes = wc.reshape(Cout, Kg)
     wparam = expand_param(wp, wax, wbs, wc.shape[wax] if wax is not None else 0)
     w_block = None
@@ -457,26 +527,14 @@ def _conv(x, w, bias, stride, padding, dilation, groups, mac, acc_lsb, x_block_s
     for gi in range(groups):
         ks, os_ = slice(gi * Kg, (gi + 1) * Kg), slice(gi * Cout_g, (gi + 1) * Cout_g)
         if px is not None:
-            xm = _Matrix(cols_codes[:, ks], fx, cols_param[:, ks] if cols_param.shape[1] > 1 else cols_param, None)
+            xm = _Matrix(cols_codes[:, ks], fx, cols_param, None)
         else:
             codes, _, p, _, bs = _encode_operand(cols_float[:, ks], fmt, "x", x_block_size)
             xm = _Matrix(codes, fmt, p, bs)
         wm_param = wparam[os_] if wparam.shape[0] > 1 else wparam
         wm = _Matrix(wflat_codes[os_], fw, wm_param, w_block)
         outs.append(_mac(xm, wm, b[os_] if b is not None else None, mac, acc_lsb))
-    y = torch.cat(outs, dim=1).reshape(Nb, Ho * Wo, Cout).permute(0, 2, 1).reshape(Nb, Cout, Ho, Wo)
-    if n == 1:
-        y = y.squeeze(2)
-    if needs_grad(x, w, bias):  # see Note: straight-through estimator in autograd.py
-        # Dynamic per-block activations are encoded per receptive field, so an input element
-        # has no single dequantized value: the backward then uses the float input.
-        x_deq = _dequantize(px) if px is not None else _as_float32(x).detach()
-        w_deq = _dequantize(pw)
-        batch = (lambda t: t.unsqueeze(0)) if unbatched else (lambda t: t)  # noqa: E731
-        y = ste_conv(y, batch(x_deq), w_deq, batch(_grad_source(x, x_deq)), _grad_source(w, w_deq), bias,
-                     layer_geometry[0], layer_geometry[1], layer_geometry[2], groups)
-        return y.squeeze(0) if unbatched else y
-    return y.squeeze(0) if unbatched else y
+    return torch.cat(outs, dim=1).reshape(Nb, Ho * Wo, Cout).permute(0, 2, 1).reshape(Nb, Cout, Ho, Wo)
 
 
 def lns_conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1, mac: MACConfig = IDEAL_MAC, *,

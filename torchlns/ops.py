@@ -30,7 +30,7 @@ from .codec import (
     lns_decode_reference,
     lns_encode_reference,
 )
-from .mac import lns_mm_reference
+from .mac import lns_conv_reference, lns_mm_reference
 
 _lib = torch.library.Library("torchlns", "DEF")
 
@@ -45,7 +45,16 @@ SCHEMAS = {
         "lns_mm(Tensor x, Tensor x_offset, Tensor w, Tensor w_offset, Tensor table, Tensor? bias, int x_bits, "
         "int w_bits, int frac_bits, bool fixed, int acc_bits, int acc_lsb) -> Tensor"
     ),
+    # im2col + lns_mm per group: its arithmetic is lns_mm's kernel on each backend.
+    "lns_conv": (
+        "lns_conv(Tensor x, Tensor x_offset, Tensor w, Tensor w_offset, Tensor table, Tensor? bias, int x_bits, "
+        "int w_bits, int frac_bits, bool fixed, int acc_bits, int acc_lsb, int[] stride, int[] pad_before, "
+        "int[] pad_after, int[] dilation, int groups) -> Tensor"
+    ),
 }
+# Ops whose body is other torchlns ops on every backend: they need no kernel of their own.
+COMPOSITE = {"lns_conv"}
+
 REFERENCE = {
     "lns_encode": lns_encode_reference,
     "lns_decode": lns_decode_reference,
@@ -54,6 +63,7 @@ REFERENCE = {
     "int_encode": int_encode_reference,
     "int_decode": int_decode_reference,
     "lns_mm": lns_mm_reference,
+    "lns_conv": lns_conv_reference,
 }
 
 for _name, _schema in SCHEMAS.items():
@@ -93,6 +103,15 @@ def _(x, scale, qmax, bits):
 @torch.library.register_fake("torchlns::int_decode")
 def _(codes, scale):
     return codes.new_empty(_shape_of(codes, scale), dtype=torch.float32)
+
+
+@torch.library.register_fake("torchlns::lns_conv")
+def _(x, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits, acc_lsb, stride, pad_before,
+      pad_after, dilation, groups):
+    torch._check(x.dim() == 4 and w.dim() == 4, lambda: "lns_conv takes (N, C, H, W) and (Cout, C/groups, kh, kw) codes")
+    sizes = [(x.shape[2 + d] + pad_before[d] + pad_after[d] - dilation[d] * (w.shape[2 + d] - 1) - 1) // stride[d] + 1
+             for d in range(2)]
+    return x.new_empty((x.shape[0], w.shape[0], *sizes), dtype=torch.float32)
 
 
 @torch.library.register_fake("torchlns::lns_mm")
