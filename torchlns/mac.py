@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 
 from . import _tables
 from .autograd import needs_grad, ste_conv, ste_linear
@@ -417,6 +418,51 @@ def lns_conv_reference(x: torch.Tensor, x_offset: torch.Tensor, w: torch.Tensor,
             x_bits, w_bits, frac_bits, fixed, acc_bits, acc_lsb))
     # Contiguous, as the fake kernel promises (strides are part of an op's contract).
     return torch.cat(outs, dim=1).reshape(N, Ho * Wo, Cout).permute(0, 2, 1).reshape(N, Cout, Ho, Wo).contiguous()
+
+
+def lns_conv_cpu(x, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits, acc_lsb, stride,
+                 pad_before, pad_after, dilation, groups):
+    """CPU kernel of ``torchlns::lns_conv``: for the float32 accumulator, the remainder
+    classes (see Note: remainder classes in csrc/mac_cpu.cpp) applied before im2col,
+    ``y = sum_i conv2d(A_i, V_i)``, with oneDNN's direct convolution on exactly representable
+    operands; otherwise im2col and the lns_mm kernel (lns_conv_reference).
+    """
+    args = (x, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits, acc_lsb, stride,
+            pad_before, pad_after, dilation, groups)
+    if fixed or list(pad_before) != list(pad_after) or not x.numel() or not w.numel():
+        return lns_conv_reference(*args)
+    R = 1 << frac_bits
+    gx, nx, zx, nanx = _log_fields(x, x_offset, x_bits)
+    gw, nw, zw, nanw = _log_fields(w, w_offset, w_bits)
+    qx, qw = gx >> frac_bits, gw >> frac_bits
+    # Range of q over the nonzero codes (zero codes count as q = 0, which is always in range).
+    x_lo, x_hi = torch.where(zx, 0, qx).aminmax()
+    w_lo, w_hi = torch.where(zw, 0, qw).aminmax()
+    x_lo, x_hi, w_lo, w_hi = x_lo.item(), x_hi.item(), w_lo.item(), w_hi.item()
+    # C_ext < 4: V entries need qw + 2 <= 127, products qx + qw + 2 <= 127; all >= -126.
+    if not (x_lo >= -126 and x_hi <= 127 and w_lo >= -126 and w_hi + 2 <= 127 and x_lo + w_lo >= -126
+            and x_hi + w_hi + 2 <= 127):
+        return lns_conv_reference(*args)
+    f32 = torch.float32
+    c_ext = torch.cat([table, 2 * table]).to(f32)
+    px = torch.where(zx, 0.0, torch.where(nx, -1.0, 1.0)).to(f32) * _exp2_f64(qx).to(f32)
+    pw = torch.where(zw, 0.0, torch.where(nw, -1.0, 1.0)).to(f32) * _exp2_f64(qw).to(f32)
+    rx, rw = gx & (R - 1), (gw & (R - 1)).long()
+    y = None
+    for i in range(R):  # a fixed class order and layout: the same bits at any thread count or layout
+        plane = torch.where(rx == i, px, 0.0).contiguous()
+        part = F.conv2d(plane, (pw * c_ext[rw + i]).contiguous(), None, stride, list(pad_before), dilation, groups)
+        y = part if y is None else y + part
+    if bias is not None:
+        y = y + bias.to(f32)[None, :, None, None]
+    # NaN dominates its dot products: every output whose field holds a NaN input, and every
+    # output channel whose weights hold one.
+    if bool(nanx.any()):
+        ones = torch.ones(w.shape[0], w.shape[1], *w.shape[2:], dtype=f32, device=x.device)
+        hit = F.conv2d(nanx.to(f32), ones, None, stride, list(pad_before), dilation, groups) > 0
+        y = y.masked_fill(hit, math.nan)
+    nan_w = nanw.reshape(w.shape[0], -1).any(1)
+    return y.masked_fill(nan_w[None, :, None, None], math.nan).contiguous()
 
 
 def _check_reduction(K: int, mac: MACConfig) -> None:

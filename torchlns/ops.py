@@ -30,7 +30,7 @@ from .codec import (
     lns_decode_reference,
     lns_encode_reference,
 )
-from .mac import lns_conv_reference, lns_mm_reference
+from .mac import lns_conv_cpu, lns_conv_reference, lns_mm_reference
 
 _lib = torch.library.Library("torchlns", "DEF")
 
@@ -52,7 +52,7 @@ SCHEMAS = {
         "int[] pad_after, int[] dilation, int groups) -> Tensor"
     ),
 }
-# Ops whose body is other torchlns ops on every backend: they need no kernel of their own.
+# Ops whose body on some backends is other torchlns ops (lns_conv: im2col + lns_mm).
 COMPOSITE = {"lns_conv"}
 
 REFERENCE = {
@@ -69,6 +69,8 @@ REFERENCE = {
 for _name, _schema in SCHEMAS.items():
     _lib.define(_schema)
     _lib.impl(_name, REFERENCE[_name], "CompositeExplicitAutograd")
+# lns_conv's CPU kernel is made of torch ops (oneDNN convolutions on exact operands).
+_lib.impl("lns_conv", lns_conv_cpu, "CPU")
 
 
 def _shape_of(data: torch.Tensor, *params: torch.Tensor) -> torch.Size:
