@@ -118,9 +118,10 @@ TORCHLNS_INLINE int32_t lns_encode_one(float x, int32_t off, const LnsEncodePara
   const int32_t frac = int32_t(nrm & kMantMask);
   int32_t step;
   if (kMitchell) {  // rne(f * 2^F); may carry into the next octave
+    // Round half to even without comparisons (they stop GCC's vectorizer here): add half-1,
+    // plus 1 when the kept part is odd, then shift.
     const int shift = 23 - p.frac_bits;
-    const int32_t kept = frac >> shift, rem = frac & ((1 << shift) - 1), half = 1 << (shift - 1);
-    step = kept + int32_t((rem > half) | ((rem == half) & ((kept & 1) != 0)));
+    step = (frac + ((1 << (shift - 1)) - 1) + ((frac >> shift) & 1)) >> shift;
   } else if (kF >= 0) {  // #{i : frac >= c_i}, counted directly
     step = 0;
     for (int i = 0; i < (1 << (kF < 0 ? 0 : kF)); ++i) step += int32_t(frac >= p.thresholds[i]);
