@@ -118,9 +118,11 @@ int64_t dot_fixed(const int32_t* gx, const float* sx, const int32_t* gw, const f
   const int32_t r_mask = (1 << frac_bits) - 1;
   for (int64_t k = 0; k < K; ++k) {
     const int32_t G = gx[k] + gw[k];
-    double p = std::floor(table[G & r_mask] * pow2(int64_t(G >> frac_bits) - acc_lsb));
-    p = p < T ? p : T;
-    acc += int64_t(double(sx[k] * sw[k]) * p);
+    // The magnitude is >= 0, so clamping to T (an integer) first and then truncating to int64
+    // is exactly min(floor(v), T), and the conversion cannot overflow. GCC vectorizes this
+    // form; it does not vectorize std::floor (which may raise FE_INEXACT) or a ?: clamp.
+    const double v = std::min(table[G & r_mask] * pow2(int64_t(G >> frac_bits) - acc_lsb), T);
+    acc += int64_t(sx[k] * sw[k]) * int64_t(v);
   }
   return acc;
 }
