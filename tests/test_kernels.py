@@ -80,7 +80,6 @@ def test_lns_encode_decode_native_equals_reference(fmt):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_layouts_odd_shapes_and_broadcast_parameters(shape):
-    fmt = torchlns.LNS8
     thr, dbits = _tables.thresholds_tensor(3, "cpu"), _tables.decode_bits_tensor(3, "cpu")
     x = torch.randn(*shape) * 100
     layouts = {"contiguous": x, "transposed": x.t() if x.dim() == 2 else x, "strided": x[..., ::2]}
@@ -292,7 +291,6 @@ def test_reference_kernels_context_swaps_and_restores():
     run = lambda: torchlns.lns_linear(x, w, mac=MACConfig.chip(), acc_lsb=-20)  # noqa: E731
     native = run()
     with ops.reference_kernels():
-        assert "reference" not in str(torch._C._dispatch_dump("torchlns::lns_mm")) or True
         assert_same(run(), native, "reference inside the context")
     assert torch._C._dispatch_has_kernel_for_dispatch_key("torchlns::lns_mm", "CPU")
     assert "mac_cpu.cpp" in torch._C._dispatch_dump("torchlns::lns_mm")  # the C++ kernel is back

@@ -13,6 +13,7 @@ may be shorter). ``expand_param`` turns that compact form into one that broadcas
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Union
 
@@ -259,8 +260,6 @@ def _fp8_table_values(fmt: FP8Format) -> list:
         out.append(-v if s else v)
     return out
 
-
-import functools  # noqa: E402
 
 
 @torch.compiler.assume_constant_result

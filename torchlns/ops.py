@@ -45,16 +45,13 @@ SCHEMAS = {
         "lns_mm(Tensor x, Tensor x_offset, Tensor w, Tensor w_offset, Tensor table, Tensor? bias, int x_bits, "
         "int w_bits, int frac_bits, bool fixed, int acc_bits, int acc_lsb) -> Tensor"
     ),
-    # im2col + lns_mm per group: its arithmetic is lns_mm's kernel on each backend.
+    # Reference and CUDA: im2col + lns_mm per group; CPU: remainder-class convolutions.
     "lns_conv": (
         "lns_conv(Tensor x, Tensor x_offset, Tensor w, Tensor w_offset, Tensor table, Tensor? bias, int x_bits, "
         "int w_bits, int frac_bits, bool fixed, int acc_bits, int acc_lsb, int[] stride, int[] pad_before, "
         "int[] pad_after, int[] dilation, int groups) -> Tensor"
     ),
 }
-# Ops whose body on some backends is other torchlns ops (lns_conv: im2col + lns_mm).
-COMPOSITE = {"lns_conv"}
-
 REFERENCE = {
     "lns_encode": lns_encode_reference,
     "lns_decode": lns_decode_reference,

@@ -11,12 +11,10 @@ naming it, so that nothing silently computes on codes.
 
 from __future__ import annotations
 
-import functools
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.utils._pytree import tree_map
 
 from .codec import _check_block_size, _norm_axis, calibrate, decode, encode, expand_param, _as_offset, _as_scale
 from .formats import FP8Format, Format, IntFormat, LNSFormat
