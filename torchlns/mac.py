@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -253,13 +253,30 @@ def _mac(x: _Matrix, w: _Matrix, bias, mac: MACConfig, acc_lsb) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------
 # operands
 # ----------------------------------------------------------------------------------------
+class CodedParts(NamedTuple):
+    """A coded operand as plain parts: what a ``CodedTensor`` holds, without the subclass.
+
+    Layers pass these instead of building a tensor subclass inside ``forward``:
+    torch.compile cannot trace the construction of a subclass whose metadata (the format)
+    is created in the graph.
+    """
+
+    codes: torch.Tensor
+    fmt: Format
+    param: torch.Tensor
+    block_axis: Optional[int] = None
+    block_size: Optional[int] = None
+
+
 def _coded_parts(t):
     """(codes, fmt, compact param, block axis, block size) of a coded tensor."""
     from .tensor import CodedTensor
 
+    if isinstance(t, CodedParts):
+        return t
     if isinstance(t, CodedTensor):
         axis, size = t.block if t.block else (None, None)
-        return t.codes, t.fmt, t.param, axis, size
+        return CodedParts(t.codes, t.fmt, t.param, axis, size)
     return None
 
 

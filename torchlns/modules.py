@@ -33,9 +33,10 @@ import torch
 import torch.nn as nn
 
 from . import mac as _mac
+from .mac import CodedParts
 from .autograd import needs_grad, ste_conv, ste_linear
 from .cluster import ClusteredConv2d
-from .codec import encode
+from .codec import calibrate, encode, expand_param
 from .formats import IDEAL_MAC, Format, LNSFormat, MACConfig
 from .tensor import CodedTensor, _format_from_tuple, _format_to_tuple
 
@@ -86,18 +87,18 @@ class _CodedLayer(nn.Module):
         self._warned_frozen = False
 
     # -- weights ---------------------------------------------------------------------------
-    def _encode_weight(self, w: torch.Tensor) -> CodedTensor:
+    def _encode_weight(self, w: torch.Tensor) -> CodedParts:
         return _encode_weight(w, self.fmt, self.weight_granularity, self.weight_block_size, self._weight_axis)
 
     def _master(self) -> Optional[torch.Tensor]:
         """The float weight that receives gradients in training (None: weight is frozen)."""
         return self.weight_float
 
-    def _coded_weight(self) -> CodedTensor:
+    def _coded_weight(self) -> CodedParts:
         master = self._master()
         if self.training and master is not None:
             return self._encode_weight(master.detach())
-        return self.weight
+        return _mac._coded_parts(self.weight)
 
     def enable_qat(self) -> "_CodedLayer":
         """Give the layer a float master weight, starting from the dequantized codes."""
@@ -110,7 +111,7 @@ class _CodedLayer(nn.Module):
         """Re-encode the float master (if any) into the stored codes."""
         master = self._master()
         if master is not None:
-            self.weight = self._encode_weight(master.detach())
+            self.weight = _as_tensor(self._encode_weight(master.detach()))
         return self
 
     def train(self, mode: bool = True):
@@ -120,13 +121,13 @@ class _CodedLayer(nn.Module):
         return self
 
     # -- forward ---------------------------------------------------------------------------
-    def _encode_input(self, x: torch.Tensor) -> Optional[CodedTensor]:
+    def _encode_input(self, x: torch.Tensor) -> Optional[CodedParts]:
         if isinstance(x, CodedTensor):
             raise TypeError(f"{type(self).__name__} takes float activations (the chip encodes each layer's input)")
         if self.input_param is None:
             return None
         p = self.input_param.reshape([1] * x.dim())
-        return CodedTensor._make(encode(x, self.fmt, p), p, self.fmt)
+        return CodedParts(encode(x, self.fmt, p), self.fmt, p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xq = self._encode_input(x)
@@ -140,8 +141,8 @@ class _CodedLayer(nn.Module):
                 self._warned_frozen = True
                 warnings.warn(f"{type(self).__name__} has no float master weight, so only its bias and input train; "
                               "convert with qat=True or call enable_qat() to train the weight", stacklevel=2)
-            w_deq = w.dequantize()
-            x_deq = x.detach() if xq is None else xq.dequantize()
+            w_deq = _mac._dequantize(w)
+            x_deq = x.detach() if xq is None else _mac._dequantize(xq)
             y = self._ste(y, x_deq, w_deq, x, w_deq if master is None else master, self.bias)
         return y
 
@@ -205,8 +206,8 @@ class _CodedLayer(nn.Module):
     @classmethod
     def _from_config(cls, float_module, weight: torch.Tensor, config, input_param, acc_lsb, qat_master, **geometry):
         config, mac, kw = _layer_settings(cls, config, input_param, acc_lsb)
-        coded = _encode_weight(weight.detach().float(), config.fmt, config.weight_granularity,
-                               config.weight_block_size, cls._weight_axis)
+        coded = _as_tensor(_encode_weight(weight.detach().float(), config.fmt, config.weight_granularity,
+                                          config.weight_block_size, cls._weight_axis))
         m = cls(coded, float_module.bias, mac, weight_granularity=config.weight_granularity,
                 weight_block_size=config.weight_block_size, **kw, **geometry)
         if qat_master:
@@ -236,10 +237,20 @@ def _layer_settings(cls, config, input_param, acc_lsb):
     return config, config.mac if isinstance(fmt, LNSFormat) else IDEAL_MAC, kw
 
 
-def _encode_weight(w: torch.Tensor, fmt: Format, granularity: str, block_size: Optional[int], axis: int):
+def _encode_weight(w: torch.Tensor, fmt: Format, granularity: str, block_size: Optional[int], axis: int) -> CodedParts:
+    """Weight parameters from max|w| (spec section 3's default), and the codes."""
     if granularity == "block":
-        return CodedTensor.from_float(w, fmt, granularity="block", axis=axis, block_size=block_size)
-    return CodedTensor.from_float(w, fmt, granularity=granularity)
+        axis = axis % w.dim()
+        param = calibrate(w, fmt, "block", axis=axis, block_size=block_size)
+        return CodedParts(encode(w, fmt, expand_param(param, axis, block_size, w.shape[axis])), fmt, param, axis,
+                          block_size)
+    param = calibrate(w, fmt, granularity, axis=0 if granularity == "channel" else None)
+    return CodedParts(encode(w, fmt, param), fmt, param)
+
+
+def _as_tensor(parts: CodedParts) -> CodedTensor:
+    block = None if parts.block_axis is None else (parts.block_axis, parts.block_size)
+    return CodedTensor._make(parts.codes, parts.param, parts.fmt, block)
 
 
 class LNSLinear(_CodedLayer):
@@ -410,9 +421,10 @@ class LNSClusteredConv2d(_LNSConvNd):
     @property
     def weight(self) -> CodedTensor:
         """The (out, in/groups, kh, kw) LNS weight the chip forms from the stored fields."""
-        return self._assemble(self.centroids, self.kernel_scales)
+        return _as_tensor(self._assemble(self.centroids, self.kernel_scales))
 
-    def _assemble(self, centroids: CodedTensor, kernel_scales: CodedTensor) -> CodedTensor:
+    def _assemble(self, centroids, kernel_scales) -> CodedParts:
+        """Weight codes and per-kernel offsets from coded centroids and scales (tensors or parts)."""
         bits, sbits = self.fmt.bits, kernel_scales.fmt.bits
         c = centroids.codes.to(torch.int32)[self.indices]  # (out, in/g, kh, kw)
         s = kernel_scales.codes.to(torch.int32) & ((1 << sbits) - 1)
@@ -421,8 +433,7 @@ class LNSClusteredConv2d(_LNSConvNd):
         c = torch.where((c & ((1 << (bits - 1)) - 1)) != 0, c ^ flip, c)  # zero codes keep their sign (not NaN)
         c = torch.where(s_mag[..., None, None] == 0, 0, c)  # a zero scale zeroes the kernel
         offset = (centroids.param.reshape(()) + kernel_scales.param.reshape(()) + s_mag)[..., None, None]
-        codes = c.to(centroids.codes.dtype)
-        return CodedTensor._make(codes, offset.to(torch.int32), self.fmt)
+        return CodedParts(c.to(centroids.codes.dtype), self.fmt, offset.to(torch.int32))
 
     # -- QAT: the masters are float centroids and scales ----------------------------------
     def _master(self) -> Optional[torch.Tensor]:
@@ -431,15 +442,16 @@ class LNSClusteredConv2d(_LNSConvNd):
         return self.scales_float[..., None, None] * self.centroids_float[self.indices]
 
     def _encode_masters(self):
-        centroids = CodedTensor.from_float(self.centroids_float.detach(), self.fmt)
-        scales = CodedTensor.from_float(self.scales_float.detach(), self.kernel_scales.fmt)
-        self._check_offsets(centroids, scales)
+        centroids = _encode_weight(self.centroids_float.detach(), self.fmt, "tensor", None, 0)
+        scales = _encode_weight(self.scales_float.detach(), self.kernel_scales.fmt, "tensor", None, 0)
+        if not torch.compiler.is_compiling():  # a data-dependent check: eager only (see codec.py)
+            self._check_offsets(centroids, scales)
         return centroids, scales
 
-    def _coded_weight(self) -> CodedTensor:
+    def _coded_weight(self) -> CodedParts:
         if self.training and self.centroids_float is not None:
             return self._assemble(*self._encode_masters())
-        return self.weight
+        return self._assemble(self.centroids, self.kernel_scales)
 
     def enable_qat(self) -> "LNSClusteredConv2d":
         if self.centroids_float is None:
@@ -450,7 +462,7 @@ class LNSClusteredConv2d(_LNSConvNd):
     @torch.no_grad()
     def freeze(self) -> "LNSClusteredConv2d":
         if self.centroids_float is not None:
-            self.centroids, self.kernel_scales = self._encode_masters()
+            self.centroids, self.kernel_scales = map(_as_tensor, self._encode_masters())
         return self
 
     @classmethod
