@@ -86,12 +86,17 @@ class FoldReport:
         return "\n".join(lines)
 
 
-def fold_batchnorm(model: nn.Module, inplace: bool = False) -> nn.Module:
+def fold_batchnorm(model: nn.Module, inplace: bool = False, example_inputs: Optional[tuple] = None) -> nn.Module:
     """Fold eval-mode BatchNorm into the Conv/ConvTranspose/Linear that feeds it.
 
     Returns the model (a deep copy unless ``inplace``), whose folded BNs are
     ``nn.Identity``. The report is the returned model's ``fold_report`` attribute
     (a ``FoldReport``; ``print`` it). See Note: how folding finds its pairs.
+
+    Linear + BatchNorm1d is exact only for 2-D ``(batch, features)`` input (on 3-D input
+    BatchNorm1d normalises dim 1, not the features). ``example_inputs`` (a tuple of model
+    inputs) lets the pass check the rank; without it such a BN becomes a guard that raises
+    on input of another rank instead of computing a wrong answer.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold_batchnorm needs an nn.Module, got {type(model).__name__}")
@@ -100,7 +105,7 @@ def fold_batchnorm(model: nn.Module, inplace: bool = False) -> nn.Module:
     report = FoldReport()
     names = _all_names(model)
     fallbacks: List[str] = []
-    _fold_tree(model, "", names, report, fallbacks)
+    _fold_tree(model, "", names, report, fallbacks, example_inputs)
     if fallbacks:
         report.traced = False
         report.fallback_reason = "; ".join(fallbacks)
@@ -121,9 +126,12 @@ def fold_batchnorm(model: nn.Module, inplace: bool = False) -> nn.Module:
 # analysis
 # ----------------------------------------------------------------------------------------
 def _all_names(model: nn.Module) -> Dict[int, List[str]]:
+    """Every name of every module and parameter object (more than one: aliased)."""
     names: Dict[int, List[str]] = {}
     for name, m in model.named_modules(remove_duplicate=False):
         names.setdefault(id(m), []).append(name)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
     return names
 
 
@@ -131,7 +139,8 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
-def _fold_tree(module: nn.Module, prefix: str, names, report: FoldReport, fallbacks: List[str]) -> None:
+def _fold_tree(module: nn.Module, prefix: str, names, report: FoldReport, fallbacks: List[str],
+               example_inputs=None) -> None:
     try:
         gm = torch.fx.symbolic_trace(module)
     except Exception as e:  # noqa: BLE001 - any tracing failure means "use the fallback"
@@ -143,14 +152,22 @@ def _fold_tree(module: nn.Module, prefix: str, names, report: FoldReport, fallba
         for name, child in module.named_children():
             _fold_tree(child, _join(prefix, name), names, report, fallbacks)
         return
+    if example_inputs is not None:
+        from torch.fx.passes.shape_prop import ShapeProp
+
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
     _fold_graph(module, gm, prefix, names, report)
 
 
 def _fold_graph(root: nn.Module, gm: torch.fx.GraphModule, prefix: str, names, report: FoldReport) -> None:
     calls: Dict[str, int] = {}
+    read_outside: set = set()  # modules whose parameters or buffers the graph reads directly
     for node in gm.graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
+        elif node.op == "get_attr":
+            read_outside.add(node.target.rpartition(".")[0])
     for node in gm.graph.nodes:
         if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), _BN):
             continue
@@ -177,11 +194,40 @@ def _fold_graph(root: nn.Module, gm: torch.fx.GraphModule, prefix: str, names, r
         if reason is None and len(src.users) > 1:
             others = sorted(u.name for u in src.users if u is not node)
             reason = f"the producer's output has other users ({', '.join(others)})"
+        if reason is None and producer_name in read_outside:
+            reason = "the producer's parameters are also used outside its call"
+        if reason is None and node.target in read_outside:
+            reason = "the BN's parameters or buffers are read outside its call"
+        rank = _rank(src) if reason is None and isinstance(producer, nn.Linear) else None
+        if rank is not None and rank != 2:
+            reason = f"the Linear's output is {rank}-D; BatchNorm1d would normalise dim 1, not the features"
         if reason is None:
             _fold_pair(producer, bn)
-            _replace(root, node.target)
+            guard = isinstance(producer, nn.Linear) and rank is None
+            _replace(root, node.target, _LinearFoldGuard(bn_name) if guard else nn.Identity())
         report.entries.append(FoldEntry(bn_name, _join(prefix, producer_name) if producer_name else None,
                                         reason is None, reason or ""))
+
+
+def _rank(node: torch.fx.Node) -> Optional[int]:
+    meta = node.meta.get("tensor_meta")
+    return len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+class _LinearFoldGuard(nn.Identity):
+    """A BatchNorm1d folded into the Linear before it: exact only for 2-D input, so it checks."""
+
+    def __init__(self, bn_name: str):
+        super().__init__()
+        self.bn_name = bn_name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2:
+            raise RuntimeError(
+                f"BatchNorm1d {self.bn_name!r} was folded into the Linear before it, which is exact only for "
+                f"2-D (batch, features) input; this input is {x.dim()}-D. Fold with example_inputs=... so the "
+                "pass can see the shapes and keep this BN.")
+        return x
 
 
 def _describe(src) -> str:
@@ -215,18 +261,22 @@ def _why_not(bn: nn.Module, producer: nn.Module, names) -> Optional[str]:
         return f"the producer is registered under several names ({', '.join(names[id(producer)])})"
     if len(names[id(bn)]) > 1:
         return f"the BN is registered under several names ({', '.join(names[id(bn)])})"
+    for p in (producer.weight, producer.bias):
+        if p is not None and len(names.get(id(p), ())) > 1:
+            return f"the producer's parameters are shared ({', '.join(names[id(p)])})"
     return None
 
 
 def _fold_sequential(seq: nn.Sequential, prefix: str, names, report: FoldReport) -> None:
-    children = list(seq.named_children())
+    children = [(k, m) for k, m in seq._modules.items() if m is not None]  # in call order, repeats included
     for (pname, producer), (bname, bn) in zip(children, children[1:]):
         if not isinstance(bn, _BN) or not isinstance(producer, _PRODUCERS):
             continue
         reason = _why_not(bn, producer, names)
         if reason is None:
             _fold_pair(producer, bn)
-            _replace(seq, bname)
+            _replace(seq, bname, _LinearFoldGuard(_join(prefix, bname)) if isinstance(producer, nn.Linear)
+                     else nn.Identity())
         report.entries.append(FoldEntry(_join(prefix, bname), _join(prefix, pname), reason is None, reason or ""))
 
 
@@ -262,7 +312,7 @@ def _fold_pair(producer: nn.Module, bn: nn.Module) -> None:
         producer.bias.copy_(new_b)
 
 
-def _replace(root: nn.Module, target: str) -> None:
+def _replace(root: nn.Module, target: str, new: nn.Module) -> None:
     parent_name, _, attr = target.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, attr, nn.Identity())
+    setattr(parent, attr, new)
