@@ -87,7 +87,7 @@ class ClusteredConv2d(nn.Module):
             m.scales.copy_(scales)
             if conv.bias is not None:
                 m.bias.copy_(conv.bias)
-        return m.to(conv.weight.device).train(conv.training)
+        return m.to(device=conv.weight.device, dtype=conv.weight.dtype).train(conv.training)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

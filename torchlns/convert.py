@@ -191,6 +191,7 @@ def convert(model: nn.Module, config: Optional[ConvertConfig] = None,
         _calibrate(model, targets, inputs_seen, outputs_seen, calibration_data, config.progress)
 
     report = []
+    shared: Dict[int, LNSClusteredConv2d] = {}  # network-scope centroids -> the first layer converted
     for fqn, (m, cfg) in targets.items():
         input_param = choose_param(inputs_seen[fqn], cfg.fmt, cfg.calibrator, cfg.percentile) \
             if fqn in inputs_seen else None
@@ -200,6 +201,10 @@ def convert(model: nn.Module, config: Optional[ConvertConfig] = None,
         if cls is LNSClusteredConv2d and not isinstance(cfg.fmt, LNSFormat):
             cls, source = LNSConv2d, _dense_conv(m)  # FP8/INT have no per-kernel log offsets
         new = cls.from_float(source, cfg, input_param=input_param, acc_lsb=acc_lsb, qat=cfg.qat)
+        if isinstance(new, LNSClusteredConv2d):
+            first = shared.setdefault(id(m.centroids), new)
+            if first is not new and first.fmt == new.fmt:
+                new.share_centroids(first)
         model = _set(model, fqn, new)
         report.append(dict(layer=fqn, kind=type(new).__name__, fmt=str(cfg.fmt),
                            mac=str(new.mac) if isinstance(cfg.fmt, LNSFormat) else "-",
@@ -261,8 +266,15 @@ def _set(model: nn.Module, fqn: str, new: nn.Module) -> nn.Module:
 
 
 def enable_qat(model: nn.Module) -> nn.Module:
-    """Give every converted layer a float master weight (in place), so ``train()`` fine-tunes it."""
+    """Give every converted layer a float master weight (in place), so ``train()`` fine-tunes it.
+
+    Clustered layers that share one centroid table also share its float master.
+    """
+    masters: Dict[tuple, nn.Parameter] = {}
     for m in model.modules():
         if isinstance(m, _CodedLayer):
             m.enable_qat()
+        if isinstance(m, LNSClusteredConv2d):
+            key = (m.centroids.fmt, m.centroids.shape, m.centroids.codes.data_ptr(), m.centroids.param.data_ptr())
+            m.centroids_float = masters.setdefault(key, m.centroids_float)
     return model

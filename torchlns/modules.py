@@ -402,6 +402,15 @@ class LNSClusteredConv2d(_LNSConvNd):
             raise ValueError(f"kernel offsets span {lo}..{hi}, outside {self.fmt}'s valid {self.fmt.offset_min}.."
                              f"{self.fmt.offset_max}: the kernel scales are too far from the centroids' range")
 
+    def share_centroids(self, other: "LNSClusteredConv2d") -> "LNSClusteredConv2d":
+        """Use ``other``'s centroid table (and its float master): network-scope clustering."""
+        if other.centroids.fmt != self.centroids.fmt or other.centroids.shape != self.centroids.shape:
+            raise ValueError("shared centroids must have the same format and shape")
+        self.centroids = other.centroids
+        if other.centroids_float is not None or self.centroids_float is not None:
+            self.centroids_float = other.centroids_float
+        return self
+
     @property
     def num_clusters(self) -> int:
         return self.centroids.shape[0]

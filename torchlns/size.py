@@ -6,7 +6,8 @@
 * FP8/INT layers: codes at 8 (or ``bits``); scales (weight and static input) at 32 bits.
 * Clustered layers: indices at ``ceil(log2 C)`` bits; centroids in the weight format (LNS
   codes plus one 8-bit offset, or float32); per-kernel scales at 8 bits in LNS (float32 in
-  a float ``ClusteredConv2d``). Centroids shared across layers count once, at the first.
+  a float ``ClusteredConv2d``). Centroids shared across layers count once, at the first;
+  so do identical LNS centroid tables (same codes and offset), which the chip would store once.
 * Any other module: its own parameters and buffers at their dtype's width, except BN's
   ``num_batches_tracked`` (training bookkeeping that inference never reads).
 
@@ -18,6 +19,7 @@ instead (BN parameters included).
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -50,7 +52,7 @@ class SizeReport:
         return self.float32_bytes / self.total_bytes if self.total_bytes else math.inf
 
     def to_dicts(self) -> List[dict]:
-        return [dict(r) for r in self.rows]
+        return copy.deepcopy(self.rows)
 
     def __str__(self) -> str:
         head = ("layer", "kind", "format", "bytes", "float32 bytes", "ratio")
