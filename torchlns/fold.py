@@ -315,4 +315,4 @@ def _fold_pair(producer: nn.Module, bn: nn.Module) -> None:
 def _replace(root: nn.Module, target: str, new: nn.Module) -> None:
     parent_name, _, attr = target.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, attr, new)
+    setattr(parent, attr, new.train(getattr(parent, attr).training))

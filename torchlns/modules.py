@@ -161,11 +161,19 @@ class _CodedLayer(nn.Module):
                 "acc_lsb": self.acc_lsb, "input_block_size": self.input_block_size,
                 "weight_granularity": (self.weight_granularity, self.weight_block_size)}
 
-    def set_extra_state(self, state) -> None:
-        fmt = _format_from_tuple(tuple(state["fmt"]))
-        mac = MACConfig(*state["mac"])
+    def _extra_state_mismatch(self, state) -> Optional[str]:
+        try:
+            fmt, mac = _format_from_tuple(tuple(state["fmt"])), MACConfig(*state["mac"])
+        except (KeyError, TypeError, ValueError) as e:
+            return f"not a {type(self).__name__} state ({e})"
         if fmt != self.fmt or mac != self.mac:
-            raise ValueError(f"state dict is for {fmt} with {mac}; this {type(self).__name__} is {self.fmt} with {self.mac}")
+            return f"state is for {fmt} with {mac}; this {type(self).__name__} is {self.fmt} with {self.mac}"
+        return None
+
+    def set_extra_state(self, state) -> None:
+        problem = self._extra_state_mismatch(state)
+        if problem:
+            raise ValueError(problem)
         self.acc_lsb = state["acc_lsb"]
         self.input_block_size = state["input_block_size"]
         self.weight_granularity, self.weight_block_size = tuple(state["weight_granularity"])
@@ -185,15 +193,35 @@ class _CodedLayer(nn.Module):
                                   f"{type(got).__name__} {getattr(got, 'fmt', '')} {tuple(got.shape)}")
             else:
                 self._buffers[name] = got.to(mine.device)
+        # A format or MAC mismatch is reported like any other state-dict error, under its key.
+        extra_key = prefix + "_extra_state"
+        hidden = None
+        if extra_key in state_dict:
+            problem = self._extra_state_mismatch(state_dict[extra_key])
+            if problem:
+                error_msgs.append(f"{extra_key}: {problem}")
+                hidden = state_dict.pop(extra_key)
         held = {k: self._buffers.pop(k) for k in coded}
         try:
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                           error_msgs)
         finally:
             self._buffers.update(held)
+            if hidden is not None:
+                state_dict[extra_key] = hidden
+                if extra_key in missing_keys:
+                    missing_keys.remove(extra_key)
         for name in coded:  # super() did not see these buffers, which were consumed above
             if prefix + name in unexpected_keys:
                 unexpected_keys.remove(prefix + name)
+
+    def _apply(self, fn, recurse=True):
+        # Apply fn to the coded buffers first: a dtype cast (.half()) raises there, before
+        # the bias or any other state of this layer has changed.
+        for b in self._buffers.values():
+            if isinstance(b, CodedTensor):
+                fn(b)
+        return super()._apply(fn, recurse)
 
     def _extra_repr_tail(self) -> str:
         acc = f", acc_lsb={self.acc_lsb}" if self.acc_lsb is not None else ""
