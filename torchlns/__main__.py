@@ -1,6 +1,7 @@
 """Command line: ``python -m torchlns <command>`` (or the ``torchlns`` console script).
 
-Commands: ``demo``. (``convert``, ``report`` and ``compare`` will join it.)
+Commands: ``demo`` (the main job, ``demo.py``), ``formats``, ``convert``, ``report`` and ``compare`` (the last three live in
+``torchlns/cli.py``). User errors print one ``torchlns: error: ...`` line and exit with 2.
 """
 
 from __future__ import annotations
@@ -10,11 +11,17 @@ import sys
 from typing import Optional, Sequence
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+def _cmd_formats(args: argparse.Namespace) -> int:
+    from .formats_table import run_demo
 
     run_demo(n=args.n, seed=args.seed)
     return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_from_args
+
+    return run_from_args(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,22 +32,42 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", title="commands")
     sub.required = True
 
+    from .demo import __doc__ as demo_doc, add_arguments
+
     demo = sub.add_parser(
         "demo",
+        help="the main job: train a segmentation CNN on driving scenes, convert it to every format, compare",
+        description=demo_doc.split("\n\n")[1],
+    )
+    add_arguments(demo)
+    demo.set_defaults(func=_cmd_demo)
+
+    formats = sub.add_parser(
+        "formats",
         help="encode a tensor and run two layers in every format; print an error table",
         description="Encode a heavy-tailed random tensor in LNS8, LNS8 (mitchell), FP8 e4m3/e5m2 "
         "and INT8, run a Linear and a Conv2d layer under the ideal and chip MACs, and print "
         "the errors against float32.",
     )
-    demo.add_argument("--n", type=int, default=1 << 20, help="elements in the encoded tensor (default 2^20)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    demo.set_defaults(func=_cmd_demo)
+    formats.add_argument("--n", type=int, default=1 << 20, help="elements in the encoded tensor (default 2^20)")
+    formats.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    formats.set_defaults(func=_cmd_formats)
+
+    from .cli import add_commands
+
+    add_commands(sub)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .cli import CLIError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except CLIError as e:  # user errors (see Note: user errors in cli.py): one line, status 2
+        print(f"torchlns: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,184 +1,356 @@
-"""``python -m torchlns demo``: representation and layer errors of every format, in one table.
+"""The main job: a segmentation network on driving scenes, converted to every format.
 
-1. A heavy-tailed random tensor (N(0,1), with 1% of the values scaled up by a log-uniform
-   factor of 1..64) is encoded and decoded in LNS8, LNS8 with Mitchell rounding, FP8 e4m3,
-   FP8 e5m2 and INT8, each with its per-tensor default offset or scale.
-2. A seeded ``nn.Linear(256, 128)`` and ``nn.Conv2d(16, 32, 3, padding=1)`` are run on random
-   inputs through ``lns_linear`` / ``lns_conv2d``: the LNS formats under the ideal MAC
-   (``IDEAL_MAC``) and the chip MAC (``CHIP_MAC``: 8-bit LUT, 32-bit fixed accumulator),
-   FP8 and INT8 as spec section 5 defines their MACs. Operands are encoded per tensor.
+``python -m torchlns demo`` trains (or loads from ``--out``) a small segmentation CNN on
+generated driving scenes (``torchlns.scenes``), converts it with batch-norm folding and
+calibration to LNS8 (ideal and chip MACs), FP8 e4m3/e5m2 and INT8, and to LNS8 with
+cluster compression plus centroid fine-tuning, and evaluates each on a held-out set. It
+prints one row per format (mIoU, pixel accuracy, agreement with float, model bytes,
+compression ratio), and writes a Figure-1-style difference map (``difference_map.png``)
+and a markdown report (``report.md``) to the output folder.
 
-Every error is measured against float32.
+# Note: demo protocol
+Training runs a fixed number of steps (not a time budget), so the numbers are the same on
+every machine for a given seed and size. Calibration uses the first training batches;
+evaluation uses a separate seed. Agreement with float counts the labelled pixels where the
+converted and the float model predict the same class.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
-import sys
 import time
 from dataclasses import dataclass
-from typing import List, Optional, TextIO
+from pathlib import Path
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import torchlns
-from torchlns import CHIP_MAC, FP8_E4M3, FP8_E5M2, IDEAL_MAC, INT8, LNS8, LNSFormat, MACConfig
-from torchlns._backend import backend_info
+from torchlns import CHIP_MAC, FP8_E4M3, FP8_E5M2, INT8, ClusterConfig, ConvertConfig
 
-__all__ = ["DemoRow", "run_demo", "sqnr_db", "heavy_tailed"]
+from .scenes import CLASSES, IGNORE_INDEX, PALETTE, SceneDataset
 
-LNS8_MITCHELL = LNSFormat(8, 3, "mitchell")
+__all__ = ["SegNet", "DemoConfig", "Row", "train", "evaluate", "finetune", "run", "scene_data", "main"]
 
-# (label, format, [(MAC label, MACConfig), ...])
-CASES = [
-    ("LNS8", LNS8, [("ideal", IDEAL_MAC), ("chip", CHIP_MAC)]),
-    ("LNS8 mitchell", LNS8_MITCHELL, [("ideal", IDEAL_MAC), ("chip", CHIP_MAC)]),
-    ("FP8 e4m3", FP8_E4M3, [("fp32 acc", IDEAL_MAC)]),
-    ("FP8 e5m2", FP8_E5M2, [("fp32 acc", IDEAL_MAC)]),
-    ("INT8", INT8, [("int acc", IDEAL_MAC)]),
-]
+
+class SegNet(nn.Module):
+    """A small encoder-decoder: 3x3 conv + BN + ReLU blocks, two downsamplings, skips."""
+
+    def __init__(self, num_classes: int = len(CLASSES), width: int = 16):
+        super().__init__()
+        w = width
+
+        def block(cin, cout, stride=1, dilation=1):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, dilation, dilation, bias=False),
+                                 nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+        self.enc1 = nn.Sequential(block(3, w), block(w, w))
+        self.enc2 = nn.Sequential(block(w, 2 * w, 2), block(2 * w, 2 * w))
+        self.enc3 = nn.Sequential(block(2 * w, 4 * w, 2), block(4 * w, 4 * w, dilation=2))
+        self.dec2 = block(6 * w, 2 * w)
+        self.dec1 = block(3 * w, w)
+        self.head = nn.Conv2d(w, num_classes, 1)
+
+    def forward(self, x):
+        e1 = self.enc1(x)
+        e2 = self.enc2(e1)
+        e3 = self.enc3(e2)
+        d2 = self.dec2(torch.cat([F.interpolate(e3, scale_factor=2.0), e2], 1))
+        d1 = self.dec1(torch.cat([F.interpolate(d2, scale_factor=2.0), e1], 1))
+        return self.head(d1)
 
 
 @dataclass
-class DemoRow:
-    format: str
-    mac: str
-    encode_sqnr_db: float
-    max_rel_err: float
-    flushed_pct: float
-    linear_sqnr_db: float
-    conv_sqnr_db: float
+class DemoConfig:
+    out: Path = Path("torchlns-demo")
+    height: int = 64
+    width: int = 128
+    n_train: int = 2048
+    n_eval: int = 64
+    train_steps: int = 500
+    batch_size: int = 16
+    net_width: int = 16
+    clusters: int = 16
+    finetune_steps: int = 300
+    device: str = "cpu"
+    seed: int = 0
+    retrain: bool = False
 
 
-def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio ``10 log10(sum ref^2 / sum (ref - approx)^2)``."""
-    ref = ref.double()
-    noise = (ref - approx.double()).pow(2).sum().item()
-    signal = ref.pow(2).sum().item()
-    if noise == 0.0:
-        return math.inf
-    return 10.0 * math.log10(signal / noise)
+@dataclass
+class Row:
+    name: str
+    miou: float
+    pixel_acc: float
+    agreement: float
+    bytes: float
+    ratio: float
+    seconds: float
 
 
-def heavy_tailed(n: int, generator: torch.Generator) -> torch.Tensor:
-    """N(0,1) with 1% of the values multiplied by a log-uniform factor in [1, 64]."""
-    x = torch.randn(n, generator=generator)
-    tail = torch.rand(n, generator=generator) < 0.01
-    boost = torch.exp2(6.0 * torch.rand(n, generator=generator))
-    return torch.where(tail, x * boost, x)
+def _batches(ds, batch_size: int, shuffle_seed: Optional[int] = None):
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(shuffle_seed)) \
+        if shuffle_seed is not None else torch.arange(len(ds))
+    for i in range(0, len(ds), batch_size):
+        idx = order[i:i + batch_size]
+        yield ds.images[idx], ds.labels[idx]
 
 
-def _all_codes(fmt) -> torch.Tensor:
-    """Every valid code of an 8-bit format."""
-    if fmt.kind == "int":
-        return torch.arange(-fmt.qmax, fmt.qmax + 1, dtype=torch.int32).to(fmt.code_dtype)
-    return torch.arange(1 << fmt.bits, dtype=torch.int32).to(fmt.code_dtype)
+def _progress(iterable, desc: str, total=None):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
 
 
-def _encode_errors(x: torch.Tensor, fmt) -> tuple:
-    """(SQNR dB, max relative error of the values not flushed inside the representable range,
-    % of nonzeros flushed to 0)."""
-    param = torchlns.calibrate(x, fmt)
-    xq = torchlns.decode(torchlns.encode(x, fmt, param), fmt, param)
-    # The representable magnitudes at this offset/scale: smallest nonzero .. largest finite.
-    mags = torchlns.decode(_all_codes(fmt), fmt, param.reshape(-1)[:1]).abs()
-    mags = mags[torch.isfinite(mags) & (mags > 0)]
-    lo, hi = mags.min(), mags.max()
-    ax = x.abs()
-    nonzero = ax > 0
-    flushed = nonzero & (xq == 0)
-    # Flushes (counted separately) are left out: a Mitchell encoder, whose log2(1+f) ~ f
-    # underestimates, flushes some values just above the smallest magnitude.
-    inside = (ax >= lo) & (ax <= hi) & ~flushed
-    rel = ((xq - x).abs() / ax)[inside]
-    flushed = flushed.sum().item() / max(1, nonzero.sum().item())
-    return sqnr_db(x, xq), rel.max().item(), 100.0 * flushed
+def train(model: nn.Module, ds: SceneDataset, steps: int, batch_size: int, lr: float, device, seed: int,
+          params=None, desc: str = "training") -> nn.Module:
+    """Adam with a cosine schedule, cross entropy ignoring IGNORE_INDEX."""
+    model.train().to(device)
+    opt = torch.optim.Adam(params if params is not None else model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
+    torch.manual_seed(seed)
+    epoch, done = 0, 0
+    bar = _progress(range(steps), desc)
+    while done < steps:
+        for x, y in _batches(ds, batch_size, shuffle_seed=seed * 1000 + epoch):
+            if done == steps:
+                break
+            loss = F.cross_entropy(model(x.to(device)), y.to(device), ignore_index=IGNORE_INDEX)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            done += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        epoch += 1
+    bar.close()
+    return model.eval()
 
 
+@torch.no_grad()
+def evaluate(model: nn.Module, ds: SceneDataset, batch_size: int, device, desc: str = "evaluating"):
+    """(ConfusionMatrix, predictions (N, H, W) uint8) of ``model`` on ``ds``."""
+    from .metrics import ConfusionMatrix
+
+    model.eval()
+    cm = ConfusionMatrix(len(CLASSES), ignore_index=IGNORE_INDEX, device=device)
+    preds = []
+    for x, y in _progress(_batches(ds, batch_size), desc, total=math.ceil(len(ds) / batch_size)):
+        p = model(x.to(device)).argmax(1)
+        cm.update(p, y.to(device))
+        preds.append(p.to(torch.uint8).cpu())
+    return cm, torch.cat(preds)
 
 
-def _acc_lsb(y_float: torch.Tensor, fmt, mac: MACConfig) -> Optional[int]:
-    """LSB exponent for the fixed accumulator: the largest output fits with one bit of headroom."""
-    if fmt.kind != "lns" or mac.accumulator != "fixed":
-        return None
-    amax = y_float.abs().max().item()
-    return math.floor(math.log2(amax)) - (mac.acc_bits - 3)
+def finetune(clustered: nn.Module, ds: SceneDataset, cfg: DemoConfig) -> nn.Module:
+    """Centroid fine-tuning: train only the centroids, per-kernel scales and biases."""
+    params = [p for n, p in clustered.named_parameters() if n.rpartition(".")[2] in ("centroids", "scales", "bias")]
+    return train(clustered, ds, cfg.finetune_steps, cfg.batch_size, 1e-3, cfg.device, cfg.seed + 1, params,
+                 desc="fine-tuning centroids")
 
 
-def _format_table(rows: List[DemoRow]) -> str:
-    header = ["format", "MAC", "enc SQNR dB", "max rel err", "flushed %", "linear SQNR dB", "conv2d SQNR dB"]
-    body = [
-        [
-            r.format,
-            r.mac,
-            f"{r.encode_sqnr_db:.2f}",
-            f"{r.max_rel_err:.4f}",
-            f"{r.flushed_pct:.3f}",
-            f"{r.linear_sqnr_db:.2f}",
-            f"{r.conv_sqnr_db:.2f}",
-        ]
-        for r in rows
-    ]
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
-
-    def line(cells):
-        left = [c.ljust(w) for c, w in zip(cells[:2], widths[:2])]
-        right = [c.rjust(w) for c, w in zip(cells[2:], widths[2:])]
-        return "  ".join(left + right)
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(header), rule, *(line(b) for b in body)])
+def _float_model(cfg: DemoConfig, train_ds: SceneDataset, log) -> nn.Module:
+    path = cfg.out / "segnet_float.pt"
+    torch.manual_seed(cfg.seed)
+    model = SegNet(width=cfg.net_width)
+    key = dict(height=cfg.height, width=cfg.width, n_train=len(train_ds), steps=cfg.train_steps,
+               net_width=cfg.net_width, seed=cfg.seed, data=float(train_ds.images[:4].sum()))
+    if path.is_file() and not cfg.retrain:
+        saved = torch.load(path, weights_only=True)
+        if saved.get("key") == key:
+            model.load_state_dict(saved["state_dict"])
+            log(f"loaded the trained float model from {path}")
+            return model.to(cfg.device).eval()
+    t = time.time()
+    train(model, train_ds, cfg.train_steps, cfg.batch_size, 3e-3, cfg.device, cfg.seed)
+    log(f"trained the float model: {cfg.train_steps} steps in {time.time() - t:.0f} s")
+    torch.save({"key": key, "state_dict": model.state_dict()}, path)
+    return model.eval()
 
 
-def run_demo(n: int = 1 << 20, seed: int = 0, file: TextIO = None) -> List[DemoRow]:
-    """Run the demo, print its table to ``file`` (stdout by default) and return the rows."""
-    out = file if file is not None else sys.stdout
-    t0 = time.perf_counter()
-    info = backend_info()
-    print(
-        f"torchlns {torchlns.__version__} | torch {info['torch_version']} | "
-        f"cpu backend: {info['cpu']} | {torch.get_num_threads()} threads",
-        file=out,
-    )
+def scene_data(cfg: DemoConfig):
+    """(training, evaluation) scene datasets of the demo protocol (see Note: demo protocol)."""
+    return (SceneDataset(cfg.n_train, cfg.height, cfg.width, seed=cfg.seed),
+            SceneDataset(cfg.n_eval, cfg.height, cfg.width, seed=cfg.seed + 1_000))
 
-    g = torch.Generator().manual_seed(seed)
-    x = heavy_tailed(n, g)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        linear = nn.Linear(256, 128)
-        conv = nn.Conv2d(16, 32, 3, padding=1)
-    x_lin = torch.randn(64, 256, generator=g)
-    x_conv = torch.randn(2, 16, 32, 32, generator=g)
-    with torch.no_grad():
-        w_lin, b_lin = linear.weight.detach(), linear.bias.detach()
-        w_conv, b_conv = conv.weight.detach(), conv.bias.detach()
-        y_lin = F.linear(x_lin, w_lin, b_lin)
-        y_conv = F.conv2d(x_conv, w_conv, b_conv, padding=1)
 
-    rows = []
-    for label, fmt, macs in CASES:
-        enc_sqnr, max_rel, flushed = _encode_errors(x, fmt)
-        xl = torchlns.CodedTensor.from_float(x_lin, fmt)
-        wl = torchlns.CodedTensor.from_float(w_lin, fmt)
-        xc = torchlns.CodedTensor.from_float(x_conv, fmt)
-        wc = torchlns.CodedTensor.from_float(w_conv, fmt)
-        for mac_label, mac in macs:
-            yl = torchlns.lns_linear(xl, wl, b_lin, mac, acc_lsb=_acc_lsb(y_lin, fmt, mac))
-            yc = torchlns.lns_conv2d(xc, wc, b_conv, padding=1, mac=mac, acc_lsb=_acc_lsb(y_conv, fmt, mac))
-            rows.append(
-                DemoRow(label, mac_label, enc_sqnr, max_rel, flushed, sqnr_db(y_lin, yl), sqnr_db(y_conv, yc))
-            )
+def run(cfg: DemoConfig, log=print, data=None) -> List[Row]:
+    """The demo; ``data`` = (train, eval) ``SceneDataset``s replaces the generated scenes."""
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(cfg.device)
+    if data is None:
+        log(f"generating {cfg.n_train} training and {cfg.n_eval} evaluation scenes ({cfg.height}x{cfg.width})")
+        data = scene_data(cfg)
+    train_ds, eval_ds = data
+    model = _float_model(cfg, train_ds, log)
+    calib = [x for x, _ in list(_batches(train_ds, cfg.batch_size))[:8]]
+    float_bytes = torchlns.size_report(model).total_bytes
 
-    print(
-        f"\nencode: {n} values, N(0,1) with a 1% tail up to 64x, per-tensor offset/scale from max|x|\n"
-        "layers: Linear(256->128) on 64x256, Conv2d(16->32, 3x3, pad 1) on 2x16x32x32, "
-        "operands encoded per tensor\n"
-        "MAC ideal = MAC(exact, float32); chip = MAC(lut8, fixed32), acc_lsb = floor(log2 max|y|) - (acc_bits - 3)\n"
-        "max rel err: over |x| inside the representable range, flushes excluded; flushed %: nonzeros encoded as 0\n",
-        file=out,
-    )
-    print(_format_table(rows), file=out)
-    print(f"\n({time.perf_counter() - t0:.1f} s)", file=out)
+    rows: List[Row] = []
+    preds = {}
+
+    def add(name: str, m: nn.Module, t0: float):
+        cm, p = evaluate(m, eval_ds, cfg.batch_size, device, desc=name)
+        valid = eval_ds.labels != IGNORE_INDEX
+        agree = 1.0 if name == "float32" else (p[valid] == preds["float32"][valid]).double().mean().item()
+        size = torchlns.size_report(m).total_bytes
+        preds[name] = p
+        rows.append(Row(name, cm.mean_iou(), cm.pixel_accuracy(), agree, size, float_bytes / size, time.time() - t0))
+        r = rows[-1]
+        log(f"  {name:<22} mIoU {100 * r.miou:6.2f}  pixel acc {100 * r.pixel_acc:6.2f}  "
+            f"agreement {100 * r.agreement:6.2f}%  {r.bytes / 1024:8.1f} KiB  {r.ratio:5.1f}x  ({r.seconds:.0f} s)")
+
+    log("evaluating (float32, then each converted model)")
+    add("float32", model, time.time())
+    for name, config in [("LNS8 ideal", ConvertConfig()), ("LNS8 chip", ConvertConfig(mac=CHIP_MAC)),
+                         ("FP8 e4m3", ConvertConfig(fmt=FP8_E4M3)), ("FP8 e5m2", ConvertConfig(fmt=FP8_E5M2)),
+                         ("INT8", ConvertConfig(fmt=INT8))]:
+        t0 = time.time()
+        add(name, torchlns.convert(model, config, calib), t0)
+
+    t0 = time.time()
+    clustered = torchlns.cluster_kernels(torchlns.fold_batchnorm(model), cfg.clusters, scope="network")
+    finetune(clustered, train_ds, cfg)
+    add(f"LNS8 + cluster C={cfg.clusters}", torchlns.convert(clustered, ConvertConfig(), calib), t0)
+
+    _write_figure(cfg.out / "difference_map.png", eval_ds, preds["float32"], preds["LNS8 chip"], "LNS8 chip")
+    (cfg.out / "report.md").write_text(_report(cfg, rows))
+    log(f"wrote {cfg.out / 'difference_map.png'} and {cfg.out / 'report.md'}")
     return rows
+
+
+# ----------------------------------------------------------------------------------------
+# outputs
+# ----------------------------------------------------------------------------------------
+TARGETS = (  # (row, points of mIoU it may lose against float32, minimum compression ratio)
+    ("LNS8 ideal", 0.5, None),
+    ("LNS8 chip", 1.0, None),
+    ("LNS8 + cluster", 1.0, 20.0),
+)
+
+
+def table(rows: Sequence[Row]) -> str:
+    head = "| format | mIoU % | pixel acc % | agreement with float % | model bytes | vs float32 |\n" \
+           "|---|---:|---:|---:|---:|---:|\n"
+    return head + "".join(f"| {r.name} | {100 * r.miou:.2f} | {100 * r.pixel_acc:.2f} | {100 * r.agreement:.2f} | "
+                          f"{r.bytes:,.0f} | {r.ratio:.1f}x |\n" for r in rows)
+
+
+def target_lines(rows: Sequence[Row]) -> List[str]:
+    base = rows[0]
+    out = []
+    for prefix, points, ratio in TARGETS:
+        r = next((r for r in rows if r.name.startswith(prefix)), None)
+        if r is None:
+            continue
+        drop = 100 * (base.miou - r.miou)
+        ok = drop <= points
+        line = f"- {r.name}: mIoU {drop:+.2f} points below float32 (target: at most {points}) — " + (
+            "met" if ok else f"**missed by {drop - points:.2f} points**")
+        if ratio is not None:
+            line += f"; {r.ratio:.1f}x smaller (target: at least {ratio:.0f}x) — " + (
+                "met" if r.ratio >= ratio else f"**missed by {ratio - r.ratio:.1f}x**")
+        out.append(line)
+    return out
+
+
+def _report(cfg: DemoConfig, rows: Sequence[Row]) -> str:
+    return (
+        "# torchlns demo: segmentation of generated driving scenes\n\n"
+        f"SegNet (width {cfg.net_width}) trained {cfg.train_steps} steps on {cfg.n_train} scenes of "
+        f"{cfg.height}x{cfg.width}; evaluated on {cfg.n_eval} held-out scenes; classes: {', '.join(CLASSES)}. "
+        "Every converted model has its batch norms folded and is calibrated on 8 training batches; "
+        f"the clustered one shares {cfg.clusters} centroids across the network and had {cfg.finetune_steps} "
+        "steps of centroid fine-tuning. Model bytes count every stored field at its bit width "
+        "(`torchlns.size_report`).\n\n" + table(rows) + "\nTargets:\n\n" + "\n".join(target_lines(rows)) +
+        "\n\n![difference map](difference_map.png)\n\n"
+        "Difference map, per scene: image, ground truth, float32 prediction, LNS8 chip prediction, "
+        "pixels where the two predictions differ (red), float32 errors and LNS8 chip errors against "
+        "the ground truth (red; ignored pixels grey).\n")
+
+
+def _write_figure(path: Path, ds: SceneDataset, float_pred, conv_pred, conv_name: str, n: int = 4,
+                  scale: int = 3) -> None:
+    from PIL import Image, ImageDraw
+
+    palette = torch.tensor(PALETTE + ((0, 0, 0),), dtype=torch.uint8)
+
+    def colour(labels):
+        lab = labels.long().clone()
+        lab[lab >= len(PALETTE)] = len(PALETTE)
+        return palette[lab]
+
+    def mask(m, ignore):
+        img = torch.full((*m.shape, 3), 30, dtype=torch.uint8)
+        img[m] = torch.tensor([230, 30, 30], dtype=torch.uint8)
+        img[ignore] = 110
+        return img
+
+    panels_per_row = ("image", "ground truth", "float32", conv_name, f"{conv_name} vs float32",
+                      "float32 errors", f"{conv_name} errors")
+    rows = []
+    for i in range(min(n, len(ds))):
+        y = ds.labels[i]
+        ignore = y == IGNORE_INDEX
+        fp, cp = float_pred[i].long(), conv_pred[i].long()
+        fp_shown, cp_shown = fp.masked_fill(ignore, len(PALETTE)), cp.masked_fill(ignore, len(PALETTE))
+        panels = [(ds.images[i].permute(1, 2, 0) * 255).round().to(torch.uint8), colour(y), colour(fp_shown),
+                  colour(cp_shown),
+                  mask((fp != cp) & ~ignore, ignore), mask((fp != y) & ~ignore, ignore),
+                  mask((cp != y) & ~ignore, ignore)]
+        sep = torch.full((y.shape[0], 2, 3), 255, dtype=torch.uint8)
+        rows.append(torch.cat([t for p in panels for t in (p, sep)][:-1], dim=1))
+    grid = torch.cat(rows, dim=0).numpy()
+    img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    header = 14
+    canvas = Image.new("RGB", (img.width, img.height + header), "white")
+    canvas.paste(img, (0, header))
+    draw = ImageDraw.Draw(canvas)
+    panel_w = (ds.labels.shape[2] + 2) * scale
+    for k, title in enumerate(panels_per_row):
+        draw.text((k * panel_w + 2, 1), title, fill="black")
+    canvas.save(path)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="torchlns demo", description=__doc__.split("\n\n")[1])
+    add_arguments(p)
+    return run_from_args(p.parse_args(argv))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = DemoConfig()
+    p.add_argument("--out", type=Path, default=d.out, help=f"output folder (default {d.out})")
+    p.add_argument("--device", default=d.device, help="cpu or cuda")
+    p.add_argument("--size", type=int, nargs=2, default=(d.height, d.width), metavar=("H", "W"))
+    p.add_argument("--n-train", type=int, default=d.n_train)
+    p.add_argument("--n-eval", type=int, default=d.n_eval)
+    p.add_argument("--train-steps", type=int, default=d.train_steps)
+    p.add_argument("--finetune-steps", type=int, default=d.finetune_steps)
+    p.add_argument("--clusters", type=int, default=d.clusters)
+    p.add_argument("--net-width", type=int, default=d.net_width)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--retrain", action="store_true", help="train even if a trained model is in --out")
+
+
+def run_from_args(args: argparse.Namespace, data=None) -> int:
+    """Run the demo from parsed ``add_arguments`` flags; ``data`` as in ``run``."""
+    cfg = DemoConfig(out=args.out, height=args.size[0], width=args.size[1], n_train=args.n_train,
+                     n_eval=args.n_eval, train_steps=args.train_steps, batch_size=DemoConfig.batch_size,
+                     net_width=args.net_width, clusters=args.clusters, finetune_steps=args.finetune_steps,
+                     device=args.device, seed=args.seed, retrain=args.retrain)
+    t = time.time()
+    rows = run(cfg, data=data)
+    print()
+    print(table(rows))
+    print("\n".join(target_lines(rows)))
+    print(f"\ndone in {time.time() - t:.0f} s; report: {cfg.out / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
