@@ -459,7 +459,9 @@ def test_argparse_errors_exit_2(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
-def test_demo_still_registered():
-    args = build_parser().parse_args(["demo", "--n", "64", "--seed", "3"])
-    assert args.command == "demo" and args.n == 64 and args.seed == 3
+def test_demo_and_formats_still_registered():
+    args = build_parser().parse_args(["demo", "--clusters", "8", "--seed", "3"])
+    assert args.command == "demo" and args.clusters == 8 and args.seed == 3
     assert args.func.__name__ == "_cmd_demo"
+    args = build_parser().parse_args(["formats", "--n", "64"])
+    assert args.func.__name__ == "_cmd_formats" and args.n == 64

@@ -13,7 +13,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import torchlns
 from torchlns import CHIP_MAC, FP8_E4M3, INT8, LNS8, ConvertConfig
-from torchlns.fold import TorchLNSFoldWarning
 from zoo import FOLDABLE, UNFOLDABLE, ZOO, calibration_batches
 
 FLOAT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)

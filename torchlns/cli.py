@@ -434,16 +434,15 @@ class Comparison:
 
 def compare_outputs(ref: torch.Tensor, out: torch.Tensor, targets: Optional[torch.Tensor] = None) -> Comparison:
     """SQNR (float64), max |difference|, argmax agreement over dim 1 and accuracy against ``targets``."""
+    from . import metrics
+
     r, o = ref.detach().double(), out.detach().double()
-    signal, noise = float((r * r).sum()), float(((o - r) ** 2).sum())
-    sqnr = math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal > 0 else -math.inf)
-    if math.isnan(noise) or math.isnan(signal):
-        sqnr = math.nan
+    sqnr = math.nan if torch.isnan(r).any() or torch.isnan(o).any() else metrics.sqnr(o, r)
     c = Comparison(samples=ref.shape[0], shape=tuple(ref.shape), sqnr_db=sqnr,
                    max_abs_diff=float((o - r).abs().max()) if r.numel() else 0.0, agreement=None)
     if ref.dim() >= 2:
         pr, po = ref.argmax(1), out.argmax(1)
-        c.agreement = float((pr == po).double().mean())
+        c.agreement = metrics.agreement(pr, po)
         if targets is not None:
             if targets.shape != pr.shape or targets.is_floating_point() or targets.dtype == torch.bool:
                 raise DataError(f"targets of shape {_describe(targets)} do not match the outputs: expected integer "

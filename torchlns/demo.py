@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchlns
-from torchlns import CHIP_MAC, FP8_E4M3, FP8_E5M2, INT8, ClusterConfig, ConvertConfig
+from torchlns import CHIP_MAC, FP8_E4M3, FP8_E5M2, INT8, ConvertConfig
 
+from .metrics import agreement
 from .scenes import CLASSES, IGNORE_INDEX, PALETTE, SceneDataset
 
 __all__ = ["SegNet", "DemoConfig", "Row", "train", "evaluate", "finetune", "run", "scene_data", "main"]
@@ -195,8 +196,7 @@ def run(cfg: DemoConfig, log=print, data=None) -> List[Row]:
 
     def add(name: str, m: nn.Module, t0: float):
         cm, p = evaluate(m, eval_ds, cfg.batch_size, device, desc=name)
-        valid = eval_ds.labels != IGNORE_INDEX
-        agree = 1.0 if name == "float32" else (p[valid] == preds["float32"][valid]).double().mean().item()
+        agree = agreement(p, preds.get("float32", p), ignore_mask=eval_ds.labels == IGNORE_INDEX)
         size = torchlns.size_report(m).total_bytes
         preds[name] = p
         rows.append(Row(name, cm.mean_iou(), cm.pixel_accuracy(), agree, size, float_bytes / size, time.time() - t0))
