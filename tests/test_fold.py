@@ -380,18 +380,6 @@ class _SharedWeight(nn.Module):
         return self.b(F.relu(self.bn(self.a(x))))
 
 
-def test_producer_weight_shared_with_another_module():
-    # BUG: the alias check covers modules, not Parameters; the in-place rescale of a.weight
-    # silently changes b too.
-    model = _SharedWeight().eval()
-    x = torch.randn(3, 6)
-    with torch.no_grad():
-        ref = model(x)
-    folded, _ = _fold(model)
-    with torch.no_grad():
-        _assert_same_output(folded(x), ref)
-
-
 class _WeightUsedDirectly(nn.Module):
     def __init__(self):
         super().__init__()
@@ -403,14 +391,17 @@ class _WeightUsedDirectly(nn.Module):
         return self.bn(self.fc(x)) + F.linear(x, self.fc.weight)
 
 
-def test_producer_weight_used_outside_its_call():
-    # BUG: the graph shows `fc.weight` as a get_attr with another user, but only module calls
-    # are counted, so the rescaled weight leaks into the F.linear branch.
-    model = _WeightUsedDirectly().eval()
+@pytest.mark.parametrize("model_cls, word", [(_SharedWeight, "shared"), (_WeightUsedDirectly, "outside its call")])
+def test_producer_weights_with_another_use_are_not_rescaled(model_cls, word):
+    # Tied weights, or a weight read directly by forward: rescaling it in place for the fold
+    # would change that other use too, so the BN must stay.
+    model = model_cls().eval()
     x = torch.randn(3, 6)
     with torch.no_grad():
         ref = model(x)
     folded, _ = _fold(model)
+    assert isinstance(folded.bn, nn.BatchNorm1d)
+    assert word in folded.fold_report.skipped[0].reason
     with torch.no_grad():
         _assert_same_output(folded(x), ref)
 
@@ -473,9 +464,9 @@ def test_untraceable_sequential_folds_adjacent_pairs():
 
 
 def test_untraceable_sequential_shared_activation_between_pair():
-    # BUG: the fallback pairs up Sequential.named_children(), which lists a module registered
-    # twice only once. Here the shared ReLU at index 4 vanishes from that list, so conv `3`
-    # and BN `5` look adjacent and are folded, although the ReLU runs between them.
+    # Sequential.named_children() lists a module registered twice only once: pairing its
+    # children would drop the shared ReLU at index 4 and make conv `3` and BN `5` look
+    # adjacent although the ReLU runs between them. The fallback walks every slot instead.
     act = nn.ReLU()
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), act, _Gate(),
                           nn.Conv2d(4, 4, 3, padding=1), act, _stats(nn.BatchNorm2d(4))).eval()
