@@ -538,3 +538,15 @@ def test_failed_half_leaves_the_model_unchanged():
     assert {p.dtype for p in q.parameters()} == {torch.float32}
     with torch.no_grad():
         assert same_bits(q(x), want)
+
+
+def test_a_float64_model_converts_to_float32_layers():
+    # The chip outputs float32; float layers kept after a chip layer must accept it.
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.LayerNorm(4 * 6 * 6)).double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    q = torchlns.convert(model, calibration_data=[x])
+    y = q(x)
+    assert y.dtype == torch.float32 and q[3].weight.dtype == torch.float32
+    assert model[3].weight.dtype == torch.float64  # the original is untouched
+    assert torchlns.metrics.sqnr(y.detach(), model(x).float().detach()) > 20

@@ -24,5 +24,6 @@ from .cluster import ClusteredConv2d, cluster_kernels  # noqa: F401,E402
 from .modules import LNSClusteredConv2d, LNSConv1d, LNSConv2d, LNSLinear  # noqa: F401,E402
 from .convert import ClusterConfig, ConvertConfig, convert, enable_qat  # noqa: F401,E402
 from .size import SizeReport, size_report  # noqa: F401,E402
+from . import metrics  # noqa: F401,E402
 
 has_native()  # a missing extension is reported once, at import, not at the first op

@@ -140,7 +140,11 @@ def _inputs(batch):
 
 
 def _to(args, kwargs, device):
-    move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    def move(t):  # float inputs in float32, as the converted (float32) model computes
+        if not isinstance(t, torch.Tensor):
+            return t
+        return t.to(device, torch.float32) if t.is_floating_point() else t.to(device)
+
     return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
 
 
@@ -151,15 +155,16 @@ def convert(model: nn.Module, config: Optional[ConvertConfig] = None,
     ``calibration_data`` is a DataLoader or any iterable of inputs: tensors, ``(input,
     target)`` pairs (the first element is fed) or dicts of keyword inputs. It is needed
     for static activations and for the fixed accumulator. Returns a new model in eval mode
-    (the input is untouched) with ``fold_report``, ``cluster_report`` and
-    ``conversion_report`` attributes.
+    (the input is untouched; its float layers become float32, the chip's output dtype) with
+    ``fold_report``, ``cluster_report`` and ``conversion_report`` attributes.
     """
     config = ConvertConfig() if config is None else config
     if not isinstance(config, ConvertConfig):
         raise TypeError(f"config must be a ConvertConfig, got {type(config).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert needs an nn.Module, got {type(model).__name__}")
-    model = copy.deepcopy(model).eval()
+    # The chip's layers output float32, so the layers kept in float run in float32 too.
+    model = copy.deepcopy(model).eval().float()
     fold_report = None
     if config.fold_bn:
         model = fold_batchnorm(model, inplace=True)
