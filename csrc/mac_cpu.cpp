@@ -28,6 +28,10 @@
 
 #include "multiversion.h"
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 namespace torchlns {
 namespace {
 
@@ -125,6 +129,52 @@ int64_t dot_fixed(const int32_t* gx, const float* sx, const int32_t* gw, const f
     acc += int64_t(sx[k] * sw[k]) * int64_t(v);
   }
   return acc;
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// dot_fixed with explicit AVX-512 for frac_bits <= 4: the 2^F-entry table lives in one or two
+// registers and is read with a permute, where the compiled loop above reads it with eight
+// scalar loads per vector; the sign is applied with masks instead of a 64-bit multiply. Same
+// exact products (C[r] * 2^(q-Λ) as a double, clamped to T, truncated) and an exact int64
+// sum, so the bits are those of dot_fixed. Chosen at run time by __builtin_cpu_supports.
+#define TORCHLNS_HAVE_AVX512_FIXED 1
+__attribute__((target("avx512f,avx512dq,avx512vl"))) int64_t dot_fixed_avx512(
+    const int32_t* gx, const float* sx, const int32_t* gw, const float* sw, int64_t K, const double* table,
+    int frac_bits, int64_t acc_lsb, double T) {
+  double padded[16];
+  for (int i = 0; i < 16; ++i) padded[i] = table[i & ((1 << frac_bits) - 1)];
+  const __m512d t0 = _mm512_loadu_pd(padded), t1 = _mm512_loadu_pd(padded + 8);
+  const __m512i r_mask = _mm512_set1_epi64((1 << frac_bits) - 1);
+  const __m512i bias = _mm512_set1_epi64(1023 - acc_lsb);
+  const __m512d tmax = _mm512_set1_pd(T);
+  const __m128i shift = _mm_cvtsi32_si128(frac_bits);
+  __m512i acc = _mm512_setzero_si512();
+  for (int64_t k = 0; k < K; k += 8) {
+    const __mmask8 live = K - k >= 8 ? __mmask8(0xFF) : __mmask8((1u << (K - k)) - 1);
+    const __m256i g = _mm256_add_epi32(_mm256_maskz_loadu_epi32(live, gx + k), _mm256_maskz_loadu_epi32(live, gw + k));
+    const __m512i G = _mm512_cvtepi32_epi64(g);
+    const __m512d c = _mm512_permutex2var_pd(t0, _mm512_and_si512(G, r_mask), t1);
+    const __m512i e = _mm512_add_epi64(_mm512_sra_epi64(G, shift), bias);  // q - Λ + 1023
+    const __m512d v = _mm512_min_pd(_mm512_mul_pd(c, _mm512_castsi512_pd(_mm512_slli_epi64(e, 52))), tmax);
+    __m512i p = _mm512_cvttpd_epi64(v);
+    const __m256 s = _mm256_mul_ps(_mm256_maskz_loadu_ps(live, sx + k), _mm256_maskz_loadu_ps(live, sw + k));
+    const __mmask8 neg = _mm256_cmp_ps_mask(s, _mm256_setzero_ps(), _CMP_LT_OQ);
+    const __mmask8 nonzero = _mm256_cmp_ps_mask(s, _mm256_setzero_ps(), _CMP_NEQ_OQ) & live;
+    p = _mm512_mask_sub_epi64(p, neg, _mm512_setzero_si512(), p);
+    acc = _mm512_mask_add_epi64(acc, nonzero, acc, p);
+  }
+  return _mm512_reduce_add_epi64(acc);
+}
+#endif
+
+int64_t dot_fixed_dispatch(const int32_t* gx, const float* sx, const int32_t* gw, const float* sw, int64_t K,
+                           const double* table, int frac_bits, int64_t acc_lsb, double T) {
+#ifdef TORCHLNS_HAVE_AVX512_FIXED
+  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                             __builtin_cpu_supports("avx512vl");
+  if (avx512 && frac_bits <= 4) return dot_fixed_avx512(gx, sx, gw, sw, K, table, frac_bits, acc_lsb, T);
+#endif
+  return dot_fixed(gx, sx, gw, sw, K, table, frac_bits, acc_lsb, T);
 }
 
 // Note: remainder classes
@@ -241,7 +291,8 @@ at::Tensor lns_mm_cpu(const at::Tensor& x, const at::Tensor& x_offset, const at:
     at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m)
         for (int64_t n = 0; n < N; ++n) {
-          int64_t acc = dot_fixed(gx + m * K, sx + m * K, gw + n * K, sw + n * K, K, C, F, acc_lsb, double(T));
+          int64_t acc = dot_fixed_dispatch(gx + m * K, sx + m * K, gw + n * K, sw + n * K, K, C, F, acc_lsb,
+                                           double(T));
           bool nan_out = nx[m] || nw[n];
           if (b) {
             if (std::isnan(b[n])) {

@@ -197,7 +197,8 @@ def assert_mm_matches(got, want, args, what):
     assert ((got[ok].double() - want[ok].double()).abs() <= bound + 2.0**-149).all(), what
 
 
-@pytest.mark.parametrize("fmt", [LNSFormat(6, 2), LNSFormat(12, 6), LNSFormat(16, 10)], ids=str)
+@pytest.mark.parametrize("fmt", [LNSFormat(5, 0), LNSFormat(4, 1), LNSFormat(6, 2), LNSFormat(6, 4), LNSFormat(12, 6),
+                                 LNSFormat(16, 10)], ids=str)  # F <= 4 runs the AVX-512 fixed kernel
 def test_lns_mm_wide_formats_fixed_bit_exact(fmt):
     for mac, lsb in [(MACConfig.chip(), -10), (MACConfig(accumulator="fixed", acc_bits=40, conversion="mitchell"), -25)]:
         args = mm_args(mm_case(6, 5, 37, fmt, seed=fmt.bits), fmt, mac, lsb)
