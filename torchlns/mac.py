@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from . import _tables
 from .autograd import needs_grad, ste_conv, ste_linear
-from .codec import _as_float32, _fp8_table, calibrate, decode, encode, expand_param
+from .codec import _as_float32, _fp8_table, decode, expand_param
 from .formats import IDEAL_MAC, LNS8, FP8Format, Format, IntFormat, LNSFormat, MACConfig
 
 __all__ = ["lns_linear", "lns_conv1d", "lns_conv2d"]
@@ -280,16 +280,16 @@ def _coded_parts(t):
     return None
 
 
-def _encode_operand(t, fmt: Format, what: str, block_size: Optional[int] = None):
-    """Float operand -> (codes, fmt, compact param, block axis, size); per tensor by default."""
+def _encode_operand(t, fmt: Format, what: str, block_size: Optional[int] = None) -> CodedParts:
+    """Float operand -> its coded parts; per tensor, or per block along K when ``block_size``."""
+    from .tensor import encode_compact
+
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{what} must be a tensor or an LNSTensor, got {type(t).__name__}")
     t = t.detach()  # codes carry no gradient; the straight-through estimator supplies it
-    if block_size is None:
-        param = calibrate(t, fmt)
-        return encode(t, fmt, param), fmt, param, None, None
-    param = calibrate(t, fmt, "block", axis=-1, block_size=block_size)
-    return encode(t, fmt, expand_param(param, t.dim() - 1, block_size, t.shape[-1])), fmt, param, t.dim() - 1, block_size
+    granularity = "tensor" if block_size is None else "block"
+    codes, param, block = encode_compact(t, fmt, granularity, -1 if block_size else None, block_size)
+    return CodedParts(codes, fmt, param, *(block or (None, None)))
 
 
 def _resolve_formats(x, w, fmt: Optional[Format] = None):

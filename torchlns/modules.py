@@ -36,9 +36,9 @@ from . import mac as _mac
 from .mac import CodedParts
 from .autograd import needs_grad, ste_conv, ste_linear
 from .cluster import ClusteredConv2d
-from .codec import calibrate, encode, expand_param
+from .codec import encode
 from .formats import IDEAL_MAC, Format, LNSFormat, MACConfig
-from .tensor import CodedTensor, _format_from_tuple, _format_to_tuple
+from .tensor import CodedTensor, _format_from_tuple, _format_to_tuple, encode_compact
 
 __all__ = ["LNSLinear", "LNSConv1d", "LNSConv2d", "LNSClusteredConv2d"]
 
@@ -267,13 +267,8 @@ def _layer_settings(cls, config, input_param, acc_lsb):
 
 def _encode_weight(w: torch.Tensor, fmt: Format, granularity: str, block_size: Optional[int], axis: int) -> CodedParts:
     """Weight parameters from max|w| (spec section 3's default), and the codes."""
-    if granularity == "block":
-        axis = axis % w.dim()
-        param = calibrate(w, fmt, "block", axis=axis, block_size=block_size)
-        return CodedParts(encode(w, fmt, expand_param(param, axis, block_size, w.shape[axis])), fmt, param, axis,
-                          block_size)
-    param = calibrate(w, fmt, granularity, axis=0 if granularity == "channel" else None)
-    return CodedParts(encode(w, fmt, param), fmt, param)
+    codes, param, block = encode_compact(w, fmt, granularity, axis if granularity == "block" else None, block_size)
+    return CodedParts(codes, fmt, param, *(block or (None, None)))
 
 
 def _as_tensor(parts: CodedParts) -> CodedTensor:

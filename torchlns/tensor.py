@@ -101,19 +101,8 @@ class CodedTensor(torch.Tensor):
             raise TypeError("x is already encoded; call .dequantize() first to re-encode it")
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        x = x.detach()
-        block = None
-        if granularity == "block":
-            axis = _norm_axis(-1 if axis is None else axis, x.dim())
-            block = (axis, _check_block_size(block_size))
-        elif block_size is not None:
-            raise ValueError(f"block_size is only used with granularity='block', not {granularity!r}")
-        if offset is None:
-            param = calibrate(x, fmt, granularity, axis, block_size)
-        else:
-            param = _compact_param(offset, fmt, x, granularity, axis, block_size)
-        full = expand_param(param, *(block or (None, None)), x.shape[block[0]] if block else 0)
-        return target(encode(x, fmt, full), param, fmt, block)
+        codes, param, block = encode_compact(x.detach(), fmt, granularity, axis, block_size, offset)
+        return target(codes, param, fmt, block)
 
     def dequantize(self) -> torch.Tensor:
         """The float32 values of the codes (exact)."""
@@ -196,6 +185,26 @@ class IntTensor(CodedTensor):
 # ----------------------------------------------------------------------------------------
 # parameters
 # ----------------------------------------------------------------------------------------
+def encode_compact(x: torch.Tensor, fmt: Format, granularity: str = "tensor", axis: Optional[int] = None,
+                   block_size: Optional[int] = None, offset=None):
+    """(codes, compact parameters, block) of ``x``: what ``from_float`` stores, as plain tensors.
+
+    Layers call this inside ``forward``, where torch.compile cannot build a subclass.
+    """
+    block = None
+    if granularity == "block":
+        axis = _norm_axis(-1 if axis is None else axis, x.dim())
+        block = (axis, _check_block_size(block_size))
+    elif block_size is not None:
+        raise ValueError(f"block_size is only used with granularity='block', not {granularity!r}")
+    if offset is None:
+        param = calibrate(x, fmt, granularity, axis, block_size)
+    else:
+        param = _compact_param(offset, fmt, x, granularity, axis, block_size)
+    full = expand_param(param, *(block or (None, None)), x.shape[block[0]] if block else 0)
+    return encode(x, fmt, full), param, block
+
+
 def _compact_shape(x: torch.Tensor, granularity, axis, block_size) -> list:
     nd = x.dim()
     if granularity == "tensor":
