@@ -216,11 +216,11 @@ class _CodedLayer(nn.Module):
                 unexpected_keys.remove(prefix + name)
 
     def _apply(self, fn, recurse=True):
-        # Apply fn to the coded buffers first: a dtype cast (.half()) raises there, before
-        # the bias or any other state of this layer has changed.
-        for b in self._buffers.values():
-            if isinstance(b, CodedTensor):
-                fn(b)
+        # Convert the coded buffers first: a dtype cast (.half()) raises there, before the bias
+        # or any other state of this layer has changed. super() then meets them already
+        # converted, where fn (a .to()) returns them as they are.
+        coded = {k: fn(b) for k, b in self._buffers.items() if isinstance(b, CodedTensor)}
+        self._buffers.update(coded)
         return super()._apply(fn, recurse)
 
     def _extra_repr_tail(self) -> str:
