@@ -37,6 +37,7 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from ._text import format_table
 from .calibration import CALIBRATORS
 from .convert import ClusterConfig, ConvertConfig, convert
 from .formats import CHIP_MAC, FP8_E4M3, FP8_E5M2, INT8, LNSFormat
@@ -309,13 +310,6 @@ def config_for(fmt: str = "lns8", *, calibrator: str = "max", activation: str = 
                          overrides={name: None for name in keep_float}, **kw)
 
 
-def _table(head: Sequence[str], rows: List[Sequence[str]], right: Sequence[int] = ()) -> str:
-    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
-    line = lambda r: "  ".join(str(v).rjust(w) if i in right else str(v).ljust(w)  # noqa: E731
-                               for i, (v, w) in enumerate(zip(r, widths))).rstrip()
-    return "\n".join([line(head), "  ".join("-" * w for w in widths), *map(line, rows)])
-
-
 def _conversion_table(report: List[dict]) -> str:
     rows = []
     for r in report:
@@ -323,12 +317,12 @@ def _conversion_table(report: List[dict]) -> str:
         inp = "dynamic" if p is None else (f"offset {int(p)}" if r["fmt"].startswith("LNS") else f"scale {p:.4g}")
         rows.append((r["layer"] or "(root)", r["kind"], r["fmt"], r["mac"], inp,
                      "-" if r["acc_lsb"] is None else str(r["acc_lsb"])))
-    return _table(("layer", "kind", "format", "MAC", "input", "acc_lsb"), rows)
+    return format_table(("layer", "kind", "format", "MAC", "input", "acc_lsb"), rows)
 
 
 def _cluster_table(report) -> str:
     rows = [(s.layer or "(root)", str(s.kernels), str(s.clusters), f"{s.relative_error:.4f}") for s in report]
-    return _table(("layer", "kernels", "clusters", "rel. error"), rows, right=(1, 2, 3))
+    return format_table(("layer", "kernels", "clusters", "rel. error"), rows, right=(1, 2, 3))
 
 
 def _state_dict_path(out: Path) -> Path:

@@ -31,6 +31,8 @@ import torch
 import torch.fx
 import torch.nn as nn
 
+from ._text import format_table
+
 __all__ = ["fold_batchnorm", "FoldReport", "FoldEntry", "TorchLNSFoldWarning"]
 
 _PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
@@ -79,11 +81,8 @@ class FoldReport:
         head = f"fold_batchnorm: {len(self.folded)} folded, {len(self.skipped)} left in place"
         if not self.traced:
             head += f" (torch.fx fallback: {self.fallback_reason})"
-        rows = [("batch norm", "producer", "result")]
-        rows += [(e.bn, e.producer or "-", "folded" if e.folded else f"kept: {e.reason}") for e in self.entries]
-        w0, w1 = (max(len(r[i]) for r in rows) for i in range(2))
-        lines = [head] + [f"  {a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
-        return "\n".join(lines)
+        rows = [(e.bn, e.producer or "-", "folded" if e.folded else f"kept: {e.reason}") for e in self.entries]
+        return head + "\n" + format_table(("batch norm", "producer", "result"), rows)
 
 
 def fold_batchnorm(model: nn.Module, inplace: bool = False, example_inputs: Optional[tuple] = None) -> nn.Module:

@@ -27,6 +27,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 
+from ._text import format_table
 from .cluster import ClusteredConv2d
 from .formats import LNSFormat
 from .modules import LNSClusteredConv2d, _CodedLayer
@@ -59,10 +60,7 @@ class SizeReport:
         body = [(r["layer"] or "(root)", r["kind"], r["format"], f"{r['bytes']:,.1f}", f"{r['float32_bytes']:,.0f}",
                  f"{r['ratio']:.2f}x") for r in self.rows]
         body.append(("total", "", "", f"{self.total_bytes:,.1f}", f"{self.float32_bytes:,.0f}", f"{self.ratio:.2f}x"))
-        widths = [max(len(str(row[i])) for row in [head, *body]) for i in range(len(head))]
-        fmt = lambda row: "  ".join(str(v).ljust(w) if i < 3 else str(v).rjust(w)  # noqa: E731
-                                    for i, (v, w) in enumerate(zip(row, widths)))
-        return "\n".join([fmt(head), "  ".join("-" * w for w in widths), *map(fmt, body)])
+        return format_table(head, body, right=(3, 4, 5))
 
 
 def _coded_fields(name: str, t, fields: Dict[str, int]) -> None:
