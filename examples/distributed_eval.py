@@ -56,10 +56,10 @@ def main(argv=None) -> int:
     cfg.out.mkdir(parents=True, exist_ok=True)
     train_ds, eval_ds = demo.scene_data(cfg)
     if rank == 0:
-        demo._float_model(cfg, train_ds, log=print)  # trains once, or finds the saved model
+        demo.float_model(cfg, train_ds, log=print)  # trains once, or finds the saved model
     dist.barrier()
-    model = demo._float_model(cfg, train_ds, log=lambda *_: None)  # every rank loads the saved model
-    calib = [x for x, _ in list(demo._batches(train_ds, cfg.batch_size))[:8]]
+    model = demo.float_model(cfg, train_ds, log=lambda *_: None)  # every rank loads the saved model
+    calib = [x for x, _ in list(demo.batches(train_ds, cfg.batch_size))[:8]]
     converted = torchlns.convert(model, FORMATS[args.format], [c.to(device) for c in calib])
     shard = slice(rank, None, world)
     cm = confusion(converted, eval_ds.images[shard], eval_ds.labels[shard], device).all_reduce()

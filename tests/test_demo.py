@@ -64,12 +64,13 @@ def test_demo_reuses_the_trained_model(demo_run, capsys):
     out, _ = demo_run
     cfg = demo.DemoConfig(out=out, height=32, width=64, n_train=64, n_eval=8, train_steps=15, net_width=8)
     train_ds, _ = demo.scene_data(cfg)
-    demo._float_model(cfg, train_ds, log=print)
+    demo.float_model(cfg, train_ds, log=print)
     assert "loaded the trained float model" in capsys.readouterr().out
 
 
 def test_target_lines_say_by_how_much():
-    rows = [demo.Row("float32", 0.90, 0.95, 1.0, 400.0, 1.0, 0), demo.Row("LNS8 ideal", 0.892, 0.95, 0.99, 100.0, 4.0, 0),
+    rows = [demo.Row("float32", 0.90, 0.95, 1.0, 400.0, 1.0, 0),
+            demo.Row("LNS8 ideal", 0.892, 0.95, 0.99, 100.0, 4.0, 0),
             demo.Row("LNS8 chip", 0.895, 0.95, 0.99, 100.0, 4.0, 0),
             demo.Row("LNS8 + cluster C=16", 0.87, 0.9, 0.9, 20.0, 18.0, 0)]
     lines = demo.target_lines(rows)

@@ -34,7 +34,8 @@ from torchlns import CHIP_MAC, FP8_E4M3, FP8_E5M2, INT8, ConvertConfig
 from .metrics import agreement
 from .scenes import CLASSES, IGNORE_INDEX, PALETTE, SceneDataset
 
-__all__ = ["SegNet", "DemoConfig", "Row", "train", "evaluate", "cluster", "finetune", "run", "scene_data", "main"]
+__all__ = ["SegNet", "DemoConfig", "Row", "batches", "train", "evaluate", "cluster", "finetune", "float_model", "run",
+           "scene_data", "main"]
 
 
 class SegNet(nn.Module):
@@ -92,7 +93,8 @@ class Row:
     seconds: float
 
 
-def _batches(ds, batch_size: int, shuffle_seed: Optional[int] = None):
+def batches(ds, batch_size: int, shuffle_seed: Optional[int] = None):
+    """(images, labels) batches of a ``SceneDataset``, in order or shuffled by a seed."""
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(shuffle_seed)) \
         if shuffle_seed is not None else torch.arange(len(ds))
     for i in range(0, len(ds), batch_size):
@@ -116,7 +118,7 @@ def train(model: nn.Module, ds: SceneDataset, steps: int, batch_size: int, lr: f
     epoch, done = 0, 0
     bar = _progress(range(steps), desc)
     while done < steps:
-        for x, y in _batches(ds, batch_size, shuffle_seed=seed * 1000 + epoch):
+        for x, y in batches(ds, batch_size, shuffle_seed=seed * 1000 + epoch):
             if done == steps:
                 break
             loss = F.cross_entropy(model(x.to(device)), y.to(device), ignore_index=IGNORE_INDEX)
@@ -140,7 +142,7 @@ def evaluate(model: nn.Module, ds: SceneDataset, batch_size: int, device, desc: 
     model.eval()
     cm = ConfusionMatrix(len(CLASSES), ignore_index=IGNORE_INDEX, device=device)
     preds = []
-    for x, y in _progress(_batches(ds, batch_size), desc, total=math.ceil(len(ds) / batch_size)):
+    for x, y in _progress(batches(ds, batch_size), desc, total=math.ceil(len(ds) / batch_size)):
         p = model(x.to(device)).argmax(1)
         cm.update(p, y.to(device))
         preds.append(p.to(torch.uint8).cpu())
@@ -161,7 +163,8 @@ def cluster(model: nn.Module, cfg: DemoConfig) -> nn.Module:
                                     filter_fn=lambda m, fqn: m.in_channels > 3, seed=cfg.seed)
 
 
-def _float_model(cfg: DemoConfig, train_ds: SceneDataset, log) -> nn.Module:
+def float_model(cfg: DemoConfig, train_ds: SceneDataset, log) -> nn.Module:
+    """The trained float SegNet: loaded from ``cfg.out`` if trained with these settings, else trained and saved."""
     path = cfg.out / "segnet_float.pt"
     torch.manual_seed(cfg.seed)
     model = SegNet(width=cfg.net_width)
@@ -194,8 +197,8 @@ def run(cfg: DemoConfig, log=print, data=None) -> List[Row]:
         log(f"generating {cfg.n_train} training and {cfg.n_eval} evaluation scenes ({cfg.height}x{cfg.width})")
         data = scene_data(cfg)
     train_ds, eval_ds = data
-    model = _float_model(cfg, train_ds, log)
-    calib = [x for x, _ in list(_batches(train_ds, cfg.batch_size))[:8]]
+    model = float_model(cfg, train_ds, log)
+    calib = [x for x, _ in list(batches(train_ds, cfg.batch_size))[:8]]
     float_bytes = torchlns.size_report(model).total_bytes
 
     rows: List[Row] = []
