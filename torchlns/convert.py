@@ -275,11 +275,10 @@ def enable_qat(model: nn.Module) -> nn.Module:
 
     Clustered layers that share one centroid table also share its float master.
     """
-    masters: Dict[tuple, nn.Parameter] = {}
+    masters: Dict[int, nn.Parameter] = {}  # one float master per centroid table object
     for m in model.modules():
         if isinstance(m, _CodedLayer):
             m.enable_qat()
         if isinstance(m, LNSClusteredConv2d):
-            key = (m.centroids.fmt, m.centroids.shape, m.centroids.codes.data_ptr(), m.centroids.param.data_ptr())
-            m.centroids_float = masters.setdefault(key, m.centroids_float)
+            m.centroids_float = masters.setdefault(id(m.centroids), m.centroids_float)
     return model

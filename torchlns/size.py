@@ -118,10 +118,6 @@ def _same_coded(a, b) -> bool:
                       and torch.equal(a.codes, b.codes) and torch.equal(a.param, b.param))
 
 
-def _shared_key(m: nn.Module):
-    return id(m.centroids) if isinstance(m, LNSClusteredConv2d) else None
-
-
 def size_report(model: nn.Module, reference: Optional[nn.Module] = None) -> SizeReport:
     """Stored size of ``model``, per layer and in total, against float32 (see Note: size accounting).
 
@@ -130,15 +126,13 @@ def size_report(model: nn.Module, reference: Optional[nn.Module] = None) -> Size
     """
     report = SizeReport()
     seen: set = set()
-    lns_centroids: Dict[int, object] = {}
+    tables: list = []  # LNS centroid tables counted so far
     for fqn, m in model.named_modules():
-        key = _shared_key(m)
-        if key is not None:  # equal shared centroids of network-scope clustering count once
-            mine = m.centroids
-            if any(_same_coded(mine, other) for other in lns_centroids.values()):
-                seen.add(id(mine))
+        if isinstance(m, LNSClusteredConv2d):  # a table shared (or equal) across layers counts once
+            if any(_same_coded(m.centroids, t) for t in tables):
+                seen.add(id(m.centroids))
             else:
-                lns_centroids[id(mine)] = mine
+                tables.append(m.centroids)
         fields, float_bits, fmt = _layer(m, seen)
         bits = sum(fields.values())
         if not bits:
