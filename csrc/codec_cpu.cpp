@@ -1,46 +1,24 @@
 // CPU kernels of the torchlns codec ops (encode/decode of LNS, FP8 and INT).
 //
-// The schemas are declared once, in torchlns/ops.py; this file only registers CPU kernels.
-// Every kernel is the same bit manipulation as the pure-PyTorch reference
-// (torchlns/codec.py), so results are bit-identical; tests/test_kernels.py checks that.
-// The tables (encode thresholds, decode bit patterns, FP8 values) come in as tensors
-// from Python, where they are computed exactly once (see Note: exact tables in
-// torchlns/_tables.py).
+// The schemas are declared once, in torchlns/ops/library.py; this file only registers CPU
+// kernels. Every kernel is the same bit manipulation as the pure-PyTorch reference
+// (torchlns/ops/reference.py), so results are bit-identical; tests/ops/test_kernels.py
+// checks that. The tables (encode buckets, decode bit patterns, FP8 values) come in as
+// tensors from Python, where they are computed exactly once (see Note: exact tables in
+// torchlns/core/tables.py).
 //
 // Broadcasting, strides and threading are TensorIterator's. Inner loops are plain
 // element loops compiled for several ISAs (TORCHLNS_MULTIVERSION): the package runs on
 // any x86-64, and picks AVX2 or AVX-512 code at load time where the CPU has it.
 
-#include <ATen/ATen.h>
 #include <ATen/TensorIterator.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <cstdint>
-#include <immintrin.h>
-#include <cstring>
-#include <vector>
-
-#include "multiversion.h"
+#include "common.h"
 
 namespace torchlns {
 namespace {
-
-constexpr uint32_t kAbsMask = 0x7FFFFFFFu;
-constexpr uint32_t kInfBits = 0x7F800000u;
-constexpr uint32_t kMantMask = (1u << 23) - 1;
-
-inline uint32_t float_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-inline float bits_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 
 // Note: elementwise kernels
 // Each op is a functor ``Op`` with types Out/In/Param/Params and a branch-free
@@ -100,8 +78,8 @@ struct LnsEncodeParams {
   int frac_bits;
   int32_t e_max;
   int32_t nan_code;
-  const int32_t* bucket_base;  // per (F+1)-bit bucket of the fraction: thresholds below it
-  const int32_t* bucket_thr;   // per bucket: the threshold inside it, or 2^23 (none)
+  const int32_t* bucket_base;  // see encode_buckets in torchlns/core/tables.py
+  const int32_t* bucket_thr;
   int32_t thresholds[1 << kMaxUnrolledF];  // the thresholds themselves, for F <= kMaxUnrolledF
 };
 
@@ -126,8 +104,7 @@ TORCHLNS_INLINE int32_t lns_encode_one(float x, int32_t off, const LnsEncodePara
     step = 0;
     for (int i = 0; i < (1 << (kF < 0 ? 0 : kF)); ++i) step += int32_t(frac >= p.thresholds[i]);
   } else {
-    // #{i : frac >= c_i}. Thresholds are > 2^-(F+1) apart in [1, 2), so each
-    // (F+1)-bit bucket of the fraction holds at most one of them.
+    // #{i : frac >= c_i}: the thresholds below the fraction's bucket, plus the one inside.
     const int32_t b = frac >> (22 - p.frac_bits);
     step = p.bucket_base[b] + int32_t(frac >= p.bucket_thr[b]);
   }
@@ -181,7 +158,7 @@ TORCHLNS_LNS_ENCODE(uint8_t, u8)
 TORCHLNS_LNS_ENCODE(int16_t, i16)
 #undef TORCHLNS_LNS_ENCODE
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(TORCHLNS_NO_MULTIVERSION)
+#ifdef TORCHLNS_X86_INTRINSICS
 #define TORCHLNS_HAVE_AVX512_ENCODE 1
 // Hand-written AVX-512 LNS encode (nearest, F <= 4), the hot path of every LNS8 layer. It is
 // lns_encode_one with the threshold count done by two in-register table permutes
@@ -269,27 +246,26 @@ bool try_lns_encode_avx512(at::TensorIterator& iter, const LnsEncodeParams& p) {
 }
 #endif
 
-at::Tensor lns_encode_cpu(const at::Tensor& x, const at::Tensor& offset, const at::Tensor& thresholds, int64_t bits,
+at::Tensor lns_encode_cpu(const at::Tensor& x, const at::Tensor& offset, const at::Tensor& buckets, int64_t bits,
                           int64_t frac_bits, bool mitchell) {
   TORCH_CHECK(x.scalar_type() == at::kFloat, "lns_encode: x must be float32, got ", x.scalar_type());
   TORCH_CHECK(offset.scalar_type() == at::kInt, "lns_encode: offset must be int32, got ", offset.scalar_type());
-  TORCH_CHECK(thresholds.scalar_type() == at::kInt && thresholds.numel() == (int64_t(1) << frac_bits),
-              "lns_encode: thresholds must be 2^frac_bits int32 values");
+  const int F = int(frac_bits);
+  TORCH_CHECK(buckets.scalar_type() == at::kInt && buckets.dim() == 2 && buckets.size(0) == 2 &&
+                  buckets.size(1) == (int64_t(2) << F),
+              "lns_encode: buckets must be a (2, 2^(frac_bits+1)) int32 table");
   const bool wide = bits > 8;
   auto out = at::empty(x.sizes(), x.options().dtype(wide ? at::kShort : at::kByte));
-  const auto thr = thresholds.contiguous();
-  const int32_t* t = thr.data_ptr<int32_t>();
-  const int F = int(frac_bits);
-  std::vector<int32_t> base(size_t(2) << F), inside(size_t(2) << F, 1 << 23);
-  for (int b = 0, i = 0; b < (2 << F); ++b) {
-    const int32_t lo = b << (22 - F), hi = (b + 1) << (22 - F);
-    while (i < (1 << F) && t[i] < lo) ++i;
-    base[b] = i;
-    if (i < (1 << F) && t[i] < hi) inside[b] = t[i];
-    TORCH_CHECK(i + 1 >= (1 << F) || t[i + 1] >= hi || t[i] >= hi, "lns_encode: two thresholds in one bucket");
+  const auto table = buckets.contiguous();
+  const int32_t* base = table.data_ptr<int32_t>();
+  const int32_t* inside = base + (int64_t(2) << F);
+  LnsEncodeParams p{F, int32_t((1 << (bits - 1)) - 1), int32_t(1) << (bits - 1), base, inside, {}};
+  if (F <= kMaxUnrolledF) {  // the thresholds themselves, in order: one per bucket that holds one
+    int count = 0;
+    for (int b = 0; b < (2 << F); ++b)
+      if (inside[b] != (1 << 23)) p.thresholds[count++ & ((1 << kMaxUnrolledF) - 1)] = inside[b];
+    TORCH_CHECK(count == (1 << F), "lns_encode: buckets hold ", count, " thresholds, expected 2^frac_bits");
   }
-  LnsEncodeParams p{F, int32_t((1 << (bits - 1)) - 1), int32_t(1) << (bits - 1), base.data(), inside.data(), {}};
-  for (int i = 0; i < (1 << F) && F <= kMaxUnrolledF; ++i) p.thresholds[i] = t[i];
   auto iter = elementwise_iter(out, x, offset);
 #ifdef TORCHLNS_HAVE_AVX512_ENCODE
   if (!mitchell && (wide ? try_lns_encode_avx512<int16_t>(iter, p) : try_lns_encode_avx512<uint8_t>(iter, p)))
@@ -315,8 +291,8 @@ struct LnsDecode {
   using Param = int32_t;
   using Params = LnsDecodeParams;
   static TORCHLNS_INLINE float apply(Code code, int32_t off, const LnsDecodeParams& p) {
-    const int32_t c = int32_t(code) & p.code_mask, mag = c & p.e_max;
-    const uint32_t sign = uint32_t(c > p.e_max) << 31;
+    const auto [mag, negative] = code_fields(int32_t(code), p.e_max, p.code_mask);
+    const uint32_t sign = uint32_t(negative) << 31;
     // D[r] has exponent field 127; adding q to the field scales by 2^q exactly. For the
     // zero/NaN code the value is replaced below; g stays in range for a valid offset.
     const int32_t g = mag + off;
@@ -345,7 +321,7 @@ at::Tensor lns_decode_cpu(const at::Tensor& codes, const at::Tensor& offset, con
 }
 
 // ---------------------------------------------------------------------------------------
-// FP8 encode / decode (same bit manipulation as codec.fp8_encode_reference)
+// FP8 encode / decode (same bit manipulation as reference.fp8_encode_reference)
 // ---------------------------------------------------------------------------------------
 struct Fp8Params {
   int man_bits, bias, max_code;
@@ -377,10 +353,9 @@ struct Fp8Encode {
 };
 TORCHLNS_CONTIGUOUS_ENTRY(fp8_encode_contiguous, Fp8Encode)
 
-at::Tensor fp8_encode_cpu(const at::Tensor& x, const at::Tensor& scale, int64_t exp_bits, int64_t man_bits, int64_t bias,
-                          int64_t max_code, bool has_inf) {
+at::Tensor fp8_encode_cpu(const at::Tensor& x, const at::Tensor& scale, int64_t man_bits, int64_t bias, int64_t max_code,
+                          bool has_inf) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && scale.scalar_type() == at::kFloat, "fp8_encode: float32 x and scale");
-  (void)exp_bits;
   auto out = at::empty(x.sizes(), x.options().dtype(at::kByte));
   auto iter = elementwise_iter(out, x, scale);
   run_elementwise<Fp8Encode>(iter, Fp8Params{int(man_bits), int(bias), int(max_code), has_inf}, fp8_encode_contiguous);

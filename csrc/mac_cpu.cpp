@@ -1,66 +1,40 @@
 // CPU kernel of torchlns::lns_mm, the core of lns_linear / lns_conv (spec section 2).
 //
 // float32 accumulator: 2^F matrix products of exactly representable operands (see Note:
-// remainder classes below), or, when some product could leave float32's normal range, the
-// direct form. fixed accumulator: always the direct form, since each product is truncated
-// before the sum. The direct form builds each product from its log sum G = g_x + g_w with
-// the table C[r] (float64, exact; see Note: reference MAC arithmetic in torchlns/mac.py);
-// 2^q comes from its bit pattern, so C[r] * 2^q is an exact double.
+// remainder classes in common.h), or, when some product could leave float32's normal range,
+// the direct form. fixed accumulator: always the direct form, since each product is
+// truncated before the sum. The direct form builds each product from its log sum
+// G = g_x + g_w with the table C[r] (float64, exact; see Note: reference MAC arithmetic in
+// torchlns/ops/reference.py); 2^q comes from its bit pattern, so C[r] * 2^q is an exact double.
 //
 // Determinism: every output is summed by one thread in a fixed order (direct form: LANES
 // interleaved partial sums over k, then the lanes in order; class form: fixed row blocks),
 // so the bits never depend on the thread count. The fixed accumulator is exact, so it
 // matches the reference bit for bit; float32 results stay within the spec's bound.
 
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <climits>
 #include <cmath>
-#include <cstdint>
-#include <cstring>
 #include <limits>
-#include <algorithm>
-#include <optional>
 #include <utility>
-#include <vector>
 
-#include "multiversion.h"
-
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
+#include "common.h"
 
 namespace torchlns {
-namespace {
 
-constexpr int LANES = 8;
-
-inline double pow2(int64_t e) {  // exact for e in [-1022, 1023]
-  const uint64_t u = uint64_t(e + 1023) << 52;
-  double d;
-  std::memcpy(&d, &u, 8);
-  return d;
-}
-
-struct LogRows {
-  at::Tensor g;      // int32 log value, 0 where the code is zero
-  at::Tensor sign;   // float32: +1, -1, or 0 for the zero code (and NaN)
-  at::Tensor nan;    // bool per row: the row holds a NaN code
-  int64_t q_lo = 0;  // range of q = g >> F over the nonzero codes
-  int64_t q_hi = 0;
-};
-
-LogRows log_rows(const at::Tensor& codes, const at::Tensor& offset, int64_t bits, int frac_bits) {
+// The log fields of a (rows, K) matrix of codes, with offsets broadcast against it (read
+// through their strides, so a per-tensor or per-channel offset is never expanded).
+LogFields log_fields(const at::Tensor& codes, const at::Tensor& offset, int64_t bits, int frac_bits) {
   const int64_t rows = codes.size(0), K = codes.size(1);
   const int32_t e_max = (1 << (bits - 1)) - 1, mask = (1 << bits) - 1;
   auto c32 = codes.to(at::kInt).contiguous();
   const auto off = offset.expand({rows, K});  // broadcast offsets are read through strides
   const int64_t so_r = off.stride(0), so_k = off.stride(1);
-  LogRows out{at::empty({rows, K}, codes.options().dtype(at::kInt)),
-              at::empty({rows, K}, codes.options().dtype(at::kFloat)),
-              at::zeros({rows}, codes.options().dtype(at::kBool))};
+  LogFields out{at::empty({rows, K}, codes.options().dtype(at::kInt)),
+                at::empty({rows, K}, codes.options().dtype(at::kFloat)),
+                at::empty({rows, K}, codes.options().dtype(at::kBool))};
   const int32_t* c = c32.data_ptr<int32_t>();
   const int32_t* o = off.data_ptr<int32_t>();
   int32_t* g = out.g.data_ptr<int32_t>();
@@ -69,19 +43,16 @@ LogRows log_rows(const at::Tensor& codes, const at::Tensor& offset, int64_t bits
   std::vector<int64_t> lo(rows, INT64_MAX), hi(rows, INT64_MIN);
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      bool any_nan = false;
       int32_t q_lo = INT32_MAX, q_hi = INT32_MIN;
       for (int64_t k = 0; k < K; ++k) {
-        const int32_t ck = c[r * K + k] & mask, mag = ck & e_max;
-        const bool neg = ck > e_max;
+        const auto [mag, neg] = code_fields(c[r * K + k], e_max, mask);
         const int32_t gk = mag == 0 ? 0 : mag + o[r * so_r + k * so_k];
-        any_nan |= (mag == 0) & neg;
+        nan[r * K + k] = (mag == 0) & neg;
         g[r * K + k] = gk;
         s[r * K + k] = mag == 0 ? 0.0f : (neg ? -1.0f : 1.0f);
         q_lo = mag == 0 ? q_lo : std::min(q_lo, gk >> frac_bits);
         q_hi = mag == 0 ? q_hi : std::max(q_hi, gk >> frac_bits);
       }
-      nan[r] = any_nan;
       lo[r] = q_lo;
       hi[r] = q_hi;
     }
@@ -92,6 +63,17 @@ LogRows log_rows(const at::Tensor& codes, const at::Tensor& offset, int64_t bits
   out.q_hi = all_lo > all_hi ? 0 : all_hi;
   return out;
 }
+
+std::vector<float> extended_table(const double* C, int frac_bits) {
+  const int R = 1 << frac_bits;
+  std::vector<float> C_ext(2 * R);
+  for (int t = 0; t < 2 * R; ++t) C_ext[t] = float(t < R ? C[t] : 2.0 * C[t - R]);
+  return C_ext;
+}
+
+namespace {
+
+constexpr int LANES = 8;
 
 // One output of the float32 accumulator: sum of exact products, LANES-interleaved.
 TORCHLNS_MULTIVERSION
@@ -131,7 +113,7 @@ int64_t dot_fixed(const int32_t* gx, const float* sx, const int32_t* gw, const f
   return acc;
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#ifdef TORCHLNS_X86_INTRINSICS
 // dot_fixed with explicit AVX-512 for frac_bits <= 4: the 2^F-entry table lives in one or two
 // registers and is read with a permute, where the compiled loop above reads it with eight
 // scalar loads per vector; the sign is applied with masks instead of a 64-bit multiply. Same
@@ -177,47 +159,26 @@ int64_t dot_fixed_dispatch(const int32_t* gx, const float* sx, const int32_t* gw
   return dot_fixed(gx, sx, gw, sw, K, table, frac_bits, acc_lsb, T);
 }
 
-// Note: remainder classes
-// For the float32 accumulator the MAC is a sum of 2^F ordinary matrix products. Split each
-// log value as g = q 2^F + r. A product's conversion depends only on t = r_x + r_w (with a
-// carry when t >= 2^F), so with C_ext[t] = C[t] for t < 2^F and 2 C[t - 2^F] above,
-//   y = sum_i A_i V_i^T,  A_i[m,k] = s_x 2^qx [r_x = i],  V_i[n,k] = s_w 2^qw C_ext[i + r_w].
-// Every entry and every product is an exact float32 as long as the exponents stay in the
-// normal range (checked; otherwise the direct kernel runs), so each product is exact and
-// only the float32 summation rounds: the spec's float32 accumulator. For the same bits at
-// any thread count, rows go in fixed blocks, each summed by one thread with
-// single-threaded GEMMs in a fixed class order (class_block_rows).
+// float32 accumulator, remainder-class form (see Note: remainder classes in common.h). For
+// the same bits at any thread count, rows go in fixed blocks, each summed by one thread
+// with single-threaded GEMMs in a fixed class order.
 // Rows per block: a function of M only (never of the thread count), large enough for
 // efficient GEMMs and small enough to give both cores work.
 inline int64_t class_block_rows(int64_t M) { return std::clamp<int64_t>((M + 7) / 8, 64, 1024); }
-
-bool class_gemm_in_range(const LogRows& lx, const LogRows& lw) {
-  // C_ext < 4: V entries need qw + 2 <= 127, products qx + qw + 2 <= 127; all >= -126.
-  return lx.q_lo >= -126 && lx.q_hi <= 127 && lw.q_lo >= -126 && lw.q_hi + 2 <= 127 && lx.q_lo + lw.q_lo >= -126 &&
-         lx.q_hi + lw.q_hi + 2 <= 127;
-}
-
-TORCHLNS_INLINE float pow2f_scaled(int32_t q, float sign) {  // sign * 2^q as float32, q in [-126, 127]
-  const uint32_t u = uint32_t(q + 127) << 23;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return sign * f;
-}
 
 TORCHLNS_MULTIVERSION
 void fill_class_plane(float* __restrict plane, const int32_t* __restrict g, const float* __restrict sign, int64_t n,
                       int cls, int frac_bits) {
   const int32_t mask = (1 << frac_bits) - 1;
   for (int64_t e = 0; e < n; ++e)
-    plane[e] = (g[e] & mask) == cls ? pow2f_scaled(g[e] >> frac_bits, sign[e]) : 0.0f;
+    plane[e] = (g[e] & mask) == cls ? pow2f_signed(g[e] >> frac_bits, sign[e]) : 0.0f;
 }
 
-at::Tensor lns_mm_float_classes(const LogRows& lx, const LogRows& lw, const double* C, int frac_bits) {
+at::Tensor lns_mm_float_classes(const LogFields& lx, const LogFields& lw, const double* C, int frac_bits) {
   const int64_t M = lx.g.size(0), K = lx.g.size(1), N = lw.g.size(0);
   const int R = 1 << frac_bits;
   const auto f32 = lx.g.options().dtype(at::kFloat);
-  std::vector<float> C_ext(2 * R);
-  for (int t = 0; t < 2 * R; ++t) C_ext[t] = float(t < R ? C[t] : 2.0 * C[t - R]);
+  const std::vector<float> C_ext = extended_table(C, frac_bits);
   // V[i] is (N, K), written contiguously; the GEMMs take its transpose.
   auto V = at::empty({R, N, K}, f32);
   {
@@ -228,7 +189,7 @@ at::Tensor lns_mm_float_classes(const LogRows& lx, const LogRows& lw, const doub
       for (int64_t n = n0; n < n1; ++n)
         for (int64_t k = 0; k < K; ++k) {
           const int32_t gv = g[n * K + k];
-          const float base = pow2f_scaled(gv >> frac_bits, sg[n * K + k]);
+          const float base = pow2f_signed(gv >> frac_bits, sg[n * K + k]);
           const int32_t r = gv & (R - 1);
           for (int i = 0; i < R; ++i) v[(int64_t(i) * N + n) * K + k] = base * C_ext[i + r];
         }
@@ -260,6 +221,8 @@ at::Tensor lns_mm_float_classes(const LogRows& lx, const LogRows& lw, const doub
   return out;
 }
 
+}  // namespace
+
 at::Tensor lns_mm_cpu(const at::Tensor& x, const at::Tensor& x_offset, const at::Tensor& w,
                       const at::Tensor& w_offset, const at::Tensor& table, const std::optional<at::Tensor>& bias,
                       int64_t x_bits, int64_t w_bits, int64_t frac_bits, bool fixed, int64_t acc_bits,
@@ -268,15 +231,16 @@ at::Tensor lns_mm_cpu(const at::Tensor& x, const at::Tensor& x_offset, const at:
   TORCH_CHECK(table.scalar_type() == at::kDouble && table.numel() == (int64_t(1) << frac_bits),
               "lns_mm: table must hold 2^frac_bits float64 values");
   const int64_t M = x.size(0), N = w.size(0), K = x.size(1);
-  const LogRows lx = log_rows(x, x_offset, x_bits, int(frac_bits)), lw = log_rows(w, w_offset, w_bits, int(frac_bits));
+  const LogFields lx = log_fields(x, x_offset, x_bits, int(frac_bits)), lw = log_fields(w, w_offset, w_bits, int(frac_bits));
   const auto tab = table.contiguous();
   const double* C = tab.data_ptr<double>();
   const int32_t* gx = lx.g.data_ptr<int32_t>();
   const int32_t* gw = lw.g.data_ptr<int32_t>();
   const float* sx = lx.sign.data_ptr<float>();
   const float* sw = lw.sign.data_ptr<float>();
-  const bool* nx = lx.nan.data_ptr<bool>();
-  const bool* nw = lw.nan.data_ptr<bool>();
+  const auto nan_rows_x = lx.nan.any(1), nan_rows_w = lw.nan.any(1);  // NaN dominates its dot products
+  const bool* nx = nan_rows_x.data_ptr<bool>();
+  const bool* nw = nan_rows_w.data_ptr<bool>();
   std::optional<at::Tensor> b32;
   if (bias.has_value()) b32 = bias->to(at::kFloat).contiguous();
   const float* b = b32 ? b32->data_ptr<float>() : nullptr;
@@ -287,29 +251,15 @@ at::Tensor lns_mm_cpu(const at::Tensor& x, const at::Tensor& x_offset, const at:
   if (fixed) {
     TORCH_CHECK(acc_bits >= 8 && acc_bits <= 48, "lns_mm: acc_bits out of range");
     const int64_t T = (int64_t(1) << (acc_bits - 1)) - 1;
-    const double bias_clamp = 9223372036854774784.0;  // 2^63 - 1024 (see the reference's Note)
     at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m)
         for (int64_t n = 0; n < N; ++n) {
-          int64_t acc = dot_fixed_dispatch(gx + m * K, sx + m * K, gw + n * K, sw + n * K, K, C, F, acc_lsb,
-                                           double(T));
-          bool nan_out = nx[m] || nw[n];
-          if (b) {
-            if (std::isnan(b[n])) {
-              nan_out = true;
-            } else {
-              double bd = std::nearbyint(double(b[n]) * pow2(-acc_lsb));
-              bd = bd > bias_clamp ? bias_clamp : (bd < -bias_clamp ? -bias_clamp : bd);
-              int64_t sum;
-              if (__builtin_add_overflow(acc, int64_t(bd), &sum)) sum = bd > 0 ? T : -T;
-              acc = sum;
-            }
-          }
-          acc = acc > T ? T : (acc < -T ? -T : acc);
-          y[m * N + n] = nan_out ? nan : float(double(acc) * pow2(acc_lsb));
+          const int64_t acc = dot_fixed_dispatch(gx + m * K, sx + m * K, gw + n * K, sw + n * K, K, C, F, acc_lsb,
+                                                 double(T));
+          y[m * N + n] = fixed_epilogue(acc, b ? b + n : nullptr, T, acc_lsb, nx[m] || nw[n]);
         }
     });
-  } else if (M && N && K && class_gemm_in_range(lx, lw)) {  // see Note: remainder classes
+  } else if (M && N && K && class_terms_in_range(lx, lw)) {  // see Note: remainder classes in common.h
     const auto sums = lns_mm_float_classes(lx, lw, C, F);
     const float* s = sums.data_ptr<float>();
     at::parallel_for(0, M, 64, [&](int64_t m0, int64_t m1) {
@@ -332,8 +282,6 @@ at::Tensor lns_mm_cpu(const at::Tensor& x, const at::Tensor& x_offset, const at:
   }
   return out;
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(torchlns, CPU, m) { m.impl("lns_mm", &lns_mm_cpu); }
 

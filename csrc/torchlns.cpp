@@ -1,8 +1,9 @@
-// torchlns._C: native CPU backend of torchlns.
+// torchlns._C: the native CPU backend of torchlns.
 //
-// Placeholder for now: the bit-exact encode/decode and MAC kernels land in a later issue.
-// Until then the module only reports how it was built, so that torchlns.backend_info()
-// can show whether the native backend is present and what it was compiled with.
+// Importing the module registers the CPU kernels of the torchlns:: ops (codec_cpu.cpp,
+// mac_cpu.cpp, conv_cpu.cpp, each with TORCH_LIBRARY_IMPL; the schemas are declared in
+// torchlns/ops/library.py). The Python module itself only reports how it was built, so that
+// torchlns.backend_info() can show what serves the CPU.
 
 #include <torch/extension.h>
 
@@ -44,7 +45,7 @@ py::dict build_info() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "torchlns native CPU backend (placeholder: build information only)";
+  m.doc() = "torchlns native CPU backend: registers the torchlns:: CPU kernels on import";
   m.def("build_info", &build_info,
         "How this extension was built: compiler, OpenMP, ATen intra-op threads, C++ standard.");
 }

@@ -20,9 +20,9 @@ import torch.distributed as dist
 
 import torchlns
 from torchlns import CHIP_MAC, FP8_E4M3, INT8, ConvertConfig
-from torchlns import demo
+from torchlns.apps import demo
 from torchlns.metrics import ConfusionMatrix
-from torchlns.scenes import CLASSES, IGNORE_INDEX
+from torchlns.apps.scenes import CLASSES, IGNORE_INDEX
 
 FORMATS = {"lns8": ConvertConfig(), "lns8-chip": ConvertConfig(mac=CHIP_MAC), "fp8-e4m3": ConvertConfig(fmt=FP8_E4M3),
            "int8": ConvertConfig(fmt=INT8)}

@@ -14,8 +14,8 @@ table, a Figure-1-style difference map and a markdown report land in ``--out``.
 import argparse
 import sys
 
-from torchlns import demo
-from torchlns.scenes import CityscapesFolder, SceneDataset
+from torchlns.apps import demo
+from torchlns.apps.scenes import CityscapesFolder, SceneDataset
 
 
 def main(argv=None) -> int:

@@ -56,7 +56,7 @@ def _write_cityscapes(root: pathlib.Path, split: str, n: int, seed: int):
     """A Cityscapes-style folder made from generated scenes, with Cityscapes labelIds."""
     from PIL import Image
 
-    from torchlns.scenes import generate_scenes
+    from torchlns.apps.scenes import generate_scenes
 
     images, labels = generate_scenes(n, 32, 64, seed=seed)
     to_id = torch.tensor([7, 7, 26, 23, 21])  # road, lane mark (road in Cityscapes), car, sky, vegetation
@@ -73,7 +73,7 @@ def _write_cityscapes(root: pathlib.Path, split: str, n: int, seed: int):
 
 
 def test_cityscapes_folder_loads_and_maps_labels(tmp_path):
-    from torchlns.scenes import IGNORE_INDEX, CityscapesFolder
+    from torchlns.apps.scenes import IGNORE_INDEX, CityscapesFolder
 
     images, labels = _write_cityscapes(tmp_path, "val", 3, seed=5)
     ds = CityscapesFolder(tmp_path, "val")

@@ -1,6 +1,19 @@
-"""torchlns: bit-exact emulation of a logarithmic-number-system inference chip."""
+"""torchlns: bit-exact emulation of a logarithmic-number-system inference chip.
 
-from .formats import (  # noqa: F401
+The package is layered; each layer imports only from the ones above it in this list (the
+README's Architecture section walks through them):
+
+* ``core``: formats, exact tables, bit fields, parameter layout, conv geometry;
+* ``ops``: the ``torchlns::`` op library and its kernels (reference, C++ via ``torchlns._C``,
+  Triton);
+* ``codec``, ``tensor``, ``functional``: encode/decode, the coded operand and its tensor,
+  the chip's layers as functions;
+* ``config``, ``nn``: conversion settings, the chip layers and the swap registry;
+* ``transforms``: fold, cluster, calibrate, convert, size;
+* ``metrics``; ``apps`` (the command line and the demo).
+"""
+
+from .core.formats import (  # noqa: F401
     CHIP_MAC,
     FP8_E4M3,
     FP8_E5M2,
@@ -8,22 +21,30 @@ from .formats import (  # noqa: F401
     INT8,
     LNS8,
     FP8Format,
+    Format,
     IntFormat,
     LNSFormat,
     MACConfig,
 )
-from . import ops as _ops  # noqa: F401  (declares the torchlns:: ops first)
+from . import ops  # noqa: F401  (declares the torchlns:: ops first)
 from .codec import amax, calibrate, decode, default_offset, default_scale, encode, expand_param  # noqa: F401
+from .tensor import Coded, CodedTensor, FP8Tensor, IntTensor, LNSTensor  # noqa: F401
+from .functional import lns_conv1d, lns_conv2d, lns_linear  # noqa: F401
+from .ops import TorchLNSBackendWarning, backend_info, has_native  # noqa: F401
+from .config import ClusterConfig, ConvertConfig  # noqa: F401
+from .nn import ClusteredConv2d, LNSClusteredConv2d, LNSConv1d, LNSConv2d, LNSLinear, register_swap  # noqa: F401
+from .transforms import (  # noqa: F401
+    FoldReport,
+    SizeReport,
+    TorchLNSFoldWarning,
+    cluster_kernels,
+    convert,
+    enable_qat,
+    fold_batchnorm,
+    size_report,
+)
+from . import metrics  # noqa: F401
 
 __version__ = "0.1.0"
-from .mac import lns_conv1d, lns_conv2d, lns_linear  # noqa: F401,E402
-from .tensor import CodedTensor, FP8Tensor, IntTensor, LNSTensor  # noqa: F401,E402
-from ._backend import TorchLNSBackendWarning, backend_info, has_native  # noqa: F401,E402
-from .fold import FoldReport, fold_batchnorm  # noqa: F401,E402
-from .cluster import ClusteredConv2d, cluster_kernels  # noqa: F401,E402
-from .modules import LNSClusteredConv2d, LNSConv1d, LNSConv2d, LNSLinear  # noqa: F401,E402
-from .convert import ClusterConfig, ConvertConfig, convert, enable_qat  # noqa: F401,E402
-from .size import SizeReport, size_report  # noqa: F401,E402
-from . import metrics  # noqa: F401,E402
 
 has_native()  # a missing extension is reported once, at import, not at the first op

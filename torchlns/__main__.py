@@ -1,7 +1,7 @@
 """Command line: ``python -m torchlns <command>`` (or the ``torchlns`` console script).
 
-Commands: ``demo`` (the main job, ``demo.py``), ``formats``, ``convert``, ``report`` and ``compare`` (the last three live in
-``torchlns/cli.py``). User errors print one ``torchlns: error: ...`` line and exit with 2.
+Commands: ``demo`` (the main job, ``apps/demo.py``), ``formats`` (``apps/formats_table.py``), and ``convert``,
+``report`` and ``compare`` (``apps/cli.py``). User errors print one ``torchlns: error: ...`` line and exit with 2.
 """
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ from typing import Optional, Sequence
 
 
 def _cmd_formats(args: argparse.Namespace) -> int:
-    from .formats_table import run_demo
+    from .apps.formats_table import run_demo
 
     run_demo(n=args.n, seed=args.seed)
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_from_args
+    from .apps.demo import run_from_args
 
     return run_from_args(args)
 
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", title="commands")
     sub.required = True
 
-    from .demo import __doc__ as demo_doc, add_arguments
+    from .apps.demo import __doc__ as demo_doc, add_arguments
 
     demo = sub.add_parser(
         "demo",
@@ -53,19 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
     formats.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     formats.set_defaults(func=_cmd_formats)
 
-    from .cli import add_commands
+    from .apps.cli import add_commands
 
     add_commands(sub)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .cli import CLIError
+    from .apps.cli import CLIError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except CLIError as e:  # user errors (see Note: user errors in cli.py): one line, status 2
+    except CLIError as e:  # user errors (see Note: user errors in apps/cli.py): one line, status 2
         print(f"torchlns: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 

@@ -1,25 +1,37 @@
-"""``LNSTensor`` and its FP8/INT siblings: codes that behave as float32 tensors.
+"""The coded operand (``Coded``) and its tensor face, ``CodedTensor`` (``LNSTensor`` and siblings).
 
-A coded tensor is a wrapper subclass (in the style of torchao's quantized tensors): its
-logical dtype is float32, and it holds ``codes`` (the bit patterns), a compact ``param``
-(offset for LNS, scale for FP8/INT; see Note: parameter layout in codec.py), the format and
-an optional ``block = (axis, block_size)``. Layout ops move the parameters with the data.
-``F.linear``, ``F.conv1d``, ``F.conv2d`` and ``torch.matmul`` run the reference MAC with the
-ideal MAC config (``torchlns.lns_linear`` takes any other). Every other op raises an error
-naming it, so that nothing silently computes on codes.
+# Note: coded operands
+A coded operand is four things: ``codes`` (the bit patterns), a compact ``param`` (offset for
+LNS, scale for FP8/INT; see Note: parameter layout in core/layout.py), the format, and an
+optional ``block = (axis, block_size)``. ``Coded`` is that record and the one operand type
+below the public API: the layers build and hold it, the functional ops take it, and they
+lower it to op arguments in one place. ``CodedTensor`` is the same four fields as a
+``torch.Tensor`` subclass (in the style of torchao's quantized tensors): its logical dtype
+is float32, layout ops move the parameters with the data, ``state_dict``/``torch.save``
+store it, and ``t.coded`` is its operand. Why two classes: torch.compile cannot read a
+non-literal attribute (the format) of a tensor subclass constructed inside a compiled
+region, while a NamedTuple built there is traced field by field. So operands made inside a
+compiled ``forward`` (an encoded input, a re-encoded QAT weight, a clustered weight) are
+``Coded``; tensors that users hold and modules store are ``CodedTensor``.
+
+``F.linear``, ``F.conv1d``, ``F.conv2d`` and ``torch.matmul`` on a ``CodedTensor`` run the
+ideal MAC (registered by functional.py; ``torchlns.lns_linear`` takes any other). Every
+other op raises an error naming it, so that nothing silently computes on codes.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
-from .codec import _check_block_size, _norm_axis, calibrate, decode, encode, expand_param, _as_offset, _as_scale
-from .formats import FP8Format, Format, IntFormat, LNSFormat
+from .codec import calibrate, check_format, decode, encode
+from .core.formats import Format
+from .core.formats import FP8Format as _FP8Format, IntFormat as _IntFormat, LNSFormat as _LNSFormat
+from .core.layout import check_block_size, check_granularity, compact_shape, compress, expand_param, norm_axis
 
-__all__ = ["CodedTensor", "LNSTensor", "FP8Tensor", "IntTensor", "implements", "implements_torch_function"]
+__all__ = ["Coded", "CodedTensor", "LNSTensor", "FP8Tensor", "IntTensor", "as_coded", "implements",
+           "implements_torch_function"]
 
 aten = torch.ops.aten
 _ATEN_TABLE: dict = {}
@@ -50,13 +62,80 @@ def implements_torch_function(fns) -> Callable:
     return decorator
 
 
+class Coded(NamedTuple):
+    """A coded operand (see Note: coded operands)."""
+
+    codes: torch.Tensor
+    param: torch.Tensor
+    fmt: Format
+    block: Optional[Tuple[int, int]] = None
+
+    @staticmethod
+    def encode(x: torch.Tensor, fmt: Format, granularity: str = "tensor", axis: Optional[int] = None,
+               block_size: Optional[int] = None, param=None) -> "Coded":
+        """Encode ``x``; ``param`` (compact layout) defaults to calibration from max|x| per group.
+
+        ``granularity``: ``"tensor"``; ``"channel"`` (one per index of ``axis``, default 0);
+        ``"block"`` (one per ``block_size`` run along ``axis``, default -1).
+        """
+        check_format(fmt)
+        check_granularity(granularity)
+        block = None
+        if granularity == "block":
+            axis = norm_axis(-1 if axis is None else axis, x.dim())
+            block = (axis, check_block_size(block_size))
+        elif block_size is not None:
+            raise ValueError(f"block_size is only used with granularity='block', not {granularity!r}")
+        if param is None:
+            param = calibrate(x, fmt, granularity, axis, block_size)
+        else:
+            param = _compact_param(param, fmt, x, granularity, axis, block_size)
+        full = expand_param(param, *(block or (None, None)), x.shape[block[0]] if block else 0)
+        return Coded(encode(x, fmt, full), param, fmt, block)
+
+    def expanded_param(self) -> torch.Tensor:
+        """The parameter broadcastable against the codes (blocks repeated)."""
+        if self.block is None:
+            return self.param
+        axis, size = self.block
+        return expand_param(self.param, axis, size, self.codes.shape[axis])
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 values of the codes (exact)."""
+        return decode(self.codes, self.fmt, self.expanded_param())
+
+    def tensor(self) -> "CodedTensor":
+        """This operand as a tensor of the format's class (``LNSTensor`` for LNS, ...)."""
+        return CodedTensor.class_for(self.fmt)(self.codes, self.param, self.fmt, self.block)
+
+
+def as_coded(t) -> Optional[Coded]:
+    """The operand of a ``Coded`` or ``CodedTensor``; None for anything else (a float tensor)."""
+    if isinstance(t, Coded):
+        return t
+    if isinstance(t, CodedTensor):
+        return t.coded
+    return None
+
+
 class CodedTensor(torch.Tensor):
-    """Machinery shared by ``LNSTensor``, ``FP8Tensor`` and ``IntTensor``."""
+    """A coded operand as a ``torch.Tensor`` (see Note: coded operands); the base of ``LNSTensor`` etc.
+
+    A subclass declares the formats it holds with ``class LNSTensor(CodedTensor, format=LNSFormat)``;
+    a format without its own class is held by ``CodedTensor`` itself.
+    """
 
     codes: torch.Tensor
     param: torch.Tensor
     fmt: Format
     block: Optional[tuple]
+
+    _CLASS_FOR: Dict[type, type] = {}
+
+    def __init_subclass__(cls, format: Optional[type] = None, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if format is not None:
+            CodedTensor._CLASS_FOR[format] = cls
 
     @staticmethod
     def __new__(cls, codes: torch.Tensor, param: torch.Tensor, fmt: Format, block: Optional[tuple] = None):
@@ -70,20 +149,16 @@ class CodedTensor(torch.Tensor):
         self.fmt = fmt
         self.block = block
 
-    # -- construction ---------------------------------------------------------------------
     @staticmethod
-    def _class_for(fmt: Format):
-        if isinstance(fmt, LNSFormat):
-            return LNSTensor
-        if isinstance(fmt, FP8Format):
-            return FP8Tensor
-        if isinstance(fmt, IntFormat):
-            return IntTensor
-        raise TypeError(f"fmt must be an LNSFormat, FP8Format or IntFormat, got {type(fmt).__name__}")
+    def class_for(fmt: Format) -> type:
+        """The tensor class that holds ``fmt``'s codes."""
+        check_format(fmt)
+        return next((CodedTensor._CLASS_FOR[k] for k in type(fmt).__mro__ if k in CodedTensor._CLASS_FOR), CodedTensor)
 
-    @classmethod
-    def _make(cls, codes, param, fmt, block=None) -> "CodedTensor":
-        return CodedTensor._class_for(fmt)(codes, param, fmt, block)
+    @property
+    def coded(self) -> Coded:
+        """The operand this tensor holds."""
+        return Coded(self.codes, self.param, self.fmt, self.block)
 
     @classmethod
     def from_float(cls, x: torch.Tensor, fmt: Format, offset=None, *, granularity: str = "tensor",
@@ -94,25 +169,18 @@ class CodedTensor(torch.Tensor):
         ``"block"`` (one per ``block_size`` run along ``axis``, default -1). A given
         ``offset`` must be an int or a tensor in that compact layout.
         """
-        target = CodedTensor._class_for(fmt)
+        target = CodedTensor.class_for(fmt)
         if cls is not CodedTensor and cls is not target:
             raise TypeError(f"{cls.__name__}.from_float cannot hold {fmt}; use {target.__name__}.from_float")
         if isinstance(x, CodedTensor):
             raise TypeError("x is already encoded; call .dequantize() first to re-encode it")
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        codes, param, block = encode_compact(x.detach(), fmt, granularity, axis, block_size, offset)
-        return target(codes, param, fmt, block)
+        return Coded.encode(x.detach(), fmt, granularity, axis, block_size, offset).tensor()
 
     def dequantize(self) -> torch.Tensor:
         """The float32 values of the codes (exact)."""
-        return decode(self.codes, self.fmt, self._param_broadcast())
-
-    def _param_broadcast(self) -> torch.Tensor:
-        if self.block is None:
-            return self.param
-        axis, size = self.block
-        return expand_param(self.param, axis, size, self.codes.shape[axis])
+        return self.coded.dequantize()
 
     # -- tensor-subclass protocol ----------------------------------------------------------
     def __tensor_flatten__(self):
@@ -125,7 +193,7 @@ class CodedTensor(torch.Tensor):
     def __reduce_ex__(self, protocol):
         # Plain tuples of builtins only, so that torch.load(weights_only=True) accepts it
         # once _rebuild_coded_tensor is a safe global (registered below).
-        return _rebuild_coded_tensor, (_format_to_tuple(self.fmt), self.codes, self.param, self.block)
+        return _rebuild_coded_tensor, (self.fmt.to_tuple(), self.codes, self.param, self.block)
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -147,7 +215,7 @@ class CodedTensor(torch.Tensor):
 
     def __repr__(self, *, tensor_contents=None) -> str:
         p = self.param
-        name = "offset" if isinstance(self.fmt, LNSFormat) else "scale"
+        name = self.fmt.param_name
         if p.numel() == 1:
             desc = f"{name}={p.reshape(()).item():g}"
         else:
@@ -158,7 +226,7 @@ class CodedTensor(torch.Tensor):
         return f"{type(self).__name__}({self.fmt}, shape={tuple(self.shape)}, {desc}{dev})"
 
 
-class LNSTensor(CodedTensor):
+class LNSTensor(CodedTensor, format=_LNSFormat):
     """Log-domain codes; ``.offset`` is the integer offset (per tensor, channel or block)."""
 
     @property
@@ -166,7 +234,7 @@ class LNSTensor(CodedTensor):
         return self.param
 
 
-class FP8Tensor(CodedTensor):
+class FP8Tensor(CodedTensor, format=_FP8Format):
     """FP8 codes (torch's bit patterns); ``.scale`` is the float32 scale."""
 
     @property
@@ -174,7 +242,7 @@ class FP8Tensor(CodedTensor):
         return self.param
 
 
-class IntTensor(CodedTensor):
+class IntTensor(CodedTensor, format=_IntFormat):
     """Symmetric integer codes; ``.scale`` is the float32 scale."""
 
     @property
@@ -185,75 +253,29 @@ class IntTensor(CodedTensor):
 # ----------------------------------------------------------------------------------------
 # parameters
 # ----------------------------------------------------------------------------------------
-def encode_compact(x: torch.Tensor, fmt: Format, granularity: str = "tensor", axis: Optional[int] = None,
-                   block_size: Optional[int] = None, offset=None):
-    """(codes, compact parameters, block) of ``x``: what ``from_float`` stores, as plain tensors.
-
-    Layers call this inside ``forward``, where torch.compile cannot build a subclass.
-    """
-    block = None
-    if granularity == "block":
-        axis = _norm_axis(-1 if axis is None else axis, x.dim())
-        block = (axis, _check_block_size(block_size))
-    elif block_size is not None:
-        raise ValueError(f"block_size is only used with granularity='block', not {granularity!r}")
-    if offset is None:
-        param = calibrate(x, fmt, granularity, axis, block_size)
-    else:
-        param = _compact_param(offset, fmt, x, granularity, axis, block_size)
-    full = expand_param(param, *(block or (None, None)), x.shape[block[0]] if block else 0)
-    return encode(x, fmt, full), param, block
-
-
-def _compact_shape(x: torch.Tensor, granularity, axis, block_size) -> list:
-    nd = x.dim()
-    if granularity == "tensor":
-        return [1] * nd
-    if granularity == "channel":
-        ax = _norm_axis(0 if axis is None else axis, nd)
-        return [x.shape[d] if d == ax else 1 for d in range(nd)]
-    if granularity == "block":
-        return [-(-x.shape[d] // block_size) if d == axis else x.shape[d] for d in range(nd)]
-    raise ValueError(f"unknown granularity {granularity!r}; expected 'tensor', 'channel' or 'block'")
-
-
-def _compact_param(value, fmt, x, granularity, axis, block_size) -> torch.Tensor:
-    shape = _compact_shape(x, granularity, axis, block_size)
+def _compact_param(value, fmt: Format, x: torch.Tensor, granularity, axis, block_size) -> torch.Tensor:
+    shape = compact_shape(x.shape, granularity, axis, block_size)
     if isinstance(value, torch.Tensor):
         if value.numel() != int(torch.Size(shape).numel()):
             raise ValueError(
-                f"{'offset' if isinstance(fmt, LNSFormat) else 'scale'} has {value.numel()} entries; "
+                f"{fmt.param_name} has {value.numel()} entries; "
                 f"granularity={granularity!r} on shape {tuple(x.shape)} needs {tuple(shape)}"
             )
         value = value.reshape(shape)
-    if isinstance(fmt, LNSFormat):
-        p = _as_offset(value, fmt, torch.Size(shape), x.device)
-    else:
-        p = _as_scale(value, torch.Size(shape), x.device)
+    p = fmt.check_param(value, torch.Size(shape), x.device)
     return p.expand(shape).contiguous() if p.dim() == len(shape) or p.dim() == 0 else p.reshape(shape)
 
 
 def _full_param(t: CodedTensor) -> torch.Tensor:
     """One parameter per element (used when a layout op cuts across the compact layout)."""
-    return t._param_broadcast().expand(t.codes.shape)
-
-
-def _compress(param: torch.Tensor, keep: tuple = ()) -> torch.Tensor:
-    """Shrink every dim along which ``param`` is constant back to size 1."""
-    for d in range(param.dim()):
-        if d in keep or param.shape[d] == 1:
-            continue
-        first = param.narrow(d, 0, 1)
-        if torch.equal(param, first.expand_as(param)):
-            param = first
-    return param.contiguous()
+    return t.coded.expanded_param().expand(t.codes.shape)
 
 
 # ----------------------------------------------------------------------------------------
 # aten implementations: layout ops
 # ----------------------------------------------------------------------------------------
 def _same(t: CodedTensor, codes, param, block=...):
-    return CodedTensor._make(codes, param, t.fmt, t.block if block is ... else block)
+    return type(t)(codes, param, t.fmt, t.block if block is ... else block)
 
 
 @implements([aten.detach.default, aten.alias.default])
@@ -316,9 +338,9 @@ def _view(func, args, kwargs):
     if t.block is not None and t.block[0] == t.dim() - 1 and codes.dim() and codes.shape[-1] == t.shape[-1]:
         # Blocks along an untouched last axis survive any reshape of the leading dims.
         lead = t.param.expand(*t.shape[:-1], t.param.shape[-1])
-        param = _compress(lead.reshape(*codes.shape[:-1], t.param.shape[-1]), keep=(codes.dim() - 1,))
+        param = compress(lead.reshape(*codes.shape[:-1], t.param.shape[-1]), keep=(codes.dim() - 1,))
         return _same(t, codes, param, (codes.dim() - 1, t.block[1]))
-    return _same(t, codes, _compress(_full_param(t).reshape(codes.shape)), None)
+    return _same(t, codes, compress(_full_param(t).reshape(codes.shape)), None)
 
 
 @implements(aten.unsqueeze.default)
@@ -347,7 +369,7 @@ def _index_dim(t: CodedTensor, d: int, op):
     param, block = t.param, t.block
     if block is not None and block[0] == d:
         param, block = _full_param(t).narrow(d, 0, t.shape[d]).contiguous(), None
-        param = _compress(param, keep=(d,)) if param.numel() else param
+        param = compress(param, keep=(d,)) if param.numel() else param
     if param.shape[d] != 1:
         param = op(param)
     return param, block
@@ -390,7 +412,7 @@ def _index(func, args, kwargs):
     t, indices = args
     codes = func(t.codes, indices)
     param = func(_full_param(t), indices)
-    return _same(t, codes, _compress(param) if param.numel() else param.contiguous(), None)
+    return _same(t, codes, compress(param) if param.numel() else param.contiguous(), None)
 
 
 @implements([aten.expand.default])
@@ -409,62 +431,10 @@ def _is_same_size(func, args, kwargs):
 
 
 # ----------------------------------------------------------------------------------------
-# torch-function overrides: the layers
-# ----------------------------------------------------------------------------------------
-@implements_torch_function(F.linear)
-def _linear(func, args, kwargs):
-    from .mac import lns_linear
-
-    x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
-    bias = args[2] if len(args) > 2 else kwargs.get("bias")
-    return lns_linear(x, w, bias)
-
-
-@implements_torch_function([F.conv1d, F.conv2d])
-def _conv(func, args, kwargs):
-    from .mac import lns_conv1d, lns_conv2d
-
-    names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
-    bound = dict(zip(names, args))
-    bound.update(kwargs)
-    op = lns_conv2d if func is F.conv2d else lns_conv1d
-    return op(bound["input"], bound["weight"], bound.get("bias"), bound.get("stride", 1), bound.get("padding", 0),
-              bound.get("dilation", 1), bound.get("groups", 1))
-
-
-@implements_torch_function([torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__])
-def _matmul(func, args, kwargs):
-    from .mac import lns_linear
-
-    a, b = args[0], args[1] if len(args) > 1 else kwargs["other"]
-    if b.dim() != 2:
-        raise NotImplementedError(
-            f"torch.matmul with a coded operand needs a 2-D right operand (K, N); got shape {tuple(b.shape)}"
-        )
-    if a.dim() == 1:
-        return lns_linear(a.unsqueeze(0), b.t()).squeeze(0)
-    return lns_linear(a, b.t())
-
-
-# ----------------------------------------------------------------------------------------
 # serialization
 # ----------------------------------------------------------------------------------------
-def _format_to_tuple(fmt: Format) -> tuple:
-    if isinstance(fmt, LNSFormat):
-        return ("lns", fmt.bits, fmt.frac_bits, fmt.rounding)
-    if isinstance(fmt, FP8Format):
-        return ("fp8", fmt.variant)
-    return ("int", fmt.bits)
-
-
-def _format_from_tuple(t: tuple) -> Format:
-    kind, *fields = t
-    return {"lns": LNSFormat, "fp8": FP8Format, "int": IntFormat}[kind](*fields)
-
-
 def _rebuild_coded_tensor(fmt_tuple, codes, param, block):
-    fmt = _format_from_tuple(tuple(fmt_tuple))
-    return CodedTensor._make(codes, param, fmt, tuple(block) if block is not None else None)
+    return Coded(codes, param, Format.from_tuple(tuple(fmt_tuple)), tuple(block) if block is not None else None).tensor()
 
 
 torch.serialization.add_safe_globals([_rebuild_coded_tensor])

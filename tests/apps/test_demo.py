@@ -1,0 +1,79 @@
+"""The main job (`python -m torchlns demo`) in a small setting: the table, the PNG, the report."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from torchlns.apps import demo
+
+ROOT = Path(__file__).resolve().parents[2]
+ROWS = ["float32", "LNS8 ideal", "LNS8 chip", "FP8 e4m3", "FP8 e5m2", "INT8", "LNS8 + cluster C=4"]
+SMALL = ["--size", "32", "64", "--n-train", "64", "--n-eval", "8", "--train-steps", "15", "--finetune-steps", "3",
+         "--clusters", "4", "--net-width", "8"]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    proc = subprocess.run([sys.executable, "-m", "torchlns", "demo", "--out", str(out), *SMALL], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def _table(text: str) -> dict:
+    rows = {}
+    for line in text.splitlines():
+        m = re.match(r"\| (.+?) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d,]+) \| ([\d.]+)x \|", line)
+        if m:
+            rows[m.group(1)] = [float(v.replace(",", "")) for v in m.groups()[1:]]
+    return rows
+
+
+def test_demo_prints_a_row_per_format(demo_run):
+    out, stdout = demo_run
+    rows = _table(stdout)
+    assert list(rows) == ROWS
+    for name, (miou, acc, agree, size, ratio) in rows.items():
+        assert 0 <= miou <= 100 and 0 <= acc <= 100 and 0 <= agree <= 100
+        assert size > 0 and ratio > 0
+    assert rows["float32"][2] == 100 and rows["float32"][4] == 1.0
+    # Eight-bit codes are a quarter of float32, plus offsets, scales and biases.
+    for name in ("LNS8 ideal", "LNS8 chip", "FP8 e4m3", "INT8"):
+        assert 3.5 < rows[name][4] < 4.01
+    assert rows["LNS8 + cluster C=4"][4] > rows["LNS8 ideal"][4]
+    assert "target" in stdout  # the fidelity targets are reported, met or missed by how much
+
+
+def test_demo_writes_the_difference_map_and_the_report(demo_run):
+    from PIL import Image
+
+    out, stdout = demo_run
+    img = Image.open(out / "difference_map.png")
+    assert img.width > img.height > 100
+    report = (out / "report.md").read_text()
+    assert _table(report) == _table(stdout)
+    assert "difference_map.png" in report and "Targets" in report
+    assert (out / "segnet_float.pt").is_file()
+
+
+def test_demo_reuses_the_trained_model(demo_run, capsys):
+    out, _ = demo_run
+    cfg = demo.DemoConfig(out=out, height=32, width=64, n_train=64, n_eval=8, train_steps=15, net_width=8)
+    train_ds, _ = demo.scene_data(cfg)
+    demo.float_model(cfg, train_ds, log=print)
+    assert "loaded the trained float model" in capsys.readouterr().out
+
+
+def test_target_lines_say_by_how_much():
+    rows = [demo.Row("float32", 0.90, 0.95, 1.0, 400.0, 1.0, 0),
+            demo.Row("LNS8 ideal", 0.892, 0.95, 0.99, 100.0, 4.0, 0),
+            demo.Row("LNS8 chip", 0.895, 0.95, 0.99, 100.0, 4.0, 0),
+            demo.Row("LNS8 + cluster C=16", 0.87, 0.9, 0.9, 20.0, 18.0, 0)]
+    lines = demo.target_lines(rows)
+    assert "missed by 0.30 points" in lines[0]
+    assert "met" in lines[1]
+    assert "missed by 2.00 points" in lines[2] and "missed by 2.0x" in lines[2]

@@ -1,0 +1,547 @@
+"""The ``convert``, ``report`` and ``compare`` commands of ``python -m torchlns``.
+
+# Note: loading models safely
+A model file is either a state_dict (loaded with ``torch.load(weights_only=True)`` and put
+into the model that ``--model-class pkg.module:callable`` builds, strictly) or a whole
+pickled ``nn.Module`` (``torch.save(model)``). Unpickling a module runs code named by the
+file, so every file is first loaded with ``weights_only=True``; only if that refuses
+because the file holds pickled objects, and the user passed ``--trust-pickle``, is it loaded
+with ``weights_only=False``. Converted models' state_dicts hold ``LNSTensor``s, which load
+with ``weights_only=True`` (see ``_rebuild_coded_tensor`` in tensor.py), but a float
+``--model-class`` cannot take them, so converted models are loaded as whole modules.
+
+# Note: user errors
+Anything the user can cause and fix (a missing or non-torch file, a pickled module without
+``--trust-pickle``, a ``--model-class`` that does not import, a state_dict that does not fit
+the model, data that is not a tensor or does not fit the model) raises a ``CLIError``;
+``torchlns.__main__.main`` prints it as one ``torchlns: error: ...`` line and returns 2.
+Other exceptions are bugs and keep their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import importlib
+import json
+import math
+import os
+import pickle
+import re
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, List, Mapping, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .._text import format_table
+from ..config import CALIBRATORS, ClusterConfig, ConvertConfig
+from ..core.formats import CHIP_MAC, FP8_E4M3, FP8_E5M2, INT8, LNSFormat
+from ..nn.swap import swappable_types
+from ..tensor import CodedTensor
+from ..transforms.convert import convert
+from ..transforms.size import size_report
+
+__all__ = ["CLIError", "FileError", "ModelError", "DataError", "FORMATS", "add_commands", "config_for",
+           "load_model", "load_data"]
+
+
+class CLIError(Exception):
+    """A user error: ``main`` prints its message as one line and exits with status 2."""
+
+
+class FileError(CLIError):
+    """A file is missing, unreadable, not a torch file, or cannot be written."""
+
+
+class ModelError(CLIError):
+    """A model cannot be built: pickled without --trust-pickle, bad --model-class, state_dict mismatch."""
+
+
+class DataError(CLIError):
+    """The data file holds no usable tensor, or the model cannot run on it."""
+
+
+# --format name -> ConvertConfig fields
+FORMATS: Mapping[str, Mapping[str, Any]] = {
+    "lns8": {},
+    "lns8-chip": {"mac": CHIP_MAC},
+    "lns8-mitchell": {"fmt": LNSFormat(8, 3, "mitchell")},
+    "fp8-e4m3": {"fmt": FP8_E4M3},
+    "fp8-e5m2": {"fmt": FP8_E5M2},
+    "int8": {"fmt": INT8},
+}
+
+
+# ----------------------------------------------------------------------------------------
+# loading files
+# ----------------------------------------------------------------------------------------
+class _Pickled(Exception):
+    """The file holds pickled Python objects that ``weights_only=True`` refuses (``name``: the first)."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    line = text.splitlines()[0].strip() if text else ""
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__
+
+
+def _check_readable(path: str, what: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise FileError(f"{what} file not found: {path}")
+    if p.is_dir():
+        raise FileError(f"{what} {path} is a directory, not a torch file")
+    try:
+        with p.open("rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise FileError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    # torch.save writes a zip archive; the legacy format starts with a pickle protocol byte.
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise FileError(f"{what} {path} is not a torch file (expected a file written by torch.save)")
+    return p
+
+
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def _safe_load(path: str, what: str) -> Any:
+    """``torch.load(weights_only=True)``; raises ``_Pickled`` for files holding pickled objects."""
+    p = _check_readable(path, what)
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = _UNSAFE_GLOBAL.search(str(e))
+        if found:
+            raise _Pickled(found.group(1)) from None
+        raise FileError(f"{what} {path} is not a readable torch file ({_first_line(e)})") from None
+    except (EOFError, RuntimeError, KeyError, ValueError, IndexError, TypeError, UnicodeDecodeError,
+            zipfile.BadZipFile) as e:
+        # The weights-only unpickler runs no code from the file, so these are damaged files.
+        raise FileError(f"{what} {path} is not a readable torch file ({_first_line(e)})") from None
+
+
+def _unsafe_load(path: str, what: str) -> Any:
+    """``torch.load(weights_only=False)``, for files the user trusts (``--trust-pickle``)."""
+    _ensure_cwd_on_path()
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (ImportError, AttributeError) as e:
+        raise FileError(f"cannot load {what} {path}: it refers to code that cannot be imported ({_first_line(e)}); "
+                        "put the module that defines the model on PYTHONPATH") from None
+
+
+def _ensure_cwd_on_path() -> None:
+    # The console script's sys.path does not hold the working directory; `python -m` does.
+    # Appended, so it never shadows an installed package.
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
+
+
+def _import_callable(spec: str) -> Callable[[], Any]:
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ModelError(f"--model-class must look like pkg.module:callable, got {spec!r}")
+    _ensure_cwd_on_path()
+    try:
+        obj = importlib.import_module(module_name)
+    except (ImportError, SyntaxError) as e:
+        raise ModelError(f"--model-class {spec}: cannot import module {module_name!r} ({_first_line(e)})") from None
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ModelError(f"--model-class {spec}: module {module_name!r} has no attribute {attr!r}") from None
+    if not callable(obj):
+        raise ModelError(f"--model-class {spec}: {attr!r} is of type {type(obj).__name__}, not a class or a function")
+    return obj
+
+
+def _names(keys: Sequence[str], limit: int = 5) -> str:
+    keys = list(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _from_state_dict(state: Mapping, spec: str, path: str, what: str) -> nn.Module:
+    factory = _import_callable(spec)
+    try:
+        model = factory()
+    except TypeError as e:
+        raise ModelError(f"--model-class {spec}: calling it with no arguments failed ({_first_line(e)})") from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"--model-class {spec} returned a {type(model).__name__}, not an nn.Module")
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} in the file vs {tuple(expected[k].shape)} in the model"
+              for k in expected if k in state and isinstance(state[k], torch.Tensor)
+              and isinstance(expected[k], torch.Tensor) and state[k].shape != expected[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_names(unexpected)}")
+    if shapes:
+        problems.append(f"shape mismatch: {_names(shapes, 3)}")
+    if problems:
+        hint = ""
+        if any(isinstance(v, CodedTensor) for v in state.values()):
+            hint = ("; it is a converted model's state_dict, which a float --model-class cannot take: "
+                    "pass the converted module (convert's -o file) with --trust-pickle")
+        elif any(isinstance(v, Mapping) for v in state.values()):
+            hint = f"; it may be a training checkpoint (entries: {_names([str(k) for k in state])})"
+        raise ModelError(f"{what} {path} does not fit {type(model).__name__} from --model-class {spec}: "
+                         f"{'; '.join(problems)}{hint}")
+    try:
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:
+        raise ModelError(f"{what} {path} does not load into {type(model).__name__}: "
+                         f"{' '.join(str(e).split())}") from None
+    return model
+
+
+def load_model(path: str, *, model_class: Optional[str] = None, trust_pickle: bool = False,
+               what: str = "MODEL") -> nn.Module:
+    """The model in ``path`` in eval mode (see Note: loading models safely)."""
+    try:
+        obj = _safe_load(path, what)
+    except _Pickled as e:
+        if not trust_pickle:
+            raise ModelError(
+                f"{what} {path} is a pickled Python object ({e.name}), and loading it would run code from the file; "
+                "pass --trust-pickle only if you trust the file, or save model.state_dict() and load it with "
+                "--model-class pkg.module:callable") from None
+        obj = _unsafe_load(path, what)
+    if isinstance(obj, nn.Module):
+        return obj.eval()
+    if isinstance(obj, Mapping):
+        if model_class is None:
+            if any(isinstance(v, CodedTensor) for v in obj.values()):
+                raise ModelError(f"{what} {path} holds a converted model's state_dict, which cannot be rebuilt "
+                                 "without its model: pass the converted module (convert's -o file) with --trust-pickle")
+            raise ModelError(f"{what} {path} holds a state_dict; pass --model-class pkg.module:callable "
+                             "to build the model it belongs to")
+        return _from_state_dict(obj, model_class, path, what).eval()
+    raise ModelError(f"{what} {path} holds a {type(obj).__name__}, not a model or a state_dict")
+
+
+@dataclass
+class Data:
+    inputs: torch.Tensor
+    targets: Optional[torch.Tensor] = None
+
+
+def load_data(path: str) -> Data:
+    """A tensor ``(N, ...)`` of inputs, or a dict with ``"inputs"`` (and optionally ``"targets"``)."""
+    try:
+        obj = _safe_load(path, "DATA")
+    except _Pickled as e:
+        raise DataError(f"DATA {path} holds pickled Python objects ({e.name}), not tensors; save a tensor, "
+                        "or a dict {'inputs': tensor, 'targets': tensor}, with torch.save") from None
+    targets = None
+    if isinstance(obj, torch.Tensor):
+        inputs = obj
+    elif isinstance(obj, Mapping):
+        if "inputs" not in obj:
+            raise DataError(f"DATA {path} is a dict without an 'inputs' entry "
+                            f"(entries: {_names([str(k) for k in obj]) or 'none'})")
+        inputs, targets = obj["inputs"], obj.get("targets")
+    else:
+        raise DataError(f"DATA {path} holds a {type(obj).__name__}, not a tensor or a dict with an 'inputs' tensor")
+    if not isinstance(inputs, torch.Tensor):
+        raise DataError(f"DATA {path}: 'inputs' is a {type(inputs).__name__}, not a tensor")
+    if inputs.dim() == 0 or inputs.shape[0] == 0:
+        raise DataError(f"DATA {path}: inputs of shape {tuple(inputs.shape)} hold no samples; expected (N, ...)")
+    if not inputs.is_floating_point() or isinstance(inputs, CodedTensor):
+        raise DataError(f"DATA {path}: inputs must be a float tensor, got {inputs.dtype}")
+    if targets is not None:
+        if not isinstance(targets, torch.Tensor):
+            raise DataError(f"DATA {path}: 'targets' is a {type(targets).__name__}, not a tensor")
+        if targets.dim() == 0 or targets.shape[0] != inputs.shape[0]:
+            raise DataError(f"DATA {path}: {tuple(targets.shape)} targets for {inputs.shape[0]} inputs")
+    return Data(inputs, targets)
+
+
+# ----------------------------------------------------------------------------------------
+# running
+# ----------------------------------------------------------------------------------------
+def _describe(x: torch.Tensor) -> str:
+    return f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}"
+
+
+def _forward(model: nn.Module, x: torch.Tensor, name: str, path: str, check: bool) -> torch.Tensor:
+    if not check:
+        return model(x)
+    try:
+        y = model(x)
+    except (RuntimeError, TypeError, ValueError, IndexError) as e:
+        raise DataError(f"{name} {path} fails on a data batch of shape {_describe(x)} ({_first_line(e)})") from None
+    if not isinstance(y, torch.Tensor):
+        raise DataError(f"{name} {path} returns a {type(y).__name__}; compare needs a model that returns a tensor")
+    return y
+
+
+def _outputs(model: nn.Module, batches: Sequence[torch.Tensor], name: str, path: str) -> torch.Tensor:
+    """The model's outputs on every batch, concatenated (eval mode, no grad); the first batch is checked."""
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([_forward(model, x, name, path, check=i == 0) for i, x in enumerate(batches)])
+
+
+def config_for(fmt: str = "lns8", *, calibrator: str = "max", activation: str = "static",
+               cluster: Optional[int] = None, cluster_scope: str = "layer",
+               keep_float: Sequence[str] = ()) -> ConvertConfig:
+    """The ``ConvertConfig`` that ``torchlns convert`` builds from its options."""
+    kw = dict(FORMATS[fmt])
+    if cluster is not None:
+        kw["cluster"] = ClusterConfig(cluster, cluster_scope)
+    return ConvertConfig(calibrator=calibrator, activation=activation,
+                         overrides={name: None for name in keep_float}, **kw)
+
+
+def _conversion_table(report: List[dict]) -> str:
+    rows = []
+    for r in report:
+        p = r["input"]
+        inp = "dynamic" if p is None else (f"offset {int(p)}" if r["fmt"].startswith("LNS") else f"scale {p:.4g}")
+        rows.append((r["layer"] or "(root)", r["kind"], r["fmt"], r["mac"], inp,
+                     "-" if r["acc_lsb"] is None else str(r["acc_lsb"])))
+    return format_table(("layer", "kind", "format", "MAC", "input", "acc_lsb"), rows)
+
+
+def _cluster_table(report) -> str:
+    rows = [(s.layer or "(root)", str(s.kernels), str(s.clusters), f"{s.relative_error:.4f}") for s in report]
+    return format_table(("layer", "kernels", "clusters", "rel. error"), rows, right=(1, 2, 3))
+
+
+def _state_dict_path(out: Path) -> Path:
+    return out.with_suffix(".state_dict.pt")
+
+
+# ----------------------------------------------------------------------------------------
+# commands
+# ----------------------------------------------------------------------------------------
+def cmd_convert(args: argparse.Namespace) -> int:
+    out = Path(args.output)
+    sd_out = _state_dict_path(out)
+    if out.is_dir():
+        raise FileError(f"-o {args.output} is a directory; give the file to write")
+    if not out.resolve().parent.is_dir():
+        raise FileError(f"cannot write -o {args.output}: directory {out.parent} does not exist")
+    for given, name in ((args.model, "MODEL"), (args.calib, "--calib DATA")):
+        if Path(given).exists() and any(Path(given).resolve() == p.resolve() for p in (out, sd_out)):
+            raise FileError(f"-o {args.output} would overwrite {name} {given}")
+    if args.cluster_scope is not None and args.cluster is None:
+        raise CLIError("--cluster-scope needs --cluster C")
+
+    model = load_model(args.model, model_class=args.model_class, trust_pickle=args.trust_pickle)
+    data = load_data(args.calib)
+    batches = list(data.inputs.split(args.batch_size))
+    if args.max_batches is not None:
+        batches = batches[:args.max_batches]
+    names = [n for n, _ in model.named_modules()]
+    for pattern in args.keep_float or ():
+        if not any(n == pattern or fnmatch.fnmatchcase(n, pattern) for n in names):
+            layers = [n for n, m in model.named_modules() if isinstance(m, swappable_types())]
+            raise CLIError(f"--keep-float {pattern!r} matches no layer of MODEL (layers: {_names(layers, 8)})")
+    config = config_for(args.format, calibrator=args.calibrator, activation=args.activation, cluster=args.cluster,
+                        cluster_scope=args.cluster_scope or "layer", keep_float=args.keep_float or ())
+    with torch.no_grad():  # the data must fit the float model before calibration starts
+        _forward(model.eval(), batches[0], "MODEL", args.model, check=True)
+    try:
+        qmodel = convert(model, config, calibration_data=batches)
+    except ValueError as e:  # convert's own user-facing checks (e.g. layers calibration never reached)
+        raise CLIError(f"conversion failed: {' '.join(str(e).split())}") from None
+
+    n = sum(b.shape[0] for b in batches)
+    print(f"converted {args.model} ({type(model).__name__}) to {args.format}: {config.fmt}"
+          + (f", {config.mac}" if config.fmt.mac_kind == "log" else "")
+          + f"; calibrated on {n} inputs in {len(batches)} batches")
+    print()
+    if qmodel.fold_report is not None:
+        print(qmodel.fold_report)
+        print()
+    if qmodel.cluster_report is not None:
+        print(f"cluster_kernels (C={args.cluster}, scope={config.cluster.scope}):")
+        print(_cluster_table(qmodel.cluster_report))
+        print()
+    print("conversion:")
+    print(_conversion_table(qmodel.conversion_report))
+    converted = {r["layer"] for r in qmodel.conversion_report}
+    kept = [n for n, m in model.named_modules() if isinstance(m, swappable_types()) and n not in converted]
+    if kept:
+        print(f"kept in float: {', '.join(n or '(root)' for n in kept)}")
+    print()
+    print("size:")
+    print(size_report(qmodel, reference=model))
+    print()
+
+    try:
+        torch.save(qmodel.state_dict(), sd_out)
+    except OSError as e:
+        raise FileError(f"cannot write {sd_out}: {e.strerror or e}") from None
+    try:
+        torch.save(qmodel, out)
+    except OSError as e:
+        raise FileError(f"cannot write -o {args.output}: {e.strerror or e}") from None
+    except (pickle.PicklingError, AttributeError, TypeError) as e:
+        out.unlink(missing_ok=True)
+        raise ModelError(f"the converted model cannot be pickled ({_first_line(e)}); its state_dict was saved "
+                         f"to {sd_out}; define the model class at module level") from None
+    print(f"saved {out} (the module; load with torch.load(weights_only=False) or --trust-pickle)")
+    print(f"saved {sd_out} (its state_dict; torch.load(weights_only=True) works)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    model = load_model(args.model, model_class=args.model_class, trust_pickle=args.trust_pickle)
+    report = size_report(model)
+    if args.json:
+        print(json.dumps(report.to_dicts(), indent=2))
+    else:
+        print(report)
+    return 0
+
+
+@dataclass
+class Comparison:
+    samples: int
+    shape: tuple
+    sqnr_db: float
+    max_abs_diff: float
+    agreement: Optional[float]
+    accuracy_name: Optional[str] = None
+    accuracy_float: Optional[float] = None
+    accuracy_converted: Optional[float] = None
+
+
+def compare_outputs(ref: torch.Tensor, out: torch.Tensor, targets: Optional[torch.Tensor] = None) -> Comparison:
+    """SQNR (float64), max |difference|, argmax agreement over dim 1 and accuracy against ``targets``."""
+    from .. import metrics
+
+    r, o = ref.detach().double(), out.detach().double()
+    sqnr = math.nan if torch.isnan(r).any() or torch.isnan(o).any() else metrics.sqnr(o, r)
+    c = Comparison(samples=ref.shape[0], shape=tuple(ref.shape), sqnr_db=sqnr,
+                   max_abs_diff=float((o - r).abs().max()) if r.numel() else 0.0, agreement=None)
+    if ref.dim() >= 2:
+        pr, po = ref.argmax(1), out.argmax(1)
+        c.agreement = metrics.agreement(pr, po)
+        if targets is not None:
+            if targets.shape != pr.shape or targets.is_floating_point() or targets.dtype == torch.bool:
+                raise DataError(f"targets of shape {_describe(targets)} do not match the outputs: expected integer "
+                                f"class indices of shape {tuple(pr.shape)} (the output's argmax over dim 1)")
+            c.accuracy_name = "top-1 accuracy" if ref.dim() == 2 else "pixel accuracy"
+            c.accuracy_float = float((pr == targets).double().mean())
+            c.accuracy_converted = float((po == targets).double().mean())
+    elif targets is not None:
+        raise DataError(f"targets need outputs of shape (N, classes, ...); the outputs have shape {tuple(ref.shape)}")
+    return c
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    fmodel = load_model(args.float_model, model_class=args.model_class, trust_pickle=args.trust_pickle,
+                        what="FLOAT_MODEL")
+    qmodel = load_model(args.converted_model, model_class=args.model_class, trust_pickle=args.trust_pickle,
+                        what="CONVERTED_MODEL")
+    data = load_data(args.data)
+    batches = list(data.inputs.split(args.batch_size))
+    ref = _outputs(fmodel, batches, "FLOAT_MODEL", args.float_model)
+    out = _outputs(qmodel, batches, "CONVERTED_MODEL", args.converted_model)
+    if ref.shape != out.shape:
+        raise DataError(f"the models' outputs differ in shape: {tuple(ref.shape)} (FLOAT_MODEL) vs "
+                        f"{tuple(out.shape)} (CONVERTED_MODEL)")
+    c = compare_outputs(ref, out, data.targets)
+    print(f"samples: {c.samples}")
+    print(f"output shape: {c.shape}")
+    print(f"output SQNR: {c.sqnr_db:.3f} dB")
+    print(f"max abs difference: {c.max_abs_diff:.6g}")
+    if c.agreement is not None:
+        print(f"prediction agreement: {c.agreement:.6f} (argmax over dim 1)")
+    if c.accuracy_name is not None:
+        print(f"{c.accuracy_name} (float): {c.accuracy_float:.6f}")
+        print(f"{c.accuracy_name} (converted): {c.accuracy_converted:.6f}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------
+# parser
+# ----------------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _loading_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-class", metavar="PKG.MODULE:CALLABLE",
+                   help="builds the float model (called with no arguments) for a MODEL file that holds a state_dict")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow loading whole pickled modules (torch.save(model)); this runs code from the file, "
+                        "so use it only for files you trust")
+
+
+def add_commands(sub) -> None:
+    """Register ``convert``, ``report`` and ``compare`` on the ``torchlns`` subparsers."""
+    p = sub.add_parser(
+        "convert", help="convert a float model to LNS8 (or FP8/INT8) chip layers and save it",
+        description="Fold batch norm, optionally cluster kernels, calibrate on DATA and swap in chip layers. "
+                    "Writes OUT (the converted module, torch.save(model)) and OUT with suffix .state_dict.pt "
+                    "(its state_dict, loadable with weights_only=True), and prints the fold, conversion and "
+                    "size reports.")
+    p.add_argument("model", metavar="MODEL", help="a state_dict file (with --model-class) or a pickled nn.Module")
+    p.add_argument("--calib", required=True, metavar="DATA",
+                   help="calibration inputs: a .pt file holding a float tensor (N, ...) or a dict with 'inputs'")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="where to save the converted model")
+    p.add_argument("--format", choices=list(FORMATS), default="lns8",
+                   help="lns8 (ideal MAC, default), lns8-chip (LUT + fixed accumulator), lns8-mitchell, "
+                        "fp8-e4m3, fp8-e5m2 or int8")
+    p.add_argument("--calibrator", choices=CALIBRATORS, default="max",
+                   help="static activation calibrator (default max)")
+    p.add_argument("--activation", choices=("static", "dynamic"), default="static",
+                   help="static per-tensor activation parameters (default) or dynamic per block")
+    p.add_argument("--cluster", type=_positive_int, metavar="C", help="cluster k×k conv kernels into C centroids")
+    p.add_argument("--cluster-scope", choices=("layer", "network"), help="k-means per layer (default) or network")
+    p.add_argument("--keep-float", nargs="+", action="extend", metavar="NAME",
+                   help="layer names or fnmatch patterns to keep in float (repeatable)")
+    _loading_options(p)
+    p.add_argument("--max-batches", type=_positive_int, metavar="N", help="calibrate on the first N batches only")
+    p.add_argument("--batch-size", type=_positive_int, default=16, metavar="B",
+                   help="calibration batch size (default 16)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "report", help="print the stored size of a float or converted model, per layer",
+        description="Print torchlns.size_report of MODEL: every stored field at its own bit width, per layer "
+                    "and in total, against float32.")
+    p.add_argument("model", metavar="MODEL", help="a state_dict file (with --model-class) or a pickled nn.Module")
+    _loading_options(p)
+    p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "compare", help="compare a converted model's outputs with the float model's",
+        description="Run both models on DATA (batched, eval mode, no grad) and print the output SQNR, the "
+                    "largest absolute difference, argmax agreement over dim 1 and, when DATA has 'targets', "
+                    "each model's top-1 (or pixel) accuracy.")
+    p.add_argument("float_model", metavar="FLOAT_MODEL")
+    p.add_argument("converted_model", metavar="CONVERTED_MODEL",
+                   help="usually convert's OUT file, a pickled module: pass --trust-pickle")
+    p.add_argument("--data", required=True, metavar="DATA",
+                   help="a .pt file holding a float tensor (N, ...) or a dict with 'inputs' (and 'targets')")
+    _loading_options(p)
+    p.add_argument("--batch-size", type=_positive_int, default=16, metavar="B", help="batch size (default 16)")
+    p.set_defaults(func=cmd_compare)

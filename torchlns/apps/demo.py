@@ -1,0 +1,367 @@
+"""The main job: a segmentation network on driving scenes, converted to every format.
+
+``python -m torchlns demo`` trains (or loads from ``--out``) a small segmentation CNN on
+generated driving scenes (``torchlns.scenes``), converts it with batch-norm folding and
+calibration to LNS8 (ideal and chip MACs), FP8 e4m3/e5m2 and INT8, and to LNS8 with
+cluster compression plus centroid fine-tuning, and evaluates each on a held-out set. It
+prints one row per format (mIoU, pixel accuracy, agreement with float, model bytes,
+compression ratio), and writes a Figure-1-style difference map (``difference_map.png``)
+and a markdown report (``report.md``) to the output folder.
+
+# Note: demo protocol
+Training runs a fixed number of steps (not a time budget), so the numbers are the same on
+every machine for a given seed and size. Calibration uses the first training batches;
+evaluation uses a separate seed. Agreement with float counts the labelled pixels where the
+converted and the float model predict the same class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torchlns
+from torchlns import CHIP_MAC, FP8_E4M3, FP8_E5M2, INT8, ConvertConfig
+
+from ..metrics import agreement
+from .scenes import CLASSES, IGNORE_INDEX, PALETTE, SceneDataset
+
+__all__ = ["SegNet", "DemoConfig", "Row", "batches", "train", "evaluate", "cluster", "finetune", "float_model", "run",
+           "scene_data", "main"]
+
+
+class SegNet(nn.Module):
+    """A small encoder-decoder: 3x3 conv + BN + ReLU blocks, two downsamplings, skips."""
+
+    def __init__(self, num_classes: int = len(CLASSES), width: int = 16):
+        super().__init__()
+        w = width
+
+        def block(cin, cout, stride=1, dilation=1):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, dilation, dilation, bias=False),
+                                 nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+        self.enc1 = nn.Sequential(block(3, w), block(w, w))
+        self.enc2 = nn.Sequential(block(w, 2 * w, 2), block(2 * w, 2 * w))
+        self.enc3 = nn.Sequential(block(2 * w, 4 * w, 2), block(4 * w, 4 * w, dilation=2))
+        self.dec2 = block(6 * w, 2 * w)
+        self.dec1 = block(3 * w, w)
+        self.head = nn.Conv2d(w, num_classes, 1)
+
+    def forward(self, x):
+        e1 = self.enc1(x)
+        e2 = self.enc2(e1)
+        e3 = self.enc3(e2)
+        d2 = self.dec2(torch.cat([F.interpolate(e3, scale_factor=2.0), e2], 1))
+        d1 = self.dec1(torch.cat([F.interpolate(d2, scale_factor=2.0), e1], 1))
+        return self.head(d1)
+
+
+@dataclass
+class DemoConfig:
+    out: Path = Path("torchlns-demo")
+    height: int = 64
+    width: int = 128
+    n_train: int = 2048
+    n_eval: int = 64
+    train_steps: int = 500
+    batch_size: int = 16
+    net_width: int = 16
+    clusters: int = 16
+    finetune_steps: int = 1000
+    device: str = "cpu"
+    seed: int = 0
+    retrain: bool = False
+
+
+@dataclass
+class Row:
+    name: str
+    miou: float
+    pixel_acc: float
+    agreement: float
+    bytes: float
+    ratio: float
+    seconds: float
+
+
+def batches(ds, batch_size: int, shuffle_seed: Optional[int] = None):
+    """(images, labels) batches of a ``SceneDataset``, in order or shuffled by a seed."""
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(shuffle_seed)) \
+        if shuffle_seed is not None else torch.arange(len(ds))
+    for i in range(0, len(ds), batch_size):
+        idx = order[i:i + batch_size]
+        yield ds.images[idx], ds.labels[idx]
+
+
+def _progress(iterable, desc: str, total=None):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
+
+
+def train(model: nn.Module, ds: SceneDataset, steps: int, batch_size: int, lr: float, device, seed: int,
+          params=None, desc: str = "training") -> nn.Module:
+    """Adam with a cosine schedule, cross entropy ignoring IGNORE_INDEX."""
+    model.train().to(device)
+    opt = torch.optim.Adam(params if params is not None else model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
+    torch.manual_seed(seed)
+    epoch, done = 0, 0
+    bar = _progress(range(steps), desc)
+    while done < steps:
+        for x, y in batches(ds, batch_size, shuffle_seed=seed * 1000 + epoch):
+            if done == steps:
+                break
+            loss = F.cross_entropy(model(x.to(device)), y.to(device), ignore_index=IGNORE_INDEX)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            done += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        epoch += 1
+    bar.close()
+    return model.eval()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, ds: SceneDataset, batch_size: int, device, desc: str = "evaluating"):
+    """(ConfusionMatrix, predictions (N, H, W) uint8) of ``model`` on ``ds``."""
+    from ..metrics import ConfusionMatrix
+
+    model.eval()
+    cm = ConfusionMatrix(len(CLASSES), ignore_index=IGNORE_INDEX, device=device)
+    preds = []
+    for x, y in _progress(batches(ds, batch_size), desc, total=math.ceil(len(ds) / batch_size)):
+        p = model(x.to(device)).argmax(1)
+        cm.update(p, y.to(device))
+        preds.append(p.to(torch.uint8).cpu())
+    return cm, torch.cat(preds)
+
+
+def finetune(clustered: nn.Module, ds: SceneDataset, cfg: DemoConfig) -> nn.Module:
+    """Centroid fine-tuning: every Parameter trains (centroids, per-kernel scales, biases and the
+    unclustered layers); the cluster indices are buffers and stay fixed, so the model keeps its size."""
+    return train(clustered, ds, cfg.finetune_steps, cfg.batch_size, 3e-3, cfg.device, cfg.seed + 1,
+                 desc="fine-tuning centroids")
+
+
+def cluster(model: nn.Module, cfg: DemoConfig) -> nn.Module:
+    """Fold BN, then cluster every 3x3 conv but the first (3 input channels: 48 kernels, little to
+    gain and the most sensitive layer) with ``cfg.clusters`` centroids per layer."""
+    return torchlns.cluster_kernels(torchlns.fold_batchnorm(model), cfg.clusters, scope="layer",
+                                    filter_fn=lambda m, fqn: m.in_channels > 3, seed=cfg.seed)
+
+
+def float_model(cfg: DemoConfig, train_ds: SceneDataset, log) -> nn.Module:
+    """The trained float SegNet: loaded from ``cfg.out`` if trained with these settings, else trained and saved."""
+    path = cfg.out / "segnet_float.pt"
+    torch.manual_seed(cfg.seed)
+    model = SegNet(width=cfg.net_width)
+    key = dict(height=cfg.height, width=cfg.width, n_train=len(train_ds), steps=cfg.train_steps,
+               net_width=cfg.net_width, seed=cfg.seed, data=float(train_ds.images[:4].sum()))
+    if path.is_file() and not cfg.retrain:
+        saved = torch.load(path, weights_only=True)
+        if saved.get("key") == key:
+            model.load_state_dict(saved["state_dict"])
+            log(f"loaded the trained float model from {path}")
+            return model.to(cfg.device).eval()
+    t = time.time()
+    train(model, train_ds, cfg.train_steps, cfg.batch_size, 3e-3, cfg.device, cfg.seed)
+    log(f"trained the float model: {cfg.train_steps} steps in {time.time() - t:.0f} s")
+    torch.save({"key": key, "state_dict": model.state_dict()}, path)
+    return model.eval()
+
+
+def scene_data(cfg: DemoConfig):
+    """(training, evaluation) scene datasets of the demo protocol (see Note: demo protocol)."""
+    return (SceneDataset(cfg.n_train, cfg.height, cfg.width, seed=cfg.seed),
+            SceneDataset(cfg.n_eval, cfg.height, cfg.width, seed=cfg.seed + 1_000))
+
+
+def run(cfg: DemoConfig, log=print, data=None) -> List[Row]:
+    """The demo; ``data`` = (train, eval) ``SceneDataset``s replaces the generated scenes."""
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(cfg.device)
+    if data is None:
+        log(f"generating {cfg.n_train} training and {cfg.n_eval} evaluation scenes ({cfg.height}x{cfg.width})")
+        data = scene_data(cfg)
+    train_ds, eval_ds = data
+    model = float_model(cfg, train_ds, log)
+    calib = [x for x, _ in list(batches(train_ds, cfg.batch_size))[:8]]
+    float_bytes = torchlns.size_report(model).total_bytes
+
+    rows: List[Row] = []
+    preds = {}
+
+    def add(name: str, m: nn.Module, t0: float):
+        cm, p = evaluate(m, eval_ds, cfg.batch_size, device, desc=name)
+        agree = agreement(p, preds.get("float32", p), ignore_mask=eval_ds.labels == IGNORE_INDEX)
+        size = torchlns.size_report(m).total_bytes
+        preds[name] = p
+        rows.append(Row(name, cm.mean_iou(), cm.pixel_accuracy(), agree, size, float_bytes / size, time.time() - t0))
+        r = rows[-1]
+        log(f"  {name:<22} mIoU {100 * r.miou:6.2f}  pixel acc {100 * r.pixel_acc:6.2f}  "
+            f"agreement {100 * r.agreement:6.2f}%  {r.bytes / 1024:8.1f} KiB  {r.ratio:5.1f}x  ({r.seconds:.0f} s)")
+
+    log("evaluating (float32, then each converted model)")
+    add("float32", model, time.time())
+    for name, config in [("LNS8 ideal", ConvertConfig()), ("LNS8 chip", ConvertConfig(mac=CHIP_MAC)),
+                         ("FP8 e4m3", ConvertConfig(fmt=FP8_E4M3)), ("FP8 e5m2", ConvertConfig(fmt=FP8_E5M2)),
+                         ("INT8", ConvertConfig(fmt=INT8))]:
+        t0 = time.time()
+        add(name, torchlns.convert(model, config, calib), t0)
+
+    t0 = time.time()
+    clustered = cluster(model, cfg)
+    finetune(clustered, train_ds, cfg)
+    add(f"LNS8 + cluster C={cfg.clusters}", torchlns.convert(clustered, ConvertConfig(), calib), t0)
+
+    _write_figure(cfg.out / "difference_map.png", eval_ds, preds["float32"], preds["LNS8 chip"], "LNS8 chip")
+    (cfg.out / "report.md").write_text(_report(cfg, rows))
+    log(f"wrote {cfg.out / 'difference_map.png'} and {cfg.out / 'report.md'}")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------
+# outputs
+# ----------------------------------------------------------------------------------------
+TARGETS = (  # (row, points of mIoU it may lose against float32, minimum compression ratio)
+    ("LNS8 ideal", 0.5, None),
+    ("LNS8 chip", 1.0, None),
+    ("LNS8 + cluster", 1.0, 20.0),
+)
+
+
+def table(rows: Sequence[Row]) -> str:
+    head = "| format | mIoU % | pixel acc % | agreement with float % | model bytes | vs float32 |\n" \
+           "|---|---:|---:|---:|---:|---:|\n"
+    return head + "".join(f"| {r.name} | {100 * r.miou:.2f} | {100 * r.pixel_acc:.2f} | {100 * r.agreement:.2f} | "
+                          f"{r.bytes:,.0f} | {r.ratio:.1f}x |\n" for r in rows)
+
+
+def target_lines(rows: Sequence[Row]) -> List[str]:
+    base = rows[0]
+    out = []
+    for prefix, points, ratio in TARGETS:
+        r = next((r for r in rows if r.name.startswith(prefix)), None)
+        if r is None:
+            continue
+        drop = 100 * (base.miou - r.miou)
+        ok = drop <= points
+        where = f"{drop:.2f} points below" if drop >= 0 else f"{-drop:.2f} points above"
+        line = f"- {r.name}: mIoU {where} float32 (target: at most {points} below) — " + (
+            "met" if ok else f"**missed by {drop - points:.2f} points**")
+        if ratio is not None:
+            line += f"; {r.ratio:.1f}x smaller (target: at least {ratio:.0f}x) — " + (
+                "met" if r.ratio >= ratio else f"**missed by {ratio - r.ratio:.1f}x**")
+        out.append(line)
+    return out
+
+
+def _report(cfg: DemoConfig, rows: Sequence[Row]) -> str:
+    return (
+        "# torchlns demo: segmentation of generated driving scenes\n\n"
+        f"SegNet (width {cfg.net_width}) trained {cfg.train_steps} steps on {cfg.n_train} scenes of "
+        f"{cfg.height}x{cfg.width}; evaluated on {cfg.n_eval} held-out scenes; classes: {', '.join(CLASSES)}. "
+        "Every converted model has its batch norms folded and is calibrated on 8 training batches; "
+        f"the clustered one has {cfg.clusters} centroids per 3x3 layer (all but the first) and had "
+        f"{cfg.finetune_steps} steps of centroid fine-tuning. Model bytes count every stored field at its bit width "
+        "(`torchlns.size_report`).\n\n" + table(rows) + "\nTargets:\n\n" + "\n".join(target_lines(rows)) +
+        "\n\n![difference map](difference_map.png)\n\n"
+        "Difference map, per scene: image, ground truth, float32 prediction, LNS8 chip prediction, "
+        "pixels where the two predictions differ (red), float32 errors and LNS8 chip errors against "
+        "the ground truth (red; ignored pixels grey).\n")
+
+
+def _write_figure(path: Path, ds: SceneDataset, float_pred, conv_pred, conv_name: str, n: int = 4,
+                  scale: int = 3) -> None:
+    from PIL import Image, ImageDraw
+
+    palette = torch.tensor(PALETTE + ((0, 0, 0),), dtype=torch.uint8)
+
+    def colour(labels):
+        lab = labels.long().clone()
+        lab[lab >= len(PALETTE)] = len(PALETTE)
+        return palette[lab]
+
+    def mask(m, ignore):
+        img = torch.full((*m.shape, 3), 30, dtype=torch.uint8)
+        img[m] = torch.tensor([230, 30, 30], dtype=torch.uint8)
+        img[ignore] = 110
+        return img
+
+    panels_per_row = ("image", "ground truth", "float32", conv_name, f"{conv_name} vs float32",
+                      "float32 errors", f"{conv_name} errors")
+    rows = []
+    for i in range(min(n, len(ds))):
+        y = ds.labels[i]
+        ignore = y == IGNORE_INDEX
+        fp, cp = float_pred[i].long(), conv_pred[i].long()
+        fp_shown, cp_shown = fp.masked_fill(ignore, len(PALETTE)), cp.masked_fill(ignore, len(PALETTE))
+        panels = [(ds.images[i].permute(1, 2, 0) * 255).round().to(torch.uint8), colour(y), colour(fp_shown),
+                  colour(cp_shown),
+                  mask((fp != cp) & ~ignore, ignore), mask((fp != y) & ~ignore, ignore),
+                  mask((cp != y) & ~ignore, ignore)]
+        sep = torch.full((y.shape[0], 2, 3), 255, dtype=torch.uint8)
+        rows.append(torch.cat([t for p in panels for t in (p, sep)][:-1], dim=1))
+    grid = torch.cat(rows, dim=0).numpy()
+    img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    header = 14
+    canvas = Image.new("RGB", (img.width, img.height + header), "white")
+    canvas.paste(img, (0, header))
+    draw = ImageDraw.Draw(canvas)
+    panel_w = (ds.labels.shape[2] + 2) * scale
+    for k, title in enumerate(panels_per_row):
+        draw.text((k * panel_w + 2, 1), title, fill="black")
+    canvas.save(path)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="torchlns demo", description=__doc__.split("\n\n")[1])
+    add_arguments(p)
+    return run_from_args(p.parse_args(argv))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = DemoConfig()
+    p.add_argument("--out", type=Path, default=d.out, help=f"output folder (default {d.out})")
+    p.add_argument("--device", default=d.device, help="cpu or cuda")
+    p.add_argument("--size", type=int, nargs=2, default=(d.height, d.width), metavar=("H", "W"))
+    p.add_argument("--n-train", type=int, default=d.n_train)
+    p.add_argument("--n-eval", type=int, default=d.n_eval)
+    p.add_argument("--train-steps", type=int, default=d.train_steps)
+    p.add_argument("--finetune-steps", type=int, default=d.finetune_steps)
+    p.add_argument("--clusters", type=int, default=d.clusters)
+    p.add_argument("--net-width", type=int, default=d.net_width)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--retrain", action="store_true", help="train even if a trained model is in --out")
+
+
+def run_from_args(args: argparse.Namespace, data=None) -> int:
+    """Run the demo from parsed ``add_arguments`` flags; ``data`` as in ``run``."""
+    cfg = DemoConfig(out=args.out, height=args.size[0], width=args.size[1], n_train=args.n_train,
+                     n_eval=args.n_eval, train_steps=args.train_steps, batch_size=DemoConfig.batch_size,
+                     net_width=args.net_width, clusters=args.clusters, finetune_steps=args.finetune_steps,
+                     device=args.device, seed=args.seed, retrain=args.retrain)
+    t = time.time()
+    rows = run(cfg, data=data)
+    print()
+    print(table(rows))
+    print("\n".join(target_lines(rows)))
+    print(f"\ndone in {time.time() - t:.0f} s; report: {cfg.out / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,66 @@
+"""Convolution geometry: argument normalisation, output sizes and im2col (chip-model.md section 4).
+
+A convolution is the MAC over each receptive field. These helpers say which input element
+meets which weight tap; they do no arithmetic on values, so the functional layer, the
+reference kernel and the fake kernel share them.
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+
+
+def ntuple(v, n: int, what: str) -> tuple:
+    """An int or a sequence of ``n`` ints as an ``n``-tuple, with an error naming ``what``."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (v,) * n
+    if isinstance(v, (tuple, list)) and len(v) == n and all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+        return tuple(v)
+    raise ValueError(f"{what} must be an int or a tuple of {n} ints, got {v!r}")
+
+
+def conv_padding(padding, kernel: Sequence[int], dilation: Sequence[int], stride: Sequence[int],
+                 n: int) -> List[Tuple[int, int]]:
+    """(before, after) padding per spatial dim; 'same' pads the extra element after, as torch."""
+    if padding == "valid":
+        return [(0, 0)] * n
+    if padding == "same":
+        if any(s != 1 for s in stride):
+            raise ValueError("padding='same' is not supported for strided convolutions")
+        total = [d * (k - 1) for k, d in zip(kernel, dilation)]
+        return [(t // 2, t - t // 2) for t in total]
+    return [(p, p) for p in ntuple(padding, n, "padding")]
+
+
+def conv_output_size(size: int, kernel: int, stride: int, pad_before: int, pad_after: int, dilation: int) -> int:
+    return (size + pad_before + pad_after - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def im2col_index(H: int, W: int, kernel, stride, padding, dilation, device):
+    """Flat input index of each (tap, output position), or H*W for padding (the zero code)."""
+    (ph0, ph1), (pw0, pw1) = padding
+    Ho = conv_output_size(H, kernel[0], stride[0], ph0, ph1, dilation[0])
+    Wo = conv_output_size(W, kernel[1], stride[1], pw0, pw1, dilation[1])
+    if Ho < 1 or Wo < 1:
+        raise ValueError(f"input {H}x{W} is smaller than the dilated kernel after padding")
+    ih = torch.arange(kernel[0], device=device)[:, None] * dilation[0] + torch.arange(Ho, device=device)[None, :] * stride[0] - ph0
+    iw = torch.arange(kernel[1], device=device)[:, None] * dilation[1] + torch.arange(Wo, device=device)[None, :] * stride[1] - pw0
+    valid = ((ih >= 0) & (ih < H))[:, None, :, None] & ((iw >= 0) & (iw < W))[None, :, None, :]
+    flat = ih[:, None, :, None] * W + iw[None, :, None, :]
+    idx = torch.where(valid, flat, H * W)  # (kh, kw, Ho, Wo)
+    return idx.reshape(kernel[0] * kernel[1], Ho * Wo), Ho, Wo
+
+
+def im2col(t: torch.Tensor, idx: torch.Tensor, pad_value) -> torch.Tensor:
+    """(N, C, H, W) -> (N*L, C*kh*kw) columns in PyTorch's (c, i, j) order; padding is ``pad_value``."""
+    N, C, H, W = t.shape
+    flat = torch.cat([t.reshape(N, C, H * W), t.new_full((N, C, 1), pad_value)], dim=2)
+    cols = flat[:, :, idx]  # (N, C, taps, L)
+    return cols.permute(0, 3, 1, 2).reshape(N * idx.shape[1], C * idx.shape[0])
+
+
+def cols_to_image(y: torch.Tensor, N: int, Ho: int, Wo: int) -> torch.Tensor:
+    """(N*L, Cout) rows of an im2col product -> a contiguous (N, Cout, Ho, Wo) image."""
+    return y.reshape(N, Ho * Wo, -1).permute(0, 2, 1).reshape(N, -1, Ho, Wo).contiguous()

@@ -1,0 +1,346 @@
+"""The chip's layers as functions: ``lns_linear``, ``lns_conv1d``, ``lns_conv2d`` (chip-model.md 2-5).
+
+Every call goes the same way:
+
+1. **operands**: each of ``x`` and ``w`` is a coded operand (a ``CodedTensor`` or a
+   ``Coded``; see Note: coded operands in tensor.py) or a float tensor, which is encoded
+   here in the format of the other operand (or ``fmt=``): per tensor, with a given static
+   parameter, or per block along the reduction axis (dynamic activations, MX style);
+2. **validation**: formats that can multiply (``Format.check_partner``), MAC arguments
+   (``Format.check_mac``), shapes, geometry, bias and the accumulator's reduction length;
+3. **lowering**: one ``torchlns::`` op call per layer (``lns_mm``/``lns_conv`` for the log
+   MAC, ``scaled_mm`` for FP8/INT), with parameters expanded against their codes;
+4. **straight-through estimator**: when a float operand or the bias requires grad, the
+   chip's output is wrapped in ``ste_linear``/``ste_conv`` (see Note: straight-through
+   estimator in ops/autograd.py), here and nowhere else.
+
+The converted layers (``torchlns.nn``) call ``linear``/``conv`` below, which add two
+layer-only arguments to the public functions: ``x_param`` (a static per-tensor parameter for
+a float input) and ``w_master`` (the float master weight that receives the weight's
+straight-through gradient in QAT).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .core.checks import as_float32
+from .core.formats import IDEAL_MAC, LNS8, Format, MACConfig
+from .core.geometry import cols_to_image, conv_padding, im2col, im2col_index, ntuple
+from .ops import library as _library  # noqa: F401  (declares the ops called here)
+from .tensor import Coded, CodedTensor, as_coded, implements_torch_function
+
+__all__ = ["lns_linear", "lns_conv1d", "lns_conv2d", "linear", "conv", "needs_grad"]
+
+_OPS = torch.ops.torchlns
+
+
+# ----------------------------------------------------------------------------------------
+# public functions
+# ----------------------------------------------------------------------------------------
+def lns_linear(x, w, bias: Optional[torch.Tensor] = None, mac: MACConfig = IDEAL_MAC, *,
+               acc_lsb: Optional[int] = None, x_block_size: Optional[int] = None,
+               fmt: Optional[Format] = None) -> torch.Tensor:
+    """``y[..., n] = MAC_k(x[..., k], w[n, k]) + bias[n]`` as the chip computes it.
+
+    ``x`` and ``w`` are coded tensors (LNS, FP8 or INT; both of one kind) or float tensors,
+    which are encoded per tensor in ``fmt`` (default: the other operand's format, else LNS8).
+    Float operands that require grad get straight-through gradients (QAT).
+    ``x_block_size`` encodes a float ``x`` with dynamic per-block offsets/scales along K, as
+    MX formats do. ``acc_lsb`` is required by, and only by, the LNS fixed accumulator.
+    """
+    return linear(x, w, bias, mac, acc_lsb=acc_lsb, x_block_size=x_block_size, fmt=fmt)
+
+
+def lns_conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1, mac: MACConfig = IDEAL_MAC, *,
+               acc_lsb: Optional[int] = None, x_block_size: Optional[int] = None,
+               fmt: Optional[Format] = None) -> torch.Tensor:
+    """2-D convolution as the chip computes it: the MAC over each receptive field.
+
+    Arguments follow ``F.conv2d`` (padding may be an int, a pair, 'valid' or 'same');
+    padding is the zero code. See ``lns_linear`` for operands, ``acc_lsb`` and ``x_block_size``
+    (blocks run along each group's ``Cin/groups * kh * kw`` reduction axis).
+    """
+    return conv(x, w, bias, stride, padding, dilation, groups, mac, n=2, acc_lsb=acc_lsb, x_block_size=x_block_size,
+                fmt=fmt)
+
+
+def lns_conv1d(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1, mac: MACConfig = IDEAL_MAC, *,
+               acc_lsb: Optional[int] = None, x_block_size: Optional[int] = None,
+               fmt: Optional[Format] = None) -> torch.Tensor:
+    """1-D convolution as the chip computes it; see ``lns_conv2d``."""
+    return conv(x, w, bias, stride, padding, dilation, groups, mac, n=1, acc_lsb=acc_lsb, x_block_size=x_block_size,
+                fmt=fmt)
+
+
+# ----------------------------------------------------------------------------------------
+# linear
+# ----------------------------------------------------------------------------------------
+def linear(x, w, bias: Optional[torch.Tensor] = None, mac: MACConfig = IDEAL_MAC, *, acc_lsb: Optional[int] = None,
+           x_block_size: Optional[int] = None, fmt: Optional[Format] = None, x_param: Optional[torch.Tensor] = None,
+           w_master: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``lns_linear`` with the layers' ``x_param`` and ``w_master`` (see the module docstring)."""
+    xq, wq, fmt = _operands(x, w, fmt, x_block_size, x_param)
+    xq = xq or _encode(x, fmt, "x", block_size=x_block_size, param=x_param)
+    wq = wq or _encode(w, fmt, "w")
+    xq.fmt.check_partner(wq.fmt)
+    xq.fmt.check_mac(mac, acc_lsb)
+    if wq.codes.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(wq.codes.shape)}")
+    if xq.codes.dim() < 1:
+        raise ValueError("x must have at least one dim (..., in_features)")
+    if wq.block is not None and wq.block[0] == 0:
+        raise ValueError("per-block weight parameters must run along the reduction axis (dim 1)")
+    lead = xq.codes.shape[:-1]
+    y = _matmul(_rows(xq, lead), wq, _check_bias(bias, wq.codes.shape[0], xq.codes.device), mac, acc_lsb)
+    y = y.reshape(*lead, wq.codes.shape[0])
+    w_grad = w_master if w_master is not None else _float_operand(w)
+    if needs_grad(x, w_grad, bias):
+        x_deq, w_deq = xq.dequantize(), wq.dequantize()
+        y = _OPS.ste_linear(y, x_deq, w_deq, _float_operand(x, x_deq), w_deq if w_grad is None else w_grad, bias)
+    return y
+
+
+def _rows(xq: Coded, lead: torch.Size) -> Coded:
+    """An (..., K) operand as (rows, K) codes with (1 or rows, 1 or K or blocks) parameters."""
+    param = xq.param
+    if xq.block is not None and xq.block[0] != len(lead):
+        raise ValueError("per-block parameters of a linear operand must run along its last (reduction) axis")
+    if all(s == 1 for s in param.shape[:-1]):
+        param = param.reshape(1, param.shape[-1])
+    else:
+        param = param.expand(*lead, param.shape[-1]).reshape(lead.numel(), param.shape[-1])
+    block = None if xq.block is None else (1, xq.block[1])
+    return Coded(xq.codes.reshape(lead.numel(), xq.codes.shape[-1]), param, xq.fmt, block)
+
+
+# ----------------------------------------------------------------------------------------
+# convolution
+# ----------------------------------------------------------------------------------------
+def conv(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1, mac: MACConfig = IDEAL_MAC, *, n: int,
+         acc_lsb: Optional[int] = None, x_block_size: Optional[int] = None, fmt: Optional[Format] = None,
+         x_param: Optional[torch.Tensor] = None, w_master: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``lns_conv{n}d`` with the layers' ``x_param`` and ``w_master`` (see the module docstring)."""
+    name = f"lns_conv{n}d"
+    xq, wq, fmt = _operands(x, w, fmt, x_block_size, x_param)
+    wq = wq or _encode(w, fmt, "w")
+    if wq.codes.dim() != n + 2:
+        raise ValueError(f"{name} weight must be {n + 2}-D (out, in/groups, *kernel), got shape {tuple(wq.codes.shape)}")
+    if xq is None and x_block_size is None:
+        xq = _encode(x, fmt, "x", param=x_param)  # per tensor, before im2col
+    xt = xq.codes if xq is not None else as_float32(x)
+    if xt.dim() not in (n + 1, n + 2):
+        raise ValueError(f"{name} input must be {n + 1}-D or {n + 2}-D, got {tuple(xt.shape)}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    unbatched = xt.dim() == n + 1
+    stride, dilation = ntuple(stride, n, "stride"), ntuple(dilation, n, "dilation")
+    pads = conv_padding(padding, tuple(wq.codes.shape[2:]), dilation, stride, n)
+    geometry = _Geometry(stride, pads, dilation, groups)
+    if n == 1:  # conv1d is conv2d with a height-1 kernel
+        geometry = _Geometry((1, *stride), [(0, 0), *pads], (1, *dilation), groups)
+
+    def as4d(t):
+        t = t.unsqueeze(0) if unbatched else t
+        return t.unsqueeze(2) if n == 1 else t
+
+    xt4, w4 = as4d(xt), wq.codes.unsqueeze(2) if n == 1 else wq.codes
+    C, Cout, Cin_g = xt4.shape[1], w4.shape[0], w4.shape[1]
+    if C != Cin_g * groups or Cout % groups:
+        raise ValueError(f"{name}: input has {C} channels, weight expects {Cin_g}x{groups} groups and {Cout} outputs")
+    idx, Ho, Wo = im2col_index(xt4.shape[2], xt4.shape[3], w4.shape[2:], geometry.stride, geometry.pads,
+                               geometry.dilation, xt.device)
+    b = _check_bias(bias, Cout, xt.device)
+    if xq is not None and xq.fmt.mac_kind == "log":
+        y = _lns_conv(xq, wq, as4d, b, mac, acc_lsb, geometry, Cin_g * idx.shape[0], n)
+    else:
+        y = _conv_by_columns(xq, wq, fmt, xt4, w4, idx, b, mac, acc_lsb, x_block_size, groups, Ho, Wo)
+    if n == 1:
+        y = y.squeeze(2)
+    w_grad = w_master if w_master is not None else _float_operand(w)
+    if needs_grad(x, w_grad, bias):
+        # Dynamic per-block activations are encoded per receptive field, so an input element
+        # has no single dequantized value: the backward then uses the float input.
+        x_deq = xq.dequantize() if xq is not None else as_float32(x).detach()
+        w_deq = wq.dequantize()
+        batch = (lambda t: t.unsqueeze(0)) if unbatched else (lambda t: t)  # noqa: E731
+        y = _OPS.ste_conv(y, batch(x_deq), w_deq, batch(_float_operand(x, x_deq)), w_deq if w_grad is None else w_grad,
+                          bias, list(stride), [p[0] for p in pads], [p[1] for p in pads], list(dilation), groups)
+    return y.squeeze(0) if unbatched else y
+
+
+class _Geometry:
+    """Stride, (before, after) padding, dilation and groups of a convolution as 2-D."""
+
+    def __init__(self, stride, pads, dilation, groups):
+        self.stride, self.pads, self.dilation, self.groups = stride, pads, dilation, groups
+
+
+def _lns_conv(xq: Coded, wq: Coded, as4d, bias, mac: MACConfig, acc_lsb, geometry: _Geometry, Kg: int,
+              n: int) -> torch.Tensor:
+    """Coded LNS input: one ``torchlns::lns_conv`` call."""
+    xq.fmt.check_partner(wq.fmt)
+    xq.fmt.check_mac(mac, acc_lsb)
+    mac.check_reduction(Kg)
+    x_off = as4d(xq.expanded_param()).to(torch.int32)
+    w_off = wq.expanded_param().to(torch.int32)
+    w4 = wq.codes.unsqueeze(2) if n == 1 else wq.codes
+    w_off = w_off.unsqueeze(2) if n == 1 else w_off
+    F_ = xq.fmt.frac_bits
+    return _OPS.lns_conv(
+        as4d(xq.codes), x_off, w4, w_off, mac.table(F_, xq.codes.device), bias, xq.fmt.bits, wq.fmt.bits, F_,
+        mac.fixed, mac.acc_bits, acc_lsb if mac.fixed else 0, list(geometry.stride),
+        [p[0] for p in geometry.pads], [p[1] for p in geometry.pads], list(geometry.dilation), geometry.groups)
+
+
+def _conv_by_columns(xq: Optional[Coded], wq: Coded, fmt: Format, xt4, w4, idx, bias, mac: MACConfig, acc_lsb,
+                     x_block_size, groups: int, Ho: int, Wo: int) -> torch.Tensor:
+    """FP8/INT convolutions, and LNS with dynamic per-block activations: im2col, then the MAC per group."""
+    Cout, Nb, taps = w4.shape[0], xt4.shape[0], idx.shape[0]
+    Kg = w4.shape[1] * taps
+    if xq is not None:
+        if xq.param.numel() != 1:
+            raise ValueError(f"{xq.fmt} activations of a convolution take a per-tensor "
+                             f"{xq.fmt.param_name}, or x_block_size for dynamic blocks")
+        fx = xq.fmt
+        cols = Coded(im2col(xt4, idx, 0), xq.param.reshape(1, 1), fx)
+    else:
+        fx, cols = fmt, im2col(xt4, idx, 0.0)
+    fx.check_partner(wq.fmt)
+    fx.check_mac(mac, acc_lsb)
+    w_param, w_block = wq.param, None
+    if wq.fmt.mac_kind == "scaled" and wq.block is not None and wq.block[0] == 1 and wq.param.shape[2:].numel() == 1:
+        w_param, w_block = wq.param.reshape(wq.param.shape[0], -1), (1, wq.block[1] * taps)  # blocks of channels: runs of bs*taps
+    elif wq.fmt.mac_kind == "scaled" and wq.block is None and wq.param.shape[1:].numel() == 1:
+        w_param = wq.param.reshape(wq.param.shape[0], 1)  # per tensor or per output channel
+    else:  # any other layout: one parameter per weight element
+        w_param = wq.expanded_param().expand(wq.codes.shape).reshape(Cout, Kg)
+    w_codes = w4.reshape(Cout, Kg)
+    outs = []
+    Cout_g = Cout // groups
+    for gi in range(groups):
+        ks, os_ = slice(gi * Kg, (gi + 1) * Kg), slice(gi * Cout_g, (gi + 1) * Cout_g)
+        if isinstance(cols, Coded):
+            xm = Coded(cols.codes[:, ks], cols.param, fx)
+        else:
+            xm = _encode(cols[:, ks], fmt, "x", block_size=x_block_size)
+        wm = Coded(w_codes[os_], w_param[os_] if w_param.shape[0] > 1 else w_param, wq.fmt, w_block)
+        outs.append(_matmul(xm, wm, bias[os_] if bias is not None else None, mac, acc_lsb))
+    return cols_to_image(torch.cat(outs, dim=1), Nb, Ho, Wo)
+
+
+# ----------------------------------------------------------------------------------------
+# the MAC
+# ----------------------------------------------------------------------------------------
+def _matmul(x: Coded, w: Coded, bias, mac: MACConfig, acc_lsb) -> torch.Tensor:
+    """(M, K) x (N, K) coded operands -> (M, N) float32: one ``torchlns::`` op call."""
+    K = x.codes.shape[1]
+    if K != w.codes.shape[1]:
+        raise ValueError(f"reduction sizes differ: activations have K={K}, weights K={w.codes.shape[1]}")
+    if x.codes.device != w.codes.device:
+        raise ValueError(f"operands are on different devices: {x.codes.device} and {w.codes.device}")
+    if x.fmt.mac_kind == "log":
+        mac.check_reduction(K)
+        F_ = x.fmt.frac_bits
+        return _OPS.lns_mm(x.codes, x.expanded_param().to(torch.int32), w.codes, w.expanded_param().to(torch.int32),
+                           mac.table(F_, x.codes.device), bias, x.fmt.bits, w.fmt.bits, F_, mac.fixed, mac.acc_bits,
+                           acc_lsb if mac.fixed else 0)
+    if x.fmt.integer and K * x.fmt.max * w.fmt.max >= 2**53:
+        raise ValueError(f"accumulator overflow: K={K} products of {x.fmt} x {w.fmt} exceed the 2^53 exact range")
+    device = x.codes.device
+    return _OPS.scaled_mm(x.codes, x.expanded_param(), x.fmt.value_table(device), w.codes, w.expanded_param(),
+                          w.fmt.value_table(device), bias, _run_length(x), _run_length(w))
+
+
+def _run_length(m: Coded) -> int:
+    """Run length along K over which a 2-D operand's parameter is constant (0: all of K)."""
+    if m.block is not None:
+        return m.block[1]
+    return 1 if m.param.shape[1] > 1 else 0
+
+
+# ----------------------------------------------------------------------------------------
+# operands
+# ----------------------------------------------------------------------------------------
+def _operands(x, w, fmt: Optional[Format], x_block_size, x_param) -> Tuple[Optional[Coded], Optional[Coded], Format]:
+    """The coded operands among ``x`` and ``w``, and the format that float operands are encoded in."""
+    xq, wq = as_coded(x), as_coded(w)
+    if xq is not None and x_block_size is not None:
+        raise ValueError("x_block_size encodes a float x dynamically; x is already encoded")
+    if x_param is not None and (xq is not None or x_block_size is not None):
+        raise ValueError("x_param is the static parameter of a float x encoded per tensor")
+    coded = xq.fmt if xq is not None else wq.fmt if wq is not None else None
+    if fmt is not None and coded is not None and type(fmt) is not type(coded):
+        raise TypeError(f"fmt={fmt} conflicts with an operand already encoded as {coded}")
+    return xq, wq, fmt or coded or LNS8
+
+
+def _encode(t, fmt: Format, what: str, block_size: Optional[int] = None, param=None) -> Coded:
+    """A float operand as a coded one: per tensor (calibrated, or ``param``), or per block along K."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what} must be a tensor or an LNSTensor, got {type(t).__name__}")
+    t = t.detach()  # codes carry no gradient; the straight-through estimator supplies it
+    if block_size is None:
+        return Coded.encode(t, fmt, "tensor", param=param)
+    return Coded.encode(t, fmt, "block", -1, block_size)
+
+
+def _check_bias(bias, n_out: int, device) -> Optional[torch.Tensor]:
+    if bias is None:
+        return None
+    if isinstance(bias, (CodedTensor, Coded)):
+        raise TypeError(f"bias is a {type(bias).__name__}; the chip adds a float32 bias, so pass a float tensor")
+    if not isinstance(bias, torch.Tensor) or not bias.dtype.is_floating_point:
+        raise TypeError(f"bias must be a float tensor, got {getattr(bias, 'dtype', type(bias).__name__)}")
+    if bias.shape != (n_out,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({n_out},)")
+    return bias.detach().to(device=device, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------
+# straight-through estimator (see Note: straight-through estimator in ops/autograd.py)
+# ----------------------------------------------------------------------------------------
+def needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def _float_operand(operand, otherwise: Optional[torch.Tensor] = None):
+    """The tensor that receives an operand's gradient: the operand if it is a float tensor, else ``otherwise``."""
+    if as_coded(operand) is None and isinstance(operand, torch.Tensor):
+        return operand
+    return otherwise
+
+
+# ----------------------------------------------------------------------------------------
+# torch functions on coded tensors: the layers run the ideal MAC
+# ----------------------------------------------------------------------------------------
+@implements_torch_function(F.linear)
+def _linear_override(func, args, kwargs):
+    x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    return lns_linear(x, w, bias)
+
+
+@implements_torch_function([F.conv1d, F.conv2d])
+def _conv_override(func, args, kwargs):
+    names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    op = lns_conv2d if func is F.conv2d else lns_conv1d
+    return op(bound["input"], bound["weight"], bound.get("bias"), bound.get("stride", 1), bound.get("padding", 0),
+              bound.get("dilation", 1), bound.get("groups", 1))
+
+
+@implements_torch_function([torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__])
+def _matmul_override(func, args, kwargs):
+    a, b = args[0], args[1] if len(args) > 1 else kwargs["other"]
+    if b.dim() != 2:
+        raise NotImplementedError(
+            f"torch.matmul with a coded operand needs a 2-D right operand (K, N); got shape {tuple(b.shape)}"
+        )
+    if a.dim() == 1:
+        return lns_linear(a.unsqueeze(0), b.t()).squeeze(0)
+    return lns_linear(a, b.t())

@@ -1,0 +1,350 @@
+"""Drop-in layers that compute exactly what the chip computes.
+
+# Note: converted layer state
+A converted layer holds what the chip stores, and nothing it does not:
+
+* ``weight``: a buffer holding a coded tensor (``LNSTensor`` by default, per-channel
+  parameters; FP8/INT for comparison formats through the same machinery);
+* ``bias``: a float32 Parameter;
+* ``input_param``: the static per-tensor activation offset (LNS, int32) or scale (FP8/INT),
+  a 0-d buffer; ``None`` for dynamic activations, which are encoded at run time per
+  tensor or per ``input_block_size`` block along the reduction axis (MX style);
+* ``acc_lsb``: the fixed accumulator's LSB exponent, a Python int (a constant under
+  torch.compile), saved in the state dict as extra state along with the format and MAC.
+
+The output is bit for bit the chip's; the layer does no float arithmetic of its own: its
+``forward`` hands its operands to ``functional.linear``/``functional.conv``.
+
+# Note: QAT in converted layers
+Codes have no gradient. In ``train()`` mode the bias and the float input get the
+straight-through gradient (see Note: straight-through estimator in autograd.py). The weight
+trains only if the layer has a float master (``weight_float``; ``convert(..., qat=True)``
+or ``enable_qat()``): each training forward then re-encodes the master with freshly
+calibrated weight parameters, and the master receives the gradient (``w_master`` of the
+functional ops). ``eval()`` (or
+``freeze()``) re-encodes the master into ``weight``. Without a master a training forward
+that needs gradients warns once that only the bias and the input train.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .. import functional
+from ..config import ConvertConfig
+from ..core.formats import IDEAL_MAC, Format, MACConfig
+from ..core.layout import GRANULARITIES
+from ..tensor import Coded, CodedTensor
+from .swap import register_swap
+
+__all__ = ["LNSLinear", "LNSConv1d", "LNSConv2d"]
+
+
+def _describe_param(fmt: Format, p: Optional[torch.Tensor], block_size: Optional[int]) -> str:
+    if p is None:
+        return f"dynamic per-block({block_size})" if block_size else "dynamic per-tensor"
+    return "static " + fmt.describe_param(p.item())
+
+
+class _CodedLayer(nn.Module):
+    """Shared state and forward of the converted layers (see Note: converted layer state)."""
+
+    _weight_axis = -1  # the reduction axis of per-block weight parameters
+
+    def __init__(self, weight: Optional[CodedTensor], bias: Optional[torch.Tensor], mac: MACConfig = IDEAL_MAC, *,
+                 input_param: Optional[torch.Tensor] = None, input_block_size: Optional[int] = None,
+                 acc_lsb: Optional[int] = None, weight_granularity: str = "channel",
+                 weight_block_size: Optional[int] = None, fmt: Optional[Format] = None):
+        super().__init__()
+        if weight is not None and not isinstance(weight, CodedTensor):
+            raise TypeError(f"weight must be an LNSTensor, FP8Tensor or IntTensor, got {type(weight).__name__}")
+        if weight_granularity not in GRANULARITIES:
+            raise ValueError(f"weight_granularity must be one of {GRANULARITIES}, got {weight_granularity!r}")
+        fmt = weight.fmt if weight is not None else fmt
+        device = weight.device if weight is not None else None
+        fmt.check_mac(mac, acc_lsb)
+        if input_param is not None:
+            if input_block_size is not None:
+                raise ValueError("input_block_size is for dynamic activations; a static input_param is per tensor")
+            if input_param.numel() != 1:
+                raise ValueError(f"input_param must be one per-tensor value, got shape {tuple(input_param.shape)}")
+            input_param = input_param.detach().reshape(()).to(dtype=fmt.param_dtype, device=device)
+        self.fmt, self.mac, self.acc_lsb = fmt, mac, acc_lsb
+        self.input_block_size = input_block_size
+        self.weight_granularity, self.weight_block_size = weight_granularity, weight_block_size
+        if weight is not None:
+            self.register_buffer("weight", weight)
+        self.register_buffer("input_param", input_param)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.float32).clone())
+        self.weight_float: Optional[nn.Parameter] = None
+        self._warned_frozen = False
+
+    # -- weights ---------------------------------------------------------------------------
+    def _encode_weight(self, w: torch.Tensor) -> Coded:
+        """Weight parameters from max|w| (spec section 3's default), and the codes."""
+        block = self.weight_granularity == "block"
+        return Coded.encode(w, self.fmt, self.weight_granularity, self._weight_axis if block else None,
+                            self.weight_block_size)
+
+    def _master(self) -> Optional[torch.Tensor]:
+        """The float weight that receives gradients in training (None: weight is frozen)."""
+        return self.weight_float
+
+    def _coded_weight(self) -> Coded:
+        master = self._master()
+        if self.training and master is not None:
+            return self._encode_weight(master.detach())
+        return self.weight.coded
+
+    def enable_qat(self) -> "_CodedLayer":
+        """Give the layer a float master weight, starting from the dequantized codes."""
+        if self.weight_float is None:
+            self.weight_float = nn.Parameter(self.weight.dequantize())
+        return self
+
+    @torch.no_grad()
+    def freeze(self) -> "_CodedLayer":
+        """Re-encode the float master (if any) into the stored codes."""
+        master = self._master()
+        if master is not None:
+            self.weight = self._encode_weight(master.detach()).tensor()
+        return self
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not mode:
+            self.freeze()
+        return self
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, (CodedTensor, Coded)):
+            raise TypeError(f"{type(self).__name__} takes float activations (the chip encodes each layer's input)")
+        master = self._master() if self.training else None
+        if master is None and self.training and not self._warned_frozen and not torch.compiler.is_compiling() \
+                and functional.needs_grad(x, self.bias):
+            self._warned_frozen = True
+            warnings.warn(f"{type(self).__name__} has no float master weight, so only its bias and input train; "
+                          "convert with qat=True or call enable_qat() to train the weight", stacklevel=2)
+        return self._chip(x, self._coded_weight(), master)
+
+    def _mac_kwargs(self) -> dict:
+        """Arguments of the functional op: the format, acc_lsb, and how the input is encoded."""
+        kw = dict(fmt=self.fmt, acc_lsb=self.acc_lsb)
+        if self.input_param is None:
+            kw["x_block_size"] = self.input_block_size
+        else:
+            kw["x_param"] = self.input_param
+        return kw
+
+    # -- state -----------------------------------------------------------------------------
+    def get_extra_state(self):
+        return {"fmt": self.fmt.to_tuple(), "mac": self.mac.to_tuple(),
+                "acc_lsb": self.acc_lsb, "input_block_size": self.input_block_size,
+                "weight_granularity": (self.weight_granularity, self.weight_block_size)}
+
+    def _extra_state_mismatch(self, state) -> Optional[str]:
+        try:
+            fmt, mac = Format.from_tuple(tuple(state["fmt"])), MACConfig(*state["mac"])
+        except (KeyError, TypeError, ValueError) as e:
+            return f"not a {type(self).__name__} state ({e})"
+        if fmt != self.fmt or mac != self.mac:
+            return f"state is for {fmt} with {mac}; this {type(self).__name__} is {self.fmt} with {self.mac}"
+        return None
+
+    def set_extra_state(self, state) -> None:
+        problem = self._extra_state_mismatch(state)
+        if problem:
+            raise ValueError(problem)
+        self.acc_lsb = state["acc_lsb"]
+        self.input_block_size = state["input_block_size"]
+        self.weight_granularity, self.weight_block_size = tuple(state["weight_granularity"])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A coded buffer is replaced, not copied into: its parameters may have another
+        # layout, and copy_ has no meaning on codes.
+        coded = {k: v for k, v in self._buffers.items() if isinstance(v, CodedTensor)}
+        for name, mine in coded.items():
+            key = prefix + name
+            got = state_dict.get(key)
+            if got is None:
+                missing_keys.append(key)
+            elif not isinstance(got, CodedTensor) or got.fmt != mine.fmt or got.shape != mine.shape:
+                error_msgs.append(f"{key}: expected a {mine.fmt} tensor of shape {tuple(mine.shape)}, got "
+                                  f"{type(got).__name__} {getattr(got, 'fmt', '')} {tuple(got.shape)}")
+            else:
+                self._buffers[name] = got.to(mine.device)
+        # A format or MAC mismatch is reported like any other state-dict error, under its key.
+        extra_key = prefix + "_extra_state"
+        hidden = None
+        if extra_key in state_dict:
+            problem = self._extra_state_mismatch(state_dict[extra_key])
+            if problem:
+                error_msgs.append(f"{extra_key}: {problem}")
+                hidden = state_dict.pop(extra_key)
+        held = {k: self._buffers.pop(k) for k in coded}
+        try:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
+        finally:
+            self._buffers.update(held)
+            if hidden is not None:
+                state_dict[extra_key] = hidden
+                if extra_key in missing_keys:
+                    missing_keys.remove(extra_key)
+        for name in coded:  # super() did not see these buffers, which were consumed above
+            if prefix + name in unexpected_keys:
+                unexpected_keys.remove(prefix + name)
+
+    def _apply(self, fn, recurse=True):
+        # Convert the coded buffers first: a dtype cast (.half()) raises there, before the bias
+        # or any other state of this layer has changed. super() then meets them already
+        # converted, where fn (a .to()) returns them as they are.
+        coded = {k: fn(b) for k, b in self._buffers.items() if isinstance(b, CodedTensor)}
+        self._buffers.update(coded)
+        return super()._apply(fn, recurse)
+
+    def _extra_repr_tail(self) -> str:
+        acc = f", acc_lsb={self.acc_lsb}" if self.acc_lsb is not None else ""
+        qat = ", qat" if self._master() is not None else ""
+        return (f"fmt={self.fmt}, mac={self.mac}, weight={self._weight_description()}, "
+                f"input={_describe_param(self.fmt, self.input_param, self.input_block_size)}{acc}, "
+                f"bias={self.bias is not None}{qat}")
+
+    def _weight_description(self) -> str:
+        return self.weight_granularity
+
+    @classmethod
+    def _from_config(cls, float_module, weight: torch.Tensor, config, input_param, acc_lsb, qat_master, **geometry):
+        config, mac, kw = _layer_settings(cls, config, input_param, acc_lsb)
+        block = config.weight_granularity == "block"
+        coded = Coded.encode(weight.detach().float(), config.fmt, config.weight_granularity,
+                             cls._weight_axis if block else None, config.weight_block_size).tensor()
+        m = cls(coded, float_module.bias, mac, weight_granularity=config.weight_granularity,
+                weight_block_size=config.weight_block_size, **kw, **geometry)
+        if qat_master:
+            m.weight_float = nn.Parameter(weight.detach().float().clone())
+        return m.train(float_module.training)
+
+
+def _layer_settings(cls, config, input_param, acc_lsb):
+    """(config, MAC, constructor kwargs) of a converted layer; clear errors for what is missing."""
+    config = ConvertConfig() if config is None else config
+    if not isinstance(config, ConvertConfig):
+        raise TypeError(f"{cls.__name__}.from_float: config must be a ConvertConfig, got {type(config).__name__}")
+    fmt = config.fmt
+    static = config.activation == "static"
+    if static and input_param is None:
+        raise ValueError(f"{cls.__name__}.from_float: static activations need input_param (the calibrated "
+                         "per-tensor offset or scale); torchlns.convert calibrates it from calibration_data")
+    needs_lsb = fmt.needs_acc_lsb(config.mac)
+    if needs_lsb and acc_lsb is None:
+        raise ValueError(f"{cls.__name__}.from_float: the fixed accumulator needs acc_lsb; torchlns.convert "
+                         "calibrates it from the observed output range")
+    if isinstance(input_param, (int, float)):
+        input_param = torch.tensor(input_param)
+    kw = dict(input_param=input_param if static else None,
+              input_block_size=None if static else config.activation_block_size,
+              acc_lsb=acc_lsb if needs_lsb else None)
+    return config, fmt.layer_mac(config.mac), kw
+
+
+@register_swap(nn.Linear)
+class LNSLinear(_CodedLayer):
+    """``nn.Linear`` on the chip: ``y = MAC(x, W) + b`` (see Note: converted layer state)."""
+
+    def __init__(self, weight: CodedTensor, bias: Optional[torch.Tensor] = None, mac: MACConfig = IDEAL_MAC, **kw):
+        super().__init__(weight, bias, mac, **kw)
+        if weight.dim() != 2:
+            raise ValueError(f"LNSLinear weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, config=None, *, input_param=None, acc_lsb: Optional[int] = None,
+                   qat: bool = False) -> "LNSLinear":
+        """Encode ``linear``'s weight per ``config`` (a ``ConvertConfig``; default LNS8 per channel).
+
+        ``input_param`` is the static activation offset/scale; ``acc_lsb`` the fixed
+        accumulator's LSB. ``torchlns.convert`` calibrates both.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"LNSLinear.from_float needs an nn.Linear, got {type(linear).__name__}")
+        return cls._from_config(linear, linear.weight, config, input_param, acc_lsb, qat)
+
+    def _chip(self, x, w: Coded, master):
+        return functional.linear(x, w, self.bias, self.mac, w_master=master, **self._mac_kwargs())
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, " + self._extra_repr_tail()
+
+
+class _LNSConvNd(_CodedLayer):
+    _n = 2
+    _float_type = nn.Conv2d
+    _weight_axis = 1  # per-block weight parameters run along the input channels
+
+    def __init__(self, weight: CodedTensor, bias: Optional[torch.Tensor] = None, mac: MACConfig = IDEAL_MAC, *,
+                 stride=1, padding=0, dilation=1, groups: int = 1, **kw):
+        super().__init__(weight, bias, mac, **kw)
+        n = self._n
+        if weight.dim() != n + 2:
+            raise ValueError(f"{type(self).__name__} weight must be {n + 2}-D, got shape {tuple(weight.shape)}")
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight.shape[1] * self.groups
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def kernel_size(self) -> Tuple[int, ...]:
+        return tuple(self.weight.shape[2:])
+
+    @classmethod
+    def from_float(cls, conv, config=None, *, input_param=None, acc_lsb: Optional[int] = None, qat: bool = False):
+        """Encode a float conv's weight per ``config``; see ``LNSLinear.from_float``."""
+        if not isinstance(conv, cls._float_type):
+            raise TypeError(f"{cls.__name__}.from_float needs an {cls._float_type.__name__}, got {type(conv).__name__}")
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"the chip pads with the zero code; padding_mode={conv.padding_mode!r} is not supported")
+        return cls._from_config(conv, conv.weight, config, input_param, acc_lsb, qat, stride=conv.stride,
+                                padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
+
+    def _chip(self, x, w: Coded, master):
+        return functional.conv(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups, self.mac,
+                               n=self._n, w_master=master, **self._mac_kwargs())
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, " + self._extra_repr_tail())
+
+
+@register_swap(nn.Conv1d)
+class LNSConv1d(_LNSConvNd):
+    """``nn.Conv1d`` on the chip (see Note: converted layer state)."""
+
+    _n = 1
+    _float_type = nn.Conv1d
+
+
+@register_swap(nn.Conv2d)
+class LNSConv2d(_LNSConvNd):
+    """``nn.Conv2d`` on the chip (see Note: converted layer state)."""
+
+    _n = 2
+    _float_type = nn.Conv2d

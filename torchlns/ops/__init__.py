@@ -1,0 +1,16 @@
+"""The op library and its kernels: every ``torchlns::`` op, declared once, with a kernel per backend.
+
+* ``library.py``: the schemas, the reference and fake kernels, backend registration and
+  ``reference_kernels()`` (see Note: op registration there);
+* ``reference.py``: the pure-PyTorch reference kernels, the oracle of every backend;
+* ``autograd.py``: the straight-through estimator's backward;
+* ``backend.py``: loading the C++ CPU kernels (``torchlns._C``, built from ``csrc/``) and
+  ``backend_info()``;
+* ``triton_kernels.py``: the CUDA kernels.
+
+Kernels depend on ``torchlns.core`` and on this package only, never on the public API.
+"""
+
+from . import autograd  # noqa: F401  (registers the straight-through estimator's backward)
+from .library import KERNEL_OPS, REFERENCE, SCHEMAS, TRITON_ERROR, reference_kernels  # noqa: F401
+from .backend import TorchLNSBackendWarning, backend_info, has_native, native  # noqa: F401

@@ -1,0 +1,253 @@
+"""Reference kernels of every ``torchlns::`` op: vectorized PyTorch, exact, the oracle.
+
+Each function is registered as the op's ``CompositeExplicitAutograd`` kernel (see Note: op
+registration in library.py), so it serves every device that has no kernel of its own, and
+every native kernel is tested against it. The kernels take what the ops take: codes,
+parameters already broadcast against them, the format as plain fields and its tables as
+tensors. They check nothing; the public functions above validate first.
+
+# Note: reference MAC arithmetic
+* LNS products are formed per (row, column, k) from the log sum ``G = g_a + g_w`` and
+  converted with ``C[r]`` (``core.tables.conversion_table``). Every ``C[r]`` has at most 25
+  significant bits and ``|q| < 800``, so ``C[r] * 2^q`` is an exact float64: both
+  accumulators start from exact products.
+* float32 accumulator: the exact products are summed in float64 and the sum is rounded once
+  to float32. The error is at most ``2^-24 |y| + K 2^-53 sum|p|``, inside the spec's
+  ``K 2^-24 sum|p|``, so the reference is the most accurate member of the allowed family.
+  (A product outside the float32 range, which only absurd offsets can produce, is kept
+  exact here; a float32 datapath would overflow or flush it.)
+* fixed accumulator: ``p_int = ±min(floor(C[r] 2^(q-Λ)), 2^(W-1)-1)`` is computed as an
+  exact float64 floor and summed in int64. ``K 2^(W-1) < 2^63`` is checked before the op
+  runs, so the sum cannot wrap. The bias ``rne(b / 2^Λ)`` is clamped to ``±(2^63 - 1024)``,
+  which cannot change the saturated result (for ``K <= 1023`` the sum is < 2^57; otherwise
+  ``(K+1) T + 1024 < 2^63``), and the addition detects int64 overflow explicitly instead of
+  relying on wrap-around. ``acc * 2^Λ`` is exact in float64 and rounded once to float32.
+  A ±inf bias saturates; a NaN bias has no integer value and makes its outputs NaN, as it
+  does with the float32 accumulator.
+* NaN dominates: any NaN operand in a dot product makes that output NaN, even when its
+  partner is zero (as IEEE ``NaN * 0``). Zero codes give zero products; conv padding is the
+  zero code.
+* FP8/INT (``scaled_mm``): the K axis is cut at every block boundary of either operand;
+  inside a segment both scales are constant. The segment sum is exact (INT, as float64 of
+  integers below 2^53) or float64 of exact products (FP8), then
+  ``y_seg = float32(sum) * (s_x * s_w)`` in float32, and segments are added in order in
+  float32. With per-tensor or per-channel scales there is one segment and this is exactly
+  ``y = float32(acc) * (s_x s_w)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from ..core.fields import ABS_MASK, INF_BITS, MANT_BITS, exp2_f64, float32_fields, integer_log, log_fields
+from ..core.geometry import cols_to_image, im2col, im2col_index
+
+BIAS_CLAMP = float(2**63 - 1024)  # see Note: reference MAC arithmetic
+_I64_MAX = 2**63 - 1
+_I64_MIN = -(2**63)
+_CHUNK_ELEMENTS = 1 << 22  # rows*N*K per elementwise chunk: ~32 MB per float64 temporary
+
+
+# ----------------------------------------------------------------------------------------
+# codecs
+# ----------------------------------------------------------------------------------------
+def lns_encode_reference(x: torch.Tensor, offset: torch.Tensor, buckets: torch.Tensor, bits: int, frac_bits: int,
+                         mitchell: bool) -> torch.Tensor:
+    e_max, nan_code = (1 << (bits - 1)) - 1, 1 << (bits - 1)
+    sign, abs_bits, e, frac = float32_fields(x.contiguous())
+    g = integer_log(e, frac, frac_bits, mitchell, buckets)
+    mag = (g - offset).clamp(max=e_max)
+    mag = torch.where(mag < 1, 0, mag)  # underflow flushes to zero
+    mag = torch.where(abs_bits == INF_BITS, e_max, mag)  # ±inf saturates
+    mag = torch.where(abs_bits == 0, 0, mag)
+    code = torch.where(sign & (mag != 0), mag | nan_code, mag)  # zero drops the sign
+    code = torch.where(abs_bits > INF_BITS, nan_code, code)
+    if bits == 16:  # int16 holds the same bit pattern: reinterpret codes >= 2^15
+        code = torch.where(code >= 1 << 15, code - (1 << 16), code)
+    return code.to(torch.uint8 if bits <= 8 else torch.int16)
+
+
+def lns_decode_reference(codes: torch.Tensor, offset: torch.Tensor, decode_bits: torch.Tensor, bits: int,
+                         frac_bits: int) -> torch.Tensor:
+    F = frac_bits
+    g, negative, zero, _ = log_fields(codes, offset, bits)
+    # D[r] has exponent field 127; adding q to the field scales by 2^q exactly. A valid
+    # offset keeps q in [-126, 127], so the result is always a normal float32.
+    value = (decode_bits[g & ((1 << F) - 1)] + ((g >> F) << MANT_BITS)).view(torch.float32)
+    value = torch.where(negative, -value, value)
+    return torch.where(zero, torch.where(negative, math.nan, 0.0), value)
+
+
+def fp8_encode_reference(x: torch.Tensor, scale: torch.Tensor, man_bits: int, bias: int, max_code: int,
+                         has_inf: bool) -> torch.Tensor:
+    y = x / scale
+    bits = y.view(torch.int32)
+    sign = bits < 0
+    abs_bits = bits & ABS_MASK
+    M, B = man_bits, bias
+    # Below the smallest normal the grid step is 2^(1-B-M); |y| / step is exact in float32
+    # and torch.round is half-to-even. A result of 2^M lands exactly on the smallest normal
+    # code, so subnormal and normal codes join without a special case.
+    min_normal = 2.0 ** (1 - B)
+    sub_code = torch.round(y.abs().clamp(max=min_normal) * 2.0 ** (B - 1 + M)).to(torch.int32)
+    # Normal range: round the float32 fraction to M bits, half-to-even, on the bit pattern;
+    # a carry out of the fraction bumps the exponent, as it should. Then rebias.
+    shift = MANT_BITS - M
+    finite_bits = abs_bits.clamp(max=INF_BITS)  # keeps the rounding add inside int32
+    rounded = finite_bits + ((1 << (shift - 1)) - 1) + ((finite_bits >> shift) & 1)
+    norm_code = (rounded >> shift) - ((127 - B) << M)
+    code = torch.where(abs_bits < ((127 + 1 - B) << MANT_BITS), sub_code, norm_code)
+    code = code.clamp(max=max_code)  # saturate finite overflow (and e4m3's inf)
+    x_abs = x.view(torch.int32) & ABS_MASK
+    if has_inf:  # only an infinite x; a finite x whose quotient overflows saturates
+        code = torch.where(x_abs == INF_BITS, 0x7C, code)
+    code = torch.where((abs_bits > INF_BITS) | (x_abs > INF_BITS), 0x7F, code)
+    code = torch.where(sign, code | 0x80, code)
+    return code.to(torch.uint8)
+
+
+def fp8_decode_reference(codes: torch.Tensor, scale: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    return values[codes.to(torch.int64)] * scale
+
+
+def int_encode_reference(x: torch.Tensor, scale: torch.Tensor, qmax: int, bits: int) -> torch.Tensor:
+    q = torch.round(x / scale).clamp(-qmax, qmax)
+    return q.to(torch.int8 if bits <= 8 else torch.int16)
+
+
+def int_decode_reference(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return codes.to(torch.float32) * scale
+
+
+# ----------------------------------------------------------------------------------------
+# LNS MAC
+# ----------------------------------------------------------------------------------------
+def lns_mm_reference(x: torch.Tensor, x_offset: torch.Tensor, w: torch.Tensor, w_offset: torch.Tensor,
+                     table: torch.Tensor, bias: Optional[torch.Tensor], x_bits: int, w_bits: int, frac_bits: int,
+                     fixed: bool, acc_bits: int, acc_lsb: int) -> torch.Tensor:
+    """``torchlns::lns_mm``: (M, K) x (N, K) codes -> (M, N) float32 (see Note: reference MAC arithmetic).
+
+    Offsets broadcast against their codes; ``table`` is ``C[r]`` as exact float64.
+    """
+    F = frac_bits
+    M, K = x.shape
+    N = w.shape[0]
+    gx, nx, zx, nanx = log_fields(x, x_offset, x_bits)
+    gw, nw, zw, nanw = log_fields(w, w_offset, w_bits)
+    T = 2 ** (acc_bits - 1) - 1
+    shift = acc_lsb if fixed else 0
+    out = torch.empty(M, N, dtype=torch.int64 if fixed else torch.float64, device=x.device)
+    rows = max(1, _CHUNK_ELEMENTS // max(1, N * K))
+    for r0 in range(0, M, rows):
+        r1 = min(M, r0 + rows)
+        G = gx[r0:r1, None, :] + gw[None, :, :]
+        p = table[(G & ((1 << F) - 1)).long()] * exp2_f64((G >> F) - shift)
+        if fixed:
+            p = p.floor_().clamp_(max=T)
+        p = p.masked_fill_(zx[r0:r1, None, :] | zw[None, :, :], 0.0)
+        p = torch.where(nx[r0:r1, None, :] ^ nw[None, :, :], -p, p)
+        out[r0:r1] = p.to(torch.int64).sum(-1) if fixed else p.sum(-1)
+    return mm_epilogue(out, nanx.any(1), nanw.any(1), bias, fixed, acc_bits, acc_lsb)
+
+
+def mm_epilogue(sums: torch.Tensor, nan_rows_x: torch.Tensor, nan_rows_w: torch.Tensor, bias: Optional[torch.Tensor],
+                fixed: bool, acc_bits: int, acc_lsb: int) -> torch.Tensor:
+    """float32 outputs of ``lns_mm`` from its (M, N) sums: float64 (float32 accumulator) or exact int64."""
+    if not fixed:
+        y = sums.to(torch.float32)
+        if bias is not None:
+            y = y + bias
+    else:
+        y = fixed_epilogue(sums, bias, 2 ** (acc_bits - 1) - 1, acc_lsb)
+    return y.masked_fill_(nan_rows_x[:, None] | nan_rows_w[None, :], math.nan)
+
+
+def fixed_epilogue(acc: torch.Tensor, bias: Optional[torch.Tensor], T: int, acc_lsb: int) -> torch.Tensor:
+    """Bias, final saturation and scaling of the exact int64 sums of the fixed accumulator."""
+    if bias is not None:
+        b = torch.round(bias.to(torch.float64) * 2.0**-acc_lsb).clamp_(-BIAS_CLAMP, BIAS_CLAMP).to(torch.int64)
+        b = b.expand_as(acc)
+        over = (b > 0) & (acc > _I64_MAX - b.clamp(min=0))
+        under = (b < 0) & (acc < _I64_MIN - b.clamp(max=0))
+        acc = torch.where(over | under, 0, acc) + torch.where(over | under, 0, b)
+        acc = torch.where(over, T, torch.where(under, -T, acc))
+    acc = acc.clamp(-T, T)
+    y = (acc.to(torch.float64) * 2.0**acc_lsb).to(torch.float32)
+    return y if bias is None else y.masked_fill_(torch.isnan(bias).expand_as(y), math.nan)
+
+
+def lns_conv_reference(x: torch.Tensor, x_offset: torch.Tensor, w: torch.Tensor, w_offset: torch.Tensor,
+                       table: torch.Tensor, bias: Optional[torch.Tensor], x_bits: int, w_bits: int, frac_bits: int,
+                       fixed: bool, acc_bits: int, acc_lsb: int, stride: Sequence[int], pad_before: Sequence[int],
+                       pad_after: Sequence[int], dilation: Sequence[int], groups: int) -> torch.Tensor:
+    """``torchlns::lns_conv``: (N, C, H, W) codes * (Cout, C/groups, kh, kw) codes -> float32.
+
+    im2col of the codes (padding is the zero code) and of the offsets, then ``lns_mm`` per
+    group, so every backend's MAC kernel does the arithmetic. Offsets broadcast against their
+    codes.
+    """
+    N = x.shape[0]
+    Cout, Cin_g, kh, kw = w.shape
+    idx, Ho, Wo = im2col_index(x.shape[2], x.shape[3], (kh, kw), stride, list(zip(pad_before, pad_after)), dilation,
+                               x.device)
+    Kg = Cin_g * idx.shape[0]
+    cols = im2col(x, idx, 0)
+    col_off = x_offset.reshape(1, 1) if x_offset.numel() == 1 else im2col(x_offset.expand(x.shape), idx, 0)
+    w2 = w.reshape(Cout, Kg)
+    if w_offset[0].numel() == 1:  # per tensor or per output channel
+        w_off = w_offset.reshape(w_offset.shape[0], 1)
+    else:
+        w_off = w_offset.expand(w.shape).reshape(Cout, Kg)
+    outs = []
+    Cout_g = Cout // groups
+    for gi in range(groups):
+        ks, os_ = slice(gi * Kg, (gi + 1) * Kg), slice(gi * Cout_g, (gi + 1) * Cout_g)
+        outs.append(torch.ops.torchlns.lns_mm(
+            cols[:, ks], col_off[:, ks] if col_off.shape[1] > 1 else col_off, w2[os_],
+            w_off[os_] if w_off.shape[0] > 1 else w_off, table, None if bias is None else bias[os_],
+            x_bits, w_bits, frac_bits, fixed, acc_bits, acc_lsb))
+    # Contiguous, as the fake kernel promises (strides are part of an op's contract).
+    return cols_to_image(torch.cat(outs, dim=1), N, Ho, Wo)
+
+
+# ----------------------------------------------------------------------------------------
+# FP8 / INT MAC
+# ----------------------------------------------------------------------------------------
+def _segments(K: int, *blocks: int) -> list:
+    cuts = {0, K}
+    for b in blocks:
+        if b:
+            cuts.update(range(0, K, b))
+    cuts = sorted(cuts)
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def scaled_mm_reference(x: torch.Tensor, x_scale: torch.Tensor, x_values: Optional[torch.Tensor], w: torch.Tensor,
+                        w_scale: torch.Tensor, w_values: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                        x_block: int, w_block: int) -> torch.Tensor:
+    """``torchlns::scaled_mm``: (M, K) x (N, K) FP8 or INT codes -> (M, N) float32 (spec section 5).
+
+    ``x_values``/``w_values`` are the FP8 value tables, or None for INT codes (the code is
+    its value). Scales are (1 or rows, 1 or K), constant along K in runs of ``x_block`` /
+    ``w_block`` (0: all of K); see Note: reference MAC arithmetic.
+    """
+    M, K = x.shape
+    N = w.shape[0]
+    integer = x_values is None
+    vx, vw = ((c.to(torch.float64) if v is None else v[c.long()].to(torch.float64)) for c, v in ((x, x_values),
+                                                                                                  (w, w_values)))
+    y = None  # the first segment is not added to 0.0, which would turn -0.0 into +0.0
+    for k0, k1 in _segments(K, x_block, w_block):
+        part = (vx[:, k0:k1] @ vw[:, k0:k1].T).to(torch.float32)
+        if integer:  # an integer sum has no -0, but float64's -5 * 0 does
+            part = torch.where(part == 0, 0.0, part)
+        scale = x_scale[:, min(k0, x_scale.shape[1] - 1), None] * w_scale[None, :, min(k0, w_scale.shape[1] - 1)]
+        y = part * scale if y is None else y + part * scale
+    if y is None:  # K = 0: an empty sum
+        y = torch.zeros(M, N, dtype=torch.float32, device=x.device)
+    if bias is not None:
+        y = y + bias
+    return y

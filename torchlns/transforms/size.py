@@ -1,0 +1,146 @@
+"""``torchlns.size_report``: every stored field at its own bit width (chip-model.md section 6).
+
+# Note: size accounting
+* Converted LNS layers: weight codes at ``bits``; weight offsets, the static input offset
+  and ``acc_lsb`` at 8 bits each; bias at 32 bits.
+* FP8/INT layers: codes at 8 (or ``bits``); scales (weight and static input) at 32 bits.
+* Clustered layers: indices at ``ceil(log2 C)`` bits; centroids in the weight format (LNS
+  codes plus one 8-bit offset, or float32); per-kernel scales at 8 bits in LNS (float32 in
+  a float ``ClusteredConv2d``). Centroids shared across layers count once, at the first;
+  so do identical LNS centroid tables (same codes and offset), which the chip would store once.
+* Any other module: its own parameters and buffers at their dtype's width, except BN's
+  ``num_batches_tracked`` (training bookkeeping that inference never reads).
+
+The float32 size of a layer is what it replaces: every weight element and bias at 32 bits
+(for other modules, every floating parameter and buffer at 32 bits). The ratio is float32
+bytes over stored bytes; ``reference=`` takes the float32 size of the whole original model
+instead (BN parameters included).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from .._text import format_table
+from ..nn.clustered import ClusteredConv2d, LNSClusteredConv2d
+from ..nn.layers import _CodedLayer
+
+__all__ = ["SizeReport", "size_report"]
+
+# Stored widths of the fields no format owns (a format's parameter width is Format.param_bits).
+_OFFSET_BITS, _BIAS_BITS, _FLOAT_BITS = 8, 32, 32
+
+
+@dataclass
+class SizeReport:
+    """Per-layer rows (``rows``: a list of dicts) and totals; ``print`` it for a table."""
+
+    rows: List[dict] = field(default_factory=list)
+    float32_bytes: float = 0.0
+
+    @property
+    def total_bytes(self) -> float:
+        return sum(r["bytes"] for r in self.rows)
+
+    @property
+    def ratio(self) -> float:
+        return self.float32_bytes / self.total_bytes if self.total_bytes else math.inf
+
+    def to_dicts(self) -> List[dict]:
+        return copy.deepcopy(self.rows)
+
+    def __str__(self) -> str:
+        head = ("layer", "kind", "format", "bytes", "float32 bytes", "ratio")
+        body = [(r["layer"] or "(root)", r["kind"], r["format"], f"{r['bytes']:,.1f}", f"{r['float32_bytes']:,.0f}",
+                 f"{r['ratio']:.2f}x") for r in self.rows]
+        body.append(("total", "", "", f"{self.total_bytes:,.1f}", f"{self.float32_bytes:,.0f}", f"{self.ratio:.2f}x"))
+        return format_table(head, body, right=(3, 4, 5))
+
+
+def _coded_fields(name: str, t, fields: Dict[str, int]) -> None:
+    fmt = t.fmt
+    fields[f"{name} codes"] = t.codes.numel() * fmt.bits
+    fields[f"{name} {fmt.param_name}s"] = t.param.numel() * fmt.param_bits
+
+
+def _layer(m: nn.Module, seen: set):
+    """(stored bits per field, float32 bits replaced, format name) of one module's own state."""
+    fields: Dict[str, int] = {}
+    if isinstance(m, _CodedLayer):
+        if isinstance(m, LNSClusteredConv2d):
+            fields["indices"] = m.indices.numel() * max(1, math.ceil(math.log2(m.num_clusters)))
+            if id(m.centroids) not in seen:  # buffers are per module; shared ones are equal objects
+                _coded_fields("centroids", m.centroids, fields)
+            fields["kernel scales"] = m.kernel_scales.codes.numel() * m.kernel_scales.fmt.bits
+            fields["kernel scale offset"] = _OFFSET_BITS
+            dense = m.indices.numel() * math.prod(m.kernel_size)
+        else:
+            _coded_fields("weight", m.weight, fields)
+            dense = m.weight.numel()
+        if m.input_param is not None:
+            fields[f"input {m.fmt.param_name}"] = m.fmt.param_bits
+        if m.acc_lsb is not None:
+            fields["acc_lsb"] = _OFFSET_BITS
+        if m.bias is not None:
+            fields["bias"] = m.bias.numel() * _BIAS_BITS
+        return fields, (dense + (m.bias.numel() if m.bias is not None else 0)) * _FLOAT_BITS, str(m.fmt)
+    if isinstance(m, ClusteredConv2d):
+        fields["indices"] = m.indices.numel() * m.index_bits
+        if id(m.centroids) not in seen:
+            seen.add(id(m.centroids))
+            fields["centroids"] = m.centroids.numel() * _FLOAT_BITS
+        fields["kernel scales"] = m.scales.numel() * _FLOAT_BITS
+        if m.bias is not None:
+            fields["bias"] = m.bias.numel() * _BIAS_BITS
+        dense = m.indices.numel() * math.prod(m.kernel_size) + (m.bias.numel() if m.bias is not None else 0)
+        return fields, dense * _FLOAT_BITS, f"clustered C={m.num_clusters}"
+    float_bits = 0
+    for name, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
+        if t is None or name == "num_batches_tracked" or id(t) in seen:
+            continue
+        seen.add(id(t))
+        fields[name] = t.numel() * t.element_size() * 8
+        float_bits += t.numel() * _FLOAT_BITS if t.is_floating_point() else fields[name]
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for _, t in m.named_parameters(recurse=False)})
+    return fields, float_bits, "/".join(dtypes) or "-"
+
+
+def _same_coded(a, b) -> bool:
+    return a is b or (a.fmt == b.fmt and a.shape == b.shape and a.device == b.device
+                      and torch.equal(a.codes, b.codes) and torch.equal(a.param, b.param))
+
+
+def size_report(model: nn.Module, reference: Optional[nn.Module] = None) -> SizeReport:
+    """Stored size of ``model``, per layer and in total, against float32 (see Note: size accounting).
+
+    Modules without stored state are left out. ``reference`` (the original float model)
+    makes the float32 side of the total its full size, BN parameters included.
+    """
+    report = SizeReport()
+    seen: set = set()
+    tables: list = []  # LNS centroid tables counted so far
+    for fqn, m in model.named_modules():
+        if isinstance(m, LNSClusteredConv2d):  # a table shared (or equal) across layers counts once
+            if any(_same_coded(m.centroids, t) for t in tables):
+                seen.add(id(m.centroids))
+            else:
+                tables.append(m.centroids)
+        fields, float_bits, fmt = _layer(m, seen)
+        bits = sum(fields.values())
+        if not bits:
+            continue
+        report.rows.append(dict(layer=fqn, kind=type(m).__name__, format=fmt, fields=fields, bits=bits,
+                                bytes=bits / 8, float32_bytes=float_bits / 8,
+                                ratio=float_bits / bits if bits else math.inf))
+    if reference is not None:
+        ref = size_report(reference)
+        report.float32_bytes = sum(r["float32_bytes"] for r in ref.rows)
+    else:
+        report.float32_bytes = sum(r["float32_bytes"] for r in report.rows)
+    return report
