@@ -230,3 +230,39 @@ def test_empty_and_zero_dim_tensors():
     assert T.shape == (0, 4) and T.dequantize().shape == (0, 4)
     S = LNSTensor.from_float(torch.tensor(3.0), LNS8)
     assert S.shape == () and S.dequantize().item() == pytest.approx(3.0, rel=0.05)
+
+
+# ----------------------------------------------------------------------------------------
+# the coded operand (see Note: coded operands in tensor.py)
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()))
+def test_coded_is_the_tensor_s_operand(fmt, layout):
+    from torchlns import Coded
+    from torchlns.tensor import as_coded
+
+    x = torch.randn(6, 8, 10)
+    T = CodedTensor.from_float(x, fmt, **layout)
+    c = as_coded(T)
+    assert c == T.coded and isinstance(c, Coded) and as_coded(c) is c and as_coded(x) is None
+    assert c.fmt == T.fmt and c.block == T.block and c.codes is T.codes and c.param is T.param
+    back = c.tensor()
+    assert type(back) is type(T) is CodedTensor.class_for(fmt)
+    assert torch.equal(c.dequantize().view(torch.int32), T.dequantize().view(torch.int32))
+    again = Coded.encode(x, fmt, **layout)
+    assert torch.equal(again.codes, T.codes) and torch.equal(again.param, T.param) and again.block == T.block
+
+
+def test_functional_ops_take_either_face_of_an_operand():
+    x, w = torch.randn(5, 32), torch.randn(7, 32)
+    xq, wq = LNSTensor.from_float(x, LNS8), LNSTensor.from_float(w, LNS8, granularity="channel")
+    want = torchlns.lns_linear(xq, wq, mac=torchlns.CHIP_MAC, acc_lsb=-20)
+    got = torchlns.lns_linear(xq.coded, wq.coded, mac=torchlns.CHIP_MAC, acc_lsb=-20)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+def test_tensor_classes_come_from_the_format():
+    assert CodedTensor.class_for(LNS8) is LNSTensor
+    assert CodedTensor.class_for(FP8_E4M3) is FP8Tensor and CodedTensor.class_for(INT8) is IntTensor
+    with pytest.raises(TypeError, match="fmt must be"):
+        CodedTensor.class_for("lns8")

@@ -38,6 +38,7 @@ from .fields import float32_fields, integer_log
 
 __all__ = [
     "Format",
+    "ScaledFormat",
     "LNSFormat",
     "FP8Format",
     "IntFormat",
@@ -88,6 +89,9 @@ class Format:
     def __init_subclass__(cls, kind: Optional[str] = None, **kwargs):
         super().__init_subclass__(**kwargs)
         if kind is not None:
+            known = Format._KINDS.get(kind)
+            if known is not None and known.__qualname__ != cls.__qualname__:
+                raise ValueError(f"format kind {kind!r} is taken by {known.__qualname__}")
             cls.kind = kind
             Format._KINDS[kind] = cls
 
@@ -308,7 +312,7 @@ class LNSFormat(Format, kind="lns"):
         return f"LNS{self.bits}(F={self.frac_bits}{r})"
 
 
-class _ScaledFormat(Format):
+class ScaledFormat(Format):
     """A format whose codes are scaled by a float32 scale (FP8 and INT; spec section 5)."""
 
     param_name: ClassVar[str] = "scale"
@@ -352,7 +356,7 @@ class _ScaledFormat(Format):
 
 
 @dataclass(frozen=True)
-class FP8Format(_ScaledFormat, kind="fp8"):
+class FP8Format(ScaledFormat, kind="fp8"):
     """OCP FP8: ``"e4m3"`` (bias 7, max 448, no inf) or ``"e5m2"`` (bias 15, max 57344, inf).
 
     Codes are the uint8 bit patterns of ``torch.float8_e4m3fn`` / ``torch.float8_e5m2``.
@@ -418,7 +422,7 @@ class FP8Format(_ScaledFormat, kind="fp8"):
 
 
 @dataclass(frozen=True)
-class IntFormat(_ScaledFormat, kind="int"):
+class IntFormat(ScaledFormat, kind="int"):
     """Symmetric integer: ``q = clamp(rne(x / scale), -(2^(b-1)-1), 2^(b-1)-1)``.
 
     Codes are int8 for ``bits <= 8``, int16 up to 16 bits. NaN has no code: encoding NaN is

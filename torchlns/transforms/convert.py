@@ -112,7 +112,7 @@ def convert(model: nn.Module, config: Optional[ConvertConfig] = None,
         else:
             model.set_submodule(fqn, new)
         report.append(dict(layer=fqn, kind=type(new).__name__, fmt=str(cfg.fmt),
-                           mac=str(new.mac) if cfg.fmt.mac_kind == "log" else "-",
+                           mac=str(cfg.fmt.layer_mac(cfg.mac)) if cfg.fmt.mac_kind == "log" else "-",
                            input=None if input_param is None else input_param.item(), acc_lsb=acc_lsb))
     model.fold_report, model.cluster_report, model.conversion_report = fold_report, cluster_report, report
     return model
