@@ -15,7 +15,7 @@ How results are compared:
     rounding for the bias add, and 2^-149 for results below the normal range, which the
     spec's relative bound does not cover);
   - against the much tighter bracket the reference documents (Note: reference MAC
-    arithmetic in torchlns/mac.py): the exact products are summed in float64 (error at most
+    arithmetic in torchlns/ops/reference.py): the exact products are summed in float64 (error at most
     ``K 2^-53 sum|p|`` in any order) and rounded once to float32, then the bias is added in
     float32. Rounding is monotone, so ``y`` must lie in
     ``[rn32(y_exact - E) (+b), rn32(y_exact + E) (+b)]`` with ``E = K 2^-53 sum|p|``. When

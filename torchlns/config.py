@@ -48,8 +48,8 @@ class ConvertConfig:
       times ``2^acc_headroom_bits``.
     * ``fold_bn``; ``cluster`` (a ``ClusterConfig`` or None); ``qat``: keep float masters so
       the converted layers train (see Note: QAT in converted layers).
-    * ``module_filter_fn(module, fqn)``: which layers to convert (default: all Linear,
-      Conv1d, Conv2d and ClusteredConv2d).
+    * ``module_filter_fn(module, fqn)``: which layers to convert (default: every layer whose
+      type has a swap; see ``torchlns.register_swap``).
     * ``overrides``: layer name (or fnmatch pattern) -> ``None`` to keep the layer in float,
       or a dict of fields of this config to change for that layer, e.g.
       ``{"stem.0": None, "head": {"fmt": FP8_E4M3}}``.

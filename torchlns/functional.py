@@ -22,7 +22,7 @@ straight-through gradient in QAT).
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -172,11 +172,13 @@ def conv(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1, mac: MACCon
     return y.squeeze(0) if unbatched else y
 
 
-class _Geometry:
+class _Geometry(NamedTuple):
     """Stride, (before, after) padding, dilation and groups of a convolution as 2-D."""
 
-    def __init__(self, stride, pads, dilation, groups):
-        self.stride, self.pads, self.dilation, self.groups = stride, pads, dilation, groups
+    stride: tuple
+    pads: list
+    dilation: tuple
+    groups: int
 
 
 def _lns_conv(xq: Coded, wq: Coded, as4d, bias, mac: MACConfig, acc_lsb, geometry: _Geometry, Kg: int,

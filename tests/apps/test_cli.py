@@ -1,4 +1,4 @@
-"""`torchlns convert | report | compare` (torchlns/cli.py): results, files and user errors.
+"""`torchlns convert | report | compare` (torchlns/apps/cli.py): results, files and user errors.
 
 The float models live in a helper module written to a temporary directory that is put on
 sys.path (and PYTHONPATH for the subprocess runs), as a user's own model code would be.

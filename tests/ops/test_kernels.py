@@ -1,7 +1,7 @@
 """Native kernels against the pure-PyTorch reference, op by op (tolerance 0 where exact).
 
 ``torch.ops.torchlns.X`` on a CPU tensor runs the C++ kernel; ``ops.REFERENCE[X]`` is the
-reference registered as the fallback (see Note: op registration in torchlns/ops.py).
+reference registered as the fallback (see Note: op registration in torchlns/ops/library.py).
 """
 
 import math

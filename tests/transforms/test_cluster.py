@@ -1,6 +1,6 @@
 """Kernel cluster compression: cluster_kernels, ClusteredConv2d, kmeans, LNSClusteredConv2d.
 
-See Note: kernel normalisation in torchlns/cluster.py and chip-model.md section 6.
+See Note: kernel normalisation in torchlns/transforms/cluster.py and chip-model.md section 6.
 """
 
 import copy

@@ -526,7 +526,7 @@ class MACConfig:
         return dataclasses.astuple(self)
 
     def table(self, frac_bits: int, device) -> torch.Tensor:
-        """``C[r]`` of the conversion as exact float64 values (see Note: exact tables in tables.py)."""
+        """``C[r]`` of the conversion as exact float64 values (see Note: exact tables in core/tables.py)."""
         return tables.conversion_tensor_f64(frac_bits, self.conversion, self.lut_bits, device)
 
     def check_acc_lsb(self, acc_lsb) -> None:

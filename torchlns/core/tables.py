@@ -11,7 +11,7 @@ right answer. The spec says float64 ``pow`` + one rounding is right for F <= 10;
 allows F up to 14, so tables are computed with ``decimal`` at 60 significant digits, then
 rounded on the 2^-23 (or 2^-P) grid of [1, 2). With 60 digits the error is ~1e-60, far
 smaller than the distance of any 2^((2i+1)/2^(F+1)) from a 24-bit grid point, and
-``tests/test_tables.py`` checks the float64 shortcut agrees for F <= 10.
+``tests/core/test_tables.py`` checks the float64 shortcut agrees for F <= 10.
 
 Tables are returned as exact integers ``N`` with an implied scale ``2^-S`` (``value = N/2^S``)
 so that callers can use them in integer arithmetic (the fixed accumulator) or as float64

@@ -17,7 +17,7 @@ The output is bit for bit the chip's; the layer does no float arithmetic of its 
 
 # Note: QAT in converted layers
 Codes have no gradient. In ``train()`` mode the bias and the float input get the
-straight-through gradient (see Note: straight-through estimator in autograd.py). The weight
+straight-through gradient (see Note: straight-through estimator in ops/autograd.py). The weight
 trains only if the layer has a float master (``weight_float``; ``convert(..., qat=True)``
 or ``enable_qat()``): each training forward then re-encodes the master with freshly
 calibrated weight parameters, and the master receives the gradient (``w_master`` of the
