@@ -216,3 +216,9 @@ def calibration_batches(x: torch.Tensor, n: int = 4, seed: int = 0):
     """``n`` batches shaped like ``x`` (seeded), for calibration."""
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(x.shape, generator=g) for _ in range(n)]
+
+
+def small_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=2),
+                         nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
