@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .core.checks import as_float32
 from .core.formats import IDEAL_MAC, LNS8, Format, MACConfig
-from .core.geometry import cols_to_image, conv_padding, im2col, im2col_index, ntuple
+from .core.geometry import cols_to_image, conv_output_shape, conv_padding, im2col, im2col_index, ntuple
 from .ops import library as _library  # noqa: F401  (declares the ops called here)
 from .tensor import Coded, CodedTensor, as_coded, implements_torch_function
 
@@ -151,13 +151,12 @@ def conv(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1, mac: MACCon
     C, Cout, Cin_g = xt4.shape[1], w4.shape[0], w4.shape[1]
     if C != Cin_g * groups or Cout % groups:
         raise ValueError(f"{name}: input has {C} channels, weight expects {Cin_g}x{groups} groups and {Cout} outputs")
-    idx, Ho, Wo = im2col_index(xt4.shape[2], xt4.shape[3], w4.shape[2:], geometry.stride, geometry.pads,
-                               geometry.dilation, xt.device)
+    conv_output_shape(xt4.shape[2], xt4.shape[3], w4.shape[2:], geometry.stride, geometry.pads, geometry.dilation)
     b = _check_bias(bias, Cout, xt.device)
     if xq is not None and xq.fmt.mac_kind == "log":
-        y = _lns_conv(xq, wq, as4d, b, mac, acc_lsb, geometry, Cin_g * idx.shape[0], n)
+        y = _lns_conv(xq, wq, as4d, b, mac, acc_lsb, geometry, w4[0].numel(), n)
     else:
-        y = _conv_by_columns(xq, wq, fmt, xt4, w4, idx, b, mac, acc_lsb, x_block_size, groups, Ho, Wo)
+        y = _conv_by_columns(xq, wq, fmt, xt4, w4, b, mac, acc_lsb, x_block_size, geometry)
     if n == 1:
         y = y.squeeze(2)
     w_grad = w_master if w_master is not None else _float_operand(w)
@@ -198,9 +197,12 @@ def _lns_conv(xq: Coded, wq: Coded, as4d, bias, mac: MACConfig, acc_lsb, geometr
         [p[0] for p in geometry.pads], [p[1] for p in geometry.pads], list(geometry.dilation), geometry.groups)
 
 
-def _conv_by_columns(xq: Optional[Coded], wq: Coded, fmt: Format, xt4, w4, idx, bias, mac: MACConfig, acc_lsb,
-                     x_block_size, groups: int, Ho: int, Wo: int) -> torch.Tensor:
+def _conv_by_columns(xq: Optional[Coded], wq: Coded, fmt: Format, xt4, w4, bias, mac: MACConfig, acc_lsb,
+                     x_block_size, geometry: _Geometry) -> torch.Tensor:
     """FP8/INT convolutions, and LNS with dynamic per-block activations: im2col, then the MAC per group."""
+    idx, Ho, Wo = im2col_index(xt4.shape[2], xt4.shape[3], w4.shape[2:], geometry.stride, geometry.pads,
+                               geometry.dilation, xt4.device)
+    groups = geometry.groups
     Cout, Nb, taps = w4.shape[0], xt4.shape[0], idx.shape[0]
     Kg = w4.shape[1] * taps
     if xq is not None:

@@ -33,7 +33,7 @@ from typing import ClassVar, Dict, Literal, Optional
 import torch
 
 from . import tables
-from .checks import check_broadcast, check_values, value_range
+from .checks import check_broadcast, check_int, check_values, value_range
 from .fields import float32_fields, integer_log
 
 __all__ = [
@@ -59,11 +59,6 @@ F32_MIN_NORMAL = 2.0**F32_MIN_EXP
 _LNS_ROUNDINGS = ("nearest", "mitchell")
 _CONVERSIONS = ("exact", "lut", "mitchell")
 _ACCUMULATORS = ("float32", "fixed")
-
-
-def _check_field_int(name: str, value, cls_name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{cls_name}.{name} must be an int, got {type(value).__name__} {value!r}")
 
 
 def _check_choice(name: str, value, choices, cls_name: str) -> None:
@@ -192,8 +187,8 @@ class LNSFormat(Format, kind="lns"):
     decode_op: ClassVar[str] = "lns_decode"
 
     def __post_init__(self):
-        _check_field_int("bits", self.bits, "LNSFormat")
-        _check_field_int("frac_bits", self.frac_bits, "LNSFormat")
+        check_int(self.bits, "LNSFormat.bits")
+        check_int(self.frac_bits, "LNSFormat.frac_bits")
         if not 4 <= self.bits <= 16:
             raise ValueError(f"LNSFormat.bits={self.bits} is out of range; expected 4 <= bits <= 16")
         if not 0 <= self.frac_bits <= self.bits - 2:
@@ -436,7 +431,7 @@ class IntFormat(ScaledFormat, kind="int"):
     integer: ClassVar[bool] = True
 
     def __post_init__(self):
-        _check_field_int("bits", self.bits, "IntFormat")
+        check_int(self.bits, "IntFormat.bits")
         if not 2 <= self.bits <= 16:
             raise ValueError(f"IntFormat.bits={self.bits} is out of range; expected 2 <= bits <= 16")
 
@@ -498,8 +493,8 @@ class MACConfig:
     def __post_init__(self):
         _check_choice("conversion", self.conversion, _CONVERSIONS, "MACConfig")
         _check_choice("accumulator", self.accumulator, _ACCUMULATORS, "MACConfig")
-        _check_field_int("lut_bits", self.lut_bits, "MACConfig")
-        _check_field_int("acc_bits", self.acc_bits, "MACConfig")
+        check_int(self.lut_bits, "MACConfig.lut_bits")
+        check_int(self.acc_bits, "MACConfig.acc_bits")
         if not 1 <= self.lut_bits <= 23:
             raise ValueError(f"MACConfig.lut_bits={self.lut_bits} is out of range; expected 1..23")
         if not 8 <= self.acc_bits <= 48:

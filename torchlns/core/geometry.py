@@ -38,13 +38,20 @@ def conv_output_size(size: int, kernel: int, stride: int, pad_before: int, pad_a
     return (size + pad_before + pad_after - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def im2col_index(H: int, W: int, kernel, stride, padding, dilation, device):
-    """Flat input index of each (tap, output position), or H*W for padding (the zero code)."""
+def conv_output_shape(H: int, W: int, kernel, stride, padding, dilation) -> tuple:
+    """(Ho, Wo) of a 2-D convolution with (before, after) ``padding``; an error if it is empty."""
     (ph0, ph1), (pw0, pw1) = padding
     Ho = conv_output_size(H, kernel[0], stride[0], ph0, ph1, dilation[0])
     Wo = conv_output_size(W, kernel[1], stride[1], pw0, pw1, dilation[1])
     if Ho < 1 or Wo < 1:
         raise ValueError(f"input {H}x{W} is smaller than the dilated kernel after padding")
+    return Ho, Wo
+
+
+def im2col_index(H: int, W: int, kernel, stride, padding, dilation, device):
+    """Flat input index of each (tap, output position), or H*W for padding (the zero code)."""
+    (ph0, _), (pw0, _) = padding
+    Ho, Wo = conv_output_shape(H, W, kernel, stride, padding, dilation)
     ih = torch.arange(kernel[0], device=device)[:, None] * dilation[0] + torch.arange(Ho, device=device)[None, :] * stride[0] - ph0
     iw = torch.arange(kernel[1], device=device)[:, None] * dilation[1] + torch.arange(Wo, device=device)[None, :] * stride[1] - pw0
     valid = ((ih >= 0) & (ih < H))[:, None, :, None] & ((iw >= 0) & (iw < W))[None, :, None, :]

@@ -48,15 +48,12 @@ def expand_param(param: torch.Tensor, block_axis: Optional[int], block_size: Opt
 def compact_shape(shape: torch.Size, granularity: str, axis: Optional[int], block_size: Optional[int]) -> List[int]:
     """The compact parameter shape of data of ``shape`` (``axis`` already normalised for blocks)."""
     nd = len(shape)
-    if granularity == "tensor":
+    if check_granularity(granularity) == "tensor":
         return [1] * nd
     if granularity == "channel":
         ax = norm_axis(0 if axis is None else axis, nd)
         return [shape[d] if d == ax else 1 for d in range(nd)]
-    if granularity == "block":
-        return [-(-shape[d] // block_size) if d == axis else shape[d] for d in range(nd)]
-    check_granularity(granularity)
-    raise AssertionError("unreachable")
+    return [-(-shape[d] // block_size) if d == axis else shape[d] for d in range(nd)]
 
 
 def amax(x: torch.Tensor, granularity: str = "tensor", axis: Optional[int] = None, block_size: Optional[int] = None) -> torch.Tensor:

@@ -96,7 +96,7 @@ def acc_lsb_for(output_amax: float, mac: MACConfig, headroom_bits: int = 1) -> i
     ``T = 2^(W-1) - 1`` is the largest accumulator value, so the condition is
     ``output_amax · 2^h <= T · 2^acc_lsb``; smaller LSBs truncate products less.
     """
-    T = 2 ** (mac.acc_bits - 1) - 1
+    T = mac.acc_max
     m = output_amax if output_amax > 0 and math.isfinite(output_amax) else 1.0
     lsb = math.ceil(math.log2(m * 2.0**headroom_bits / T))
     while m * 2.0**headroom_bits > T * 2.0**lsb:  # guard log2 rounding at exact powers of two

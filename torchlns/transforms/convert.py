@@ -84,12 +84,12 @@ def convert(model: nn.Module, config: Optional[ConvertConfig] = None,
 
     targets: Dict[str, tuple] = {}
     for fqn, m in model.named_modules():
-        if swap_for(m) is not None:
-            cfg = _selected(config, m, fqn)
-            if cfg is not None:
-                targets[fqn] = (m, cfg)
-    static = [f for f, (_, c) in targets.items() if c.activation == "static"]
-    fixed = [f for f, (_, c) in targets.items() if c.fmt.needs_acc_lsb(c.mac)]
+        swap = swap_for(m)
+        cfg = None if swap is None else _selected(config, m, fqn)
+        if cfg is not None:
+            targets[fqn] = (m, cfg, swap)
+    static = [f for f, (_, c, _) in targets.items() if c.activation == "static"]
+    fixed = [f for f, (_, c, _) in targets.items() if c.fmt.needs_acc_lsb(c.mac)]
     inputs_seen: Dict[str, Observer] = {f: Observer() for f in static}
     outputs_seen: Dict[str, Observer] = {f: Observer() for f in fixed}
     if inputs_seen or outputs_seen:
@@ -102,11 +102,11 @@ def convert(model: nn.Module, config: Optional[ConvertConfig] = None,
 
     report = []
     memo: dict = {}  # shared by the swaps of one conversion (see Note: swap registry)
-    for fqn, (m, cfg) in targets.items():
+    for fqn, (m, cfg, swap) in targets.items():
         input_param = choose_param(inputs_seen[fqn], cfg.fmt, cfg.calibrator, cfg.percentile) \
             if fqn in inputs_seen else None
         acc_lsb = acc_lsb_for(outputs_seen[fqn].max, cfg.mac, cfg.acc_headroom_bits) if fqn in outputs_seen else None
-        new = swap_for(m)(m, cfg, input_param=input_param, acc_lsb=acc_lsb, qat=cfg.qat, memo=memo)
+        new = swap(m, cfg, input_param=input_param, acc_lsb=acc_lsb, qat=cfg.qat, memo=memo)
         if not fqn:  # the model is itself the layer
             model = new
         else:
@@ -128,7 +128,7 @@ def _calibrate(model, targets, inputs_seen, outputs_seen, data, progress) -> Non
     from tqdm.auto import tqdm
 
     hooks = []
-    for fqn, (m, _) in targets.items():
+    for fqn, (m, *_) in targets.items():
         if fqn in inputs_seen:
             hooks.append(m.register_forward_pre_hook(lambda mod, args, o=inputs_seen[fqn]: o.update(args[0])))
         if fqn in outputs_seen:
