@@ -8,8 +8,8 @@
 // torchlns/core/tables.py).
 //
 // Broadcasting, strides and threading are TensorIterator's. Inner loops are plain
-// element loops compiled for several ISAs (TORCHLNS_MULTIVERSION): the package runs on
-// any x86-64, and picks AVX2 or AVX-512 code at load time where the CPU has it.
+// element loops compiled for several ISAs (see Note: instruction sets in common.h): the
+// package runs on any x86-64 and picks AVX2 or AVX-512 code at run time where the CPU has it.
 
 #include <ATen/TensorIterator.h>
 #include <ATen/Parallel.h>
@@ -23,7 +23,7 @@ namespace {
 // Note: elementwise kernels
 // Each op is a functor ``Op`` with types Out/In/Param/Params and a branch-free
 // ``Op::apply(in, param, params)``. TORCHLNS_CONTIGUOUS_ENTRY compiles its loop over
-// contiguous data once per ISA (TORCHLNS_MULTIVERSION); its pointers are __restrict
+// contiguous data once per ISA (TORCHLNS_ISA_CLONES); its pointers are __restrict
 // function parameters (GCC ignores restrict on locals), which the vectorizer needs: a uint8
 // store may otherwise alias the lookup tables and every other load. ``run_elementwise``
 // sends TensorIterator's contiguous chunks there and anything strided to a plain loop.
@@ -32,16 +32,20 @@ using ContiguousFn = void (*)(typename Op::Out*, const typename Op::In*, const t
                               typename Op::Params);
 
 #define TORCHLNS_CONTIGUOUS_ENTRY(NAME, OP)                                                                  \
-  TORCHLNS_MULTIVERSION void NAME(OP::Out* __restrict out, const OP::In* __restrict in,                     \
-                                  const OP::Param* __restrict param, bool param_is_scalar, int64_t n,       \
-                                  const OP::Params p) {                                                      \
+  TORCHLNS_INLINE void NAME##_impl(OP::Out* __restrict out, const OP::In* __restrict in,                     \
+                                   const OP::Param* __restrict param, bool param_is_scalar, int64_t n,       \
+                                   const OP::Params p) {                                                      \
     if (param_is_scalar) {                                                                                   \
       const OP::Param q = *param;                                                                            \
       for (int64_t i = 0; i < n; ++i) out[i] = OP::apply(in[i], q, p);                                       \
     } else {                                                                                                 \
       for (int64_t i = 0; i < n; ++i) out[i] = OP::apply(in[i], param[i], p);                                \
     }                                                                                                        \
-  }
+  }                                                                                                          \
+  TORCHLNS_ISA_CLONES(void, NAME,                                                                            \
+                      (OP::Out* __restrict out, const OP::In* __restrict in, const OP::Param* __restrict param, \
+                       bool param_is_scalar, int64_t n, const OP::Params p),                                 \
+                      (out, in, param, param_is_scalar, n, p))
 
 template <typename Op>
 void run_elementwise(at::TensorIterator& iter, const typename Op::Params& p, ContiguousFn<Op> contiguous) {
@@ -159,13 +163,13 @@ TORCHLNS_LNS_ENCODE(int16_t, i16)
 #undef TORCHLNS_LNS_ENCODE
 
 #ifdef TORCHLNS_X86_INTRINSICS
-#define TORCHLNS_HAVE_AVX512_ENCODE 1
+#define TORCHLNS_HAVE_VECTOR_ENCODE 1
 // Hand-written AVX-512 LNS encode (nearest, F <= 4), the hot path of every LNS8 layer. It is
 // lns_encode_one with the threshold count done by two in-register table permutes
 // (vpermi2d over the 2^(F+1) buckets) instead of 2^F compares; GCC does not find that
-// itself. Chosen at run time by __builtin_cpu_supports, so the build stays portable.
+// itself. Chosen at run time by active_isa() (see Note: instruction sets in common.h).
 template <typename Code>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void lns_encode_avx512(
+TORCHLNS_AVX512 void lns_encode_avx512(
     Code* __restrict out, const float* __restrict in, const int32_t* __restrict off, bool off_is_scalar, int64_t n,
     const LnsEncodeParams p) {
   alignas(64) int32_t base[32], thr[32];
@@ -222,19 +226,91 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void lns_encode_av
   }
 }
 
-bool cpu_has_avx512_encode() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return ok;
+// The same kernel in AVX2, 8 lanes: the bucket tables are read with vpermd, 8 entries at a
+// time, and the halves joined on the next index bit (2^(F+1) <= 32 buckets: up to 4 reads).
+TORCHLNS_AVX2 TORCHLNS_INLINE __m256i lookup_avx2(const __m256i* table, int tables, __m256i idx) {
+  __m256i r = _mm256_permutevar8x32_epi32(table[0], idx);
+  for (int t = 1; t < tables; ++t) {  // entry 8t + (idx & 7) where idx >= 8t
+    const __m256i hit = _mm256_cmpgt_epi32(idx, _mm256_set1_epi32(8 * t - 1));
+    r = _mm256_blendv_epi8(r, _mm256_permutevar8x32_epi32(table[t], idx), hit);
+  }
+  return r;
 }
 
 template <typename Code>
-bool try_lns_encode_avx512(at::TensorIterator& iter, const LnsEncodeParams& p) {
-  if (p.frac_bits > kMaxUnrolledF || !cpu_has_avx512_encode()) return false;
+TORCHLNS_AVX2 void lns_encode_avx2(Code* __restrict out, const float* __restrict in, const int32_t* __restrict off,
+                                   bool off_is_scalar, int64_t n, const LnsEncodeParams p) {
+  const int F = p.frac_bits, tables = std::max(1, (2 << F) / 8);
+  alignas(32) int32_t base[32], thr[32];
+  for (int b = 0; b < 32; ++b) {
+    base[b] = b < (2 << F) ? p.bucket_base[b] : 0;
+    thr[b] = (b < (2 << F) ? p.bucket_thr[b] : (1 << 23)) - 1;  // frac >= thr  <=>  frac > thr - 1
+  }
+  __m256i base_t[4], thr_t[4];
+  for (int t = 0; t < 4; ++t) {
+    base_t[t] = _mm256_load_si256(reinterpret_cast<const __m256i*>(base + 8 * t));
+    thr_t[t] = _mm256_load_si256(reinterpret_cast<const __m256i*>(thr + 8 * t));
+  }
+  const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF), mant_mask = _mm256_set1_epi32(0x7FFFFF);
+  const __m256i inf_bits = _mm256_set1_epi32(0x7F800000), min_normal = _mm256_set1_epi32(1 << 23);
+  const __m256i e_max = _mm256_set1_epi32(p.e_max), nan_code = _mm256_set1_epi32(p.nan_code);
+  const __m256i zero = _mm256_setzero_si256(), bias = _mm256_set1_epi32(127), sub24 = _mm256_set1_epi32(24);
+  const __m256 two24 = _mm256_set1_ps(16777216.0f);
+  const __m256i off_scalar = _mm256_set1_epi32(off_is_scalar ? off[0] : 0);
+  const __m128i bucket_shift = _mm_cvtsi32_si128(22 - F), f_shift = _mm_cvtsi32_si128(F);
+  // Byte 0 (or bytes 0-1) of each 32-bit lane, gathered into the low half of each 128-bit lane.
+  const __m256i narrow = sizeof(Code) == 1
+                             ? _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4, 8, 12,
+                                                -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1)
+                             : _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1, 0, 1, 4, 5, 8,
+                                                9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m256i join = sizeof(Code) == 1 ? _mm256_setr_epi32(0, 4, 1, 2, 3, 5, 6, 7)
+                                         : _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + i));
+    const __m256i o = off_is_scalar ? off_scalar : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(off + i));
+    const __m256i a = _mm256_and_si256(u, abs_mask);
+    const __m256i sub = _mm256_cmpgt_epi32(min_normal, a);
+    const __m256i scaled = _mm256_castps_si256(_mm256_mul_ps(_mm256_castsi256_ps(a), two24));
+    const __m256i nrm = _mm256_blendv_epi8(a, scaled, sub);
+    const __m256i e = _mm256_sub_epi32(_mm256_sub_epi32(_mm256_srli_epi32(nrm, 23), bias), _mm256_and_si256(sub, sub24));
+    const __m256i frac = _mm256_and_si256(nrm, mant_mask);
+    const __m256i b = _mm256_srl_epi32(frac, bucket_shift);
+    const __m256i below = lookup_avx2(base_t, tables, b);
+    const __m256i inside = lookup_avx2(thr_t, tables, b);
+    // frac >= threshold, as 0 / -1; subtracting it adds one.
+    const __m256i step = _mm256_sub_epi32(below, _mm256_cmpgt_epi32(frac, inside));
+    __m256i mag = _mm256_sub_epi32(_mm256_add_epi32(_mm256_sll_epi32(e, f_shift), step), o);
+    mag = _mm256_max_epi32(_mm256_min_epi32(mag, e_max), zero);
+    mag = _mm256_blendv_epi8(mag, e_max, _mm256_cmpeq_epi32(a, inf_bits));
+    mag = _mm256_andnot_si256(_mm256_cmpeq_epi32(a, zero), mag);
+    const __m256i neg_nonzero = _mm256_andnot_si256(_mm256_cmpeq_epi32(mag, zero), _mm256_cmpgt_epi32(zero, u));
+    __m256i code = _mm256_or_si256(mag, _mm256_and_si256(neg_nonzero, nan_code));
+    code = _mm256_blendv_epi8(code, nan_code, _mm256_cmpgt_epi32(a, inf_bits));
+    const __m256i packed = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(code, narrow), join);
+    if constexpr (sizeof(Code) == 1)
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i), _mm256_castsi256_si128(packed));
+    else
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm256_castsi256_si128(packed));
+  }
+  for (; i < n; ++i) out[i] = Code(uint16_t(lns_encode_one<false, -1>(in[i], off[off_is_scalar ? 0 : i], p)));
+}
+
+// The hand-written kernel for the active ISA (see Note: instruction sets), or false.
+template <typename Code>
+bool try_lns_encode_vector(at::TensorIterator& iter, const LnsEncodeParams& p) {
+  const Isa isa = active_isa();
+  if (p.frac_bits > kMaxUnrolledF || isa == Isa::baseline) return false;
   iter.for_each([&](char** data, const int64_t* strides, int64_t n) {
     if (strides[0] == sizeof(Code) && strides[1] == sizeof(float) && (strides[2] == 0 || strides[2] == 4)) {
-      lns_encode_avx512<Code>(reinterpret_cast<Code*>(data[0]), reinterpret_cast<const float*>(data[1]),
-                              reinterpret_cast<const int32_t*>(data[2]), strides[2] == 0, n, p);
+      auto* out = reinterpret_cast<Code*>(data[0]);
+      const auto* in = reinterpret_cast<const float*>(data[1]);
+      const auto* off = reinterpret_cast<const int32_t*>(data[2]);
+      if (isa == Isa::avx512)
+        lns_encode_avx512<Code>(out, in, off, strides[2] == 0, n, p);
+      else
+        lns_encode_avx2<Code>(out, in, off, strides[2] == 0, n, p);
       return;
     }
     for (int64_t i = 0; i < n; ++i)
@@ -267,8 +343,8 @@ at::Tensor lns_encode_cpu(const at::Tensor& x, const at::Tensor& offset, const a
     TORCH_CHECK(count == (1 << F), "lns_encode: buckets hold ", count, " thresholds, expected 2^frac_bits");
   }
   auto iter = elementwise_iter(out, x, offset);
-#ifdef TORCHLNS_HAVE_AVX512_ENCODE
-  if (!mitchell && (wide ? try_lns_encode_avx512<int16_t>(iter, p) : try_lns_encode_avx512<uint8_t>(iter, p)))
+#ifdef TORCHLNS_HAVE_VECTOR_ENCODE
+  if (!mitchell && (wide ? try_lns_encode_vector<int16_t>(iter, p) : try_lns_encode_vector<uint8_t>(iter, p)))
     return out;
 #endif
   wide ? run_lns_encode_i16(iter, p, mitchell) : run_lns_encode_u8(iter, p, mitchell);

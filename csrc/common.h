@@ -9,26 +9,59 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <string>
 #include <vector>
 
-// Portable builds with fast paths.
+// Note: instruction sets
+// The package is compiled without -march=native so that it runs on any x86-64. Hot loops
+// exist in three builds from one source: AVX-512 (x86-64-v4: F/BW/DQ/VL), AVX2 (x86-64-v3:
+// AVX2/FMA/BMI2) and the x86-64 baseline; hand-written vector kernels exist for AVX-512
+// and AVX2. Which build runs is decided at run time by active_isa(): the best level the
+// CPU supports, or a lower one forced by the environment variable TORCHLNS_ISA
+// (avx512 | avx2 | baseline, read when the extension loads) or by set_isa() (the
+// tests force each level in turn, so one machine checks every path). Forcing a level the
+// CPU lacks is an error, not a silent downgrade. Every level gives the same bits.
 //
-// The package is compiled without -march=native, so that it runs on any x86-64. Hot
-// loops are compiled several times instead (GCC/Clang target_clones) and the loader
-// picks the best clone the CPU supports: x86-64-v4 (AVX-512 F/BW/DQ/VL), x86-64-v3
-// (AVX2/FMA), or the x86-64 baseline. Hand-written AVX-512 paths are guarded by
-// TORCHLNS_X86_INTRINSICS and chosen at run time with __builtin_cpu_supports.
+// TORCHLNS_ISA_CLONES(RET, NAME, PARAMS, ARGS) defines NAME from an always-inline
+// NAME##_impl: one clone per level (GCC inlines the generic body into each target and
+// vectorizes it there) and a dispatcher. Off x86 there is just the one build.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(TORCHLNS_NO_MULTIVERSION)
-#define TORCHLNS_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #define TORCHLNS_X86_INTRINSICS 1
+#define TORCHLNS_AVX512 __attribute__((target("arch=x86-64-v4")))
+#define TORCHLNS_AVX2 __attribute__((target("arch=x86-64-v3")))
 #include <immintrin.h>
+#define TORCHLNS_ISA_CLONES(RET, NAME, PARAMS, ARGS)                      \
+  TORCHLNS_AVX512 RET NAME##_avx512 PARAMS { return NAME##_impl ARGS; } \
+  TORCHLNS_AVX2 RET NAME##_avx2 PARAMS { return NAME##_impl ARGS; }     \
+  RET NAME##_baseline PARAMS { return NAME##_impl ARGS; }               \
+  RET NAME PARAMS {                                                     \
+    switch (::torchlns::active_isa()) {                                 \
+      case ::torchlns::Isa::avx512:                                     \
+        return NAME##_avx512 ARGS;                                      \
+      case ::torchlns::Isa::avx2:                                       \
+        return NAME##_avx2 ARGS;                                        \
+      default:                                                          \
+        return NAME##_baseline ARGS;                                    \
+    }                                                                   \
+  }
 #else
-#define TORCHLNS_MULTIVERSION
+#define TORCHLNS_ISA_CLONES(RET, NAME, PARAMS, ARGS) \
+  RET NAME PARAMS { return NAME##_impl ARGS; }
 #endif
 
 #define TORCHLNS_INLINE inline __attribute__((always_inline))
 
 namespace torchlns {
+
+// See Note: instruction sets. Ordered: a level includes the ones below it.
+enum class Isa : int { baseline = 0, avx2 = 1, avx512 = 2 };
+
+Isa cpu_isa();     // the best level this CPU supports
+Isa active_isa();  // the level the kernels use now
+void set_isa(Isa isa);  // raises if the CPU lacks it
+const char* isa_name(Isa isa);
+bool set_isa_by_name(const std::string& name);  // false for an unknown name
+std::string isa_env_error();  // why TORCHLNS_ISA was refused ("" if it was not)
 
 constexpr uint32_t kAbsMask = 0x7FFFFFFFu;
 constexpr uint32_t kInfBits = 0x7F800000u;
@@ -123,6 +156,26 @@ TORCHLNS_INLINE float fixed_epilogue(int64_t acc, const float* bias, int64_t T, 
   acc = acc > T ? T : (acc < -T ? -T : acc);
   return nan_out ? __builtin_nanf("") : float(double(acc) * pow2(acc_lsb));
 }
+
+// Which LNS MAC kernel runs: chosen per call from the shape (automatic), or forced, so that
+// the tests check every kernel on the same inputs. A forced kernel that cannot run a case
+// (the direct kernels need AVX2 and F <= 3, or AVX-512 and F <= 4; the class form needs
+// the float32 accumulator and an exponent range) falls back as automatic would.
+enum class MacPath : int { automatic = 0, direct = 1, classes = 2, scalar = 3 };
+MacPath mac_path();
+void set_mac_path(MacPath path);
+
+// The direct kernels (direct_mac.cpp); nullopt where they cannot run the case.
+std::optional<at::Tensor> lns_mm_direct(const at::Tensor& x, const at::Tensor& x_offset, const at::Tensor& w,
+                                        const at::Tensor& w_offset, const at::Tensor& table,
+                                        const std::optional<at::Tensor>& bias, int64_t x_bits, int64_t w_bits,
+                                        int64_t frac_bits, bool fixed, int64_t acc_bits, int64_t acc_lsb);
+std::optional<at::Tensor> lns_conv_direct(const at::Tensor& x, const at::Tensor& x_offset, const at::Tensor& w,
+                                          const at::Tensor& w_offset, const at::Tensor& table,
+                                          const std::optional<at::Tensor>& bias, int64_t x_bits, int64_t w_bits,
+                                          int64_t frac_bits, bool fixed, int64_t acc_bits, int64_t acc_lsb,
+                                          at::IntArrayRef stride, at::IntArrayRef pad_before, at::IntArrayRef dilation,
+                                          int64_t Ho, int64_t Wo, int64_t groups);
 
 // torchlns::lns_mm on the CPU (mac_cpu.cpp); the convolution kernel calls it per group.
 at::Tensor lns_mm_cpu(const at::Tensor& x, const at::Tensor& x_offset, const at::Tensor& w, const at::Tensor& w_offset,

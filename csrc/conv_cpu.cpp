@@ -20,6 +20,8 @@
 namespace torchlns {
 namespace {
 
+constexpr int64_t kClassMaxF = 5;  // beyond it, 2^F class products cost more than the scalar kernel
+
 using at::IntArrayRef;
 
 // Flat input index (into H*W, plus one slot for padding) of each (tap, output position).
@@ -107,7 +109,16 @@ at::Tensor lns_conv_cpu(const at::Tensor& x, const at::Tensor& x_offset, const a
     return conv_by_im2col(x, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits, acc_lsb,
                           stride, pad_before, Ho, Wo, dilation, groups);
   };
-  if (fixed || !symmetric || !x.numel() || !w.numel()) return by_im2col();
+  // See Note: direct kernels in lns_direct.h: they serve every case they can; the class
+  // form below is the float32 accumulator's fallback for wider F.
+  const MacPath path = mac_path();
+  if ((path == MacPath::automatic || path == MacPath::direct) && x.numel() && w.numel())
+    if (auto y = lns_conv_direct(x, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits,
+                                 acc_lsb, stride, pad_before, dilation, Ho, Wo, groups))
+      return *y;
+  if (fixed || !symmetric || !x.numel() || !w.numel() || path == MacPath::scalar ||
+      (path == MacPath::automatic && frac_bits > kClassMaxF))
+    return by_im2col();
 
   const int F = int(frac_bits), R = 1 << F;
   const int64_t N = x.size(0), C = x.size(1), Cout = w.size(0);

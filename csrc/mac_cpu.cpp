@@ -76,9 +76,8 @@ namespace {
 constexpr int LANES = 8;
 
 // One output of the float32 accumulator: sum of exact products, LANES-interleaved.
-TORCHLNS_MULTIVERSION
-double dot_float(const int32_t* gx, const float* sx, const int32_t* gw, const float* sw, int64_t K,
-                 const double* table, int frac_bits) {
+TORCHLNS_INLINE double dot_float_impl(const int32_t* gx, const float* sx, const int32_t* gw, const float* sw,
+                                      int64_t K, const double* table, int frac_bits) {
   double acc[LANES] = {0};
   const int32_t r_mask = (1 << frac_bits) - 1;
   int64_t k = 0;
@@ -95,11 +94,14 @@ double dot_float(const int32_t* gx, const float* sx, const int32_t* gw, const fl
   for (int l = 0; l < LANES; ++l) total += acc[l];
   return total;
 }
+TORCHLNS_ISA_CLONES(double, dot_float,
+                    (const int32_t* gx, const float* sx, const int32_t* gw, const float* sw, int64_t K,
+                     const double* table, int frac_bits),
+                    (gx, sx, gw, sw, K, table, frac_bits))
 
 // One output of the fixed accumulator: exact int64 sum of truncated, saturated products.
-TORCHLNS_MULTIVERSION
-int64_t dot_fixed(const int32_t* gx, const float* sx, const int32_t* gw, const float* sw, int64_t K,
-                  const double* table, int frac_bits, int64_t acc_lsb, double T) {
+TORCHLNS_INLINE int64_t dot_fixed_impl(const int32_t* gx, const float* sx, const int32_t* gw, const float* sw,
+                                       int64_t K, const double* table, int frac_bits, int64_t acc_lsb, double T) {
   int64_t acc = 0;
   const int32_t r_mask = (1 << frac_bits) - 1;
   for (int64_t k = 0; k < K; ++k) {
@@ -112,6 +114,10 @@ int64_t dot_fixed(const int32_t* gx, const float* sx, const int32_t* gw, const f
   }
   return acc;
 }
+TORCHLNS_ISA_CLONES(int64_t, dot_fixed,
+                    (const int32_t* gx, const float* sx, const int32_t* gw, const float* sw, int64_t K,
+                     const double* table, int frac_bits, int64_t acc_lsb, double T),
+                    (gx, sx, gw, sw, K, table, frac_bits, acc_lsb, T))
 
 #ifdef TORCHLNS_X86_INTRINSICS
 // dot_fixed with explicit AVX-512 for frac_bits <= 4: the 2^F-entry table lives in one or two
@@ -120,7 +126,7 @@ int64_t dot_fixed(const int32_t* gx, const float* sx, const int32_t* gw, const f
 // exact products (C[r] * 2^(q-Λ) as a double, clamped to T, truncated) and an exact int64
 // sum, so the bits are those of dot_fixed. Chosen at run time by __builtin_cpu_supports.
 #define TORCHLNS_HAVE_AVX512_FIXED 1
-__attribute__((target("avx512f,avx512dq,avx512vl"))) int64_t dot_fixed_avx512(
+TORCHLNS_AVX512 int64_t dot_fixed_avx512_intrin(
     const int32_t* gx, const float* sx, const int32_t* gw, const float* sw, int64_t K, const double* table,
     int frac_bits, int64_t acc_lsb, double T) {
   double padded[16];
@@ -152,9 +158,7 @@ __attribute__((target("avx512f,avx512dq,avx512vl"))) int64_t dot_fixed_avx512(
 int64_t dot_fixed_dispatch(const int32_t* gx, const float* sx, const int32_t* gw, const float* sw, int64_t K,
                            const double* table, int frac_bits, int64_t acc_lsb, double T) {
 #ifdef TORCHLNS_HAVE_AVX512_FIXED
-  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                             __builtin_cpu_supports("avx512vl");
-  if (avx512 && frac_bits <= 4) return dot_fixed_avx512(gx, sx, gw, sw, K, table, frac_bits, acc_lsb, T);
+  if (active_isa() == Isa::avx512 && frac_bits <= 4) return dot_fixed_avx512_intrin(gx, sx, gw, sw, K, table, frac_bits, acc_lsb, T);
 #endif
   return dot_fixed(gx, sx, gw, sw, K, table, frac_bits, acc_lsb, T);
 }
@@ -164,15 +168,20 @@ int64_t dot_fixed_dispatch(const int32_t* gx, const float* sx, const int32_t* gw
 // with single-threaded GEMMs in a fixed class order.
 // Rows per block: a function of M only (never of the thread count), large enough for
 // efficient GEMMs and small enough to give both cores work.
+constexpr int64_t kClassMaxF = 5;  // beyond it, 2^F class products cost more than the scalar kernel
+
 inline int64_t class_block_rows(int64_t M) { return std::clamp<int64_t>((M + 7) / 8, 64, 1024); }
 
-TORCHLNS_MULTIVERSION
-void fill_class_plane(float* __restrict plane, const int32_t* __restrict g, const float* __restrict sign, int64_t n,
-                      int cls, int frac_bits) {
+TORCHLNS_INLINE void fill_class_plane_impl(float* __restrict plane, const int32_t* __restrict g,
+                                           const float* __restrict sign, int64_t n, int cls, int frac_bits) {
   const int32_t mask = (1 << frac_bits) - 1;
   for (int64_t e = 0; e < n; ++e)
     plane[e] = (g[e] & mask) == cls ? pow2f_signed(g[e] >> frac_bits, sign[e]) : 0.0f;
 }
+TORCHLNS_ISA_CLONES(void, fill_class_plane,
+                    (float* __restrict plane, const int32_t* __restrict g, const float* __restrict sign, int64_t n,
+                     int cls, int frac_bits),
+                    (plane, g, sign, n, cls, frac_bits))
 
 at::Tensor lns_mm_float_classes(const LogFields& lx, const LogFields& lw, const double* C, int frac_bits) {
   const int64_t M = lx.g.size(0), K = lx.g.size(1), N = lw.g.size(0);
@@ -231,6 +240,12 @@ at::Tensor lns_mm_cpu(const at::Tensor& x, const at::Tensor& x_offset, const at:
   TORCH_CHECK(table.scalar_type() == at::kDouble && table.numel() == (int64_t(1) << frac_bits),
               "lns_mm: table must hold 2^frac_bits float64 values");
   const int64_t M = x.size(0), N = w.size(0), K = x.size(1);
+  // See Note: direct kernels in lns_direct.h: they serve every case they can; the class
+  // form (2^F GEMMs) is the float32 accumulator's fallback for wider F.
+  const MacPath path = mac_path();
+  if (path == MacPath::automatic || path == MacPath::direct)
+    if (auto y = lns_mm_direct(x, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits, acc_lsb))
+      return *y;
   const LogFields lx = log_fields(x, x_offset, x_bits, int(frac_bits)), lw = log_fields(w, w_offset, w_bits, int(frac_bits));
   const auto tab = table.contiguous();
   const double* C = tab.data_ptr<double>();
@@ -259,7 +274,8 @@ at::Tensor lns_mm_cpu(const at::Tensor& x, const at::Tensor& x_offset, const at:
           y[m * N + n] = fixed_epilogue(acc, b ? b + n : nullptr, T, acc_lsb, nx[m] || nw[n]);
         }
     });
-  } else if (M && N && K && class_terms_in_range(lx, lw)) {  // see Note: remainder classes in common.h
+  } else if ((path == MacPath::classes || (path == MacPath::automatic && frac_bits <= kClassMaxF)) && M && N && K &&
+             class_terms_in_range(lx, lw)) {  // see Note: remainder classes in common.h
     const auto sums = lns_mm_float_classes(lx, lw, C, F);
     const float* s = sums.data_ptr<float>();
     at::parallel_for(0, M, 64, [&](int64_t m0, int64_t m1) {

@@ -9,6 +9,9 @@
 
 #include <string>
 
+#include "common.h"
+#include "weight_cache.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -39,7 +42,36 @@ py::dict build_info() {
 #endif
   info["num_threads"] = at::get_num_threads();
   info["cplusplus"] = static_cast<long>(__cplusplus);
+  info["cpu_isa"] = torchlns::isa_name(torchlns::cpu_isa());
+  info["isa"] = torchlns::isa_name(torchlns::active_isa());
   return info;
+}
+
+void set_mac_path(const std::string& name) {
+  using torchlns::MacPath;
+  if (name == "auto") return torchlns::set_mac_path(MacPath::automatic);
+  if (name == "direct") return torchlns::set_mac_path(MacPath::direct);
+  if (name == "classes") return torchlns::set_mac_path(MacPath::classes);
+  if (name == "scalar") return torchlns::set_mac_path(MacPath::scalar);
+  TORCH_CHECK(false, "unknown MAC kernel '", name, "'; expected auto, direct, classes or scalar");
+}
+
+std::string mac_path() {
+  switch (torchlns::mac_path()) {
+    case torchlns::MacPath::direct:
+      return "direct";
+    case torchlns::MacPath::classes:
+      return "classes";
+    case torchlns::MacPath::scalar:
+      return "scalar";
+    default:
+      return "auto";
+  }
+}
+
+void set_isa(const std::string& name) {
+  TORCH_CHECK(torchlns::set_isa_by_name(name), "unknown instruction-set level '", name,
+              "'; expected baseline, avx2 or avx512");
 }
 
 }  // namespace
@@ -47,5 +79,27 @@ py::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "torchlns native CPU backend: registers the torchlns:: CPU kernels on import";
   m.def("build_info", &build_info,
-        "How this extension was built: compiler, OpenMP, ATen intra-op threads, C++ standard.");
+        "How this extension was built and runs: compiler, OpenMP, ATen intra-op threads, C++ standard, the "
+        "CPU's instruction-set level and the one in use.");
+  m.def("isa", [] { return std::string(torchlns::isa_name(torchlns::active_isa())); },
+        "The instruction-set level the kernels use now (see Note: instruction sets in csrc/common.h).");
+  m.def("cpu_isa", [] { return std::string(torchlns::isa_name(torchlns::cpu_isa())); },
+        "The best instruction-set level this CPU supports.");
+  m.def("set_isa", &set_isa, "Force an instruction-set level at or below the CPU's (baseline, avx2, avx512).");
+  m.def("set_mac_path", &set_mac_path, "Force the LNS MAC kernel: auto, direct, classes or scalar (for tests).");
+  m.def("mac_path", &mac_path, "The LNS MAC kernel setting.");
+  m.def("weight_cache_stats", [] {
+    const auto s = torchlns::weight_cache_stats();
+    py::dict d;
+    d["entries"] = s.entries;
+    d["bytes"] = s.bytes;
+    d["hits"] = s.hits;
+    d["misses"] = s.misses;
+    d["builds"] = s.builds;
+    d["capacity_bytes"] = s.capacity_bytes;
+    return d;
+  }, "Prepared-weight cache counters (see Note: prepared weights in csrc/weight_cache.h).");
+  m.def("clear_weight_cache", &torchlns::clear_weight_cache, "Drop every prepared weight.");
+  m.def("set_weight_cache_capacity", &torchlns::set_weight_cache_capacity, "Cache capacity in bytes (0: off).");
+  m.def("isa_env_error", &torchlns::isa_env_error, "Why TORCHLNS_ISA was refused, or an empty string.");
 }

@@ -155,6 +155,8 @@ def conv(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1, mac: MACCon
     b = _check_bias(bias, Cout, xt.device)
     if xq is not None and xq.fmt.mac_kind == "log":
         y = _lns_conv(xq, wq, as4d, b, mac, acc_lsb, geometry, w4[0].numel(), n)
+    elif xq is not None and xq.param.numel() == 1 and wq.block is None and wq.param.shape[1:].numel() == 1:
+        y = _scaled_conv(xq, wq, as4d, b, mac, acc_lsb, geometry, w4[0].numel(), n)
     else:
         y = _conv_by_columns(xq, wq, fmt, xt4, w4, b, mac, acc_lsb, x_block_size, geometry)
     if n == 1:
@@ -195,6 +197,25 @@ def _lns_conv(xq: Coded, wq: Coded, as4d, bias, mac: MACConfig, acc_lsb, geometr
         as4d(xq.codes), x_off, w4, w_off, mac.table(F_, xq.codes.device), bias, xq.fmt.bits, wq.fmt.bits, F_,
         mac.fixed, mac.acc_bits, acc_lsb if mac.fixed else 0, list(geometry.stride),
         [p[0] for p in geometry.pads], [p[1] for p in geometry.pads], list(geometry.dilation), geometry.groups)
+
+
+def _scaled_conv(xq: Coded, wq: Coded, as4d, bias, mac: MACConfig, acc_lsb, geometry: _Geometry, Kg: int,
+                 n: int) -> torch.Tensor:
+    """FP8/INT input with a per-tensor scale, weights per tensor or channel: one ``torchlns::scaled_conv`` call."""
+    xq.fmt.check_partner(wq.fmt)
+    xq.fmt.check_mac(mac, acc_lsb)
+    _check_exact_range(xq.fmt, wq.fmt, Kg)
+    w4 = wq.codes.unsqueeze(2) if n == 1 else wq.codes
+    device = xq.codes.device
+    return _OPS.scaled_conv(
+        as4d(xq.codes), xq.param.reshape(1), xq.fmt.value_table(device), w4, wq.param.reshape(-1),
+        wq.fmt.value_table(device), bias, list(geometry.stride), [p[0] for p in geometry.pads],
+        [p[1] for p in geometry.pads], list(geometry.dilation), geometry.groups)
+
+
+def _check_exact_range(fx: Format, fw: Format, K: int) -> None:
+    if fx.integer and K * fx.max * fw.max >= 2**53:
+        raise ValueError(f"accumulator overflow: K={K} products of {fx} x {fw} exceed the 2^53 exact range")
 
 
 def _conv_by_columns(xq: Optional[Coded], wq: Coded, fmt: Format, xt4, w4, bias, mac: MACConfig, acc_lsb,
@@ -252,8 +273,7 @@ def _matmul(x: Coded, w: Coded, bias, mac: MACConfig, acc_lsb) -> torch.Tensor:
         return _OPS.lns_mm(x.codes, x.expanded_param().to(torch.int32), w.codes, w.expanded_param().to(torch.int32),
                            mac.table(F_, x.codes.device), bias, x.fmt.bits, w.fmt.bits, F_, mac.fixed, mac.acc_bits,
                            acc_lsb if mac.fixed else 0)
-    if x.fmt.integer and K * x.fmt.max * w.fmt.max >= 2**53:
-        raise ValueError(f"accumulator overflow: K={K} products of {x.fmt} x {w.fmt} exceed the 2^53 exact range")
+    _check_exact_range(x.fmt, w.fmt, K)
     device = x.codes.device
     return _OPS.scaled_mm(x.codes, x.expanded_param(), x.fmt.value_table(device), w.codes, w.expanded_param(),
                           w.fmt.value_table(device), bias, _run_length(x), _run_length(w))

@@ -13,4 +13,5 @@ Kernels depend on ``torchlns.core`` and on this package only, never on the publi
 
 from . import autograd  # noqa: F401  (registers the straight-through estimator's backward)
 from .library import KERNEL_OPS, REFERENCE, SCHEMAS, TRITON_ERROR, reference_kernels  # noqa: F401
-from .backend import TorchLNSBackendWarning, backend_info, has_native, native  # noqa: F401
+from .backend import (ISAS, TorchLNSBackendWarning, available_isas, backend_info, cpu_isa, force_isa, has_native,  # noqa: F401
+                      isa, native, set_isa)

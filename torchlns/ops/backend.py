@@ -8,16 +8,24 @@ reference implementation (bit-identical, only slower) takes over.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import threading
 import warnings
 from types import ModuleType
+from typing import Iterator, List
 
 import torch
 
 from . import library
 
-__all__ = ["TorchLNSBackendWarning", "backend_info", "has_native", "native"]
+__all__ = ["TorchLNSBackendWarning", "backend_info", "has_native", "native", "ISAS", "isa", "cpu_isa", "set_isa",
+           "force_isa", "available_isas"]
+
+# Instruction-set levels of the native kernels, lowest first (see Note: instruction sets in
+# csrc/common.h). TORCHLNS_ISA=<level> forces one for a whole process; set_isa/force_isa
+# change it at run time, which is how the tests run every path on one machine.
+ISAS = ("baseline", "avx2", "avx512")
 
 REBUILD_COMMAND = 'pip install --no-build-isolation -e .'
 
@@ -45,8 +53,7 @@ def _load() -> None:
         if _loaded:
             return
         try:
-            _native = _import_native()
-            _native_error = None
+            module = _import_native()
         except ImportError as e:
             _native = None
             _native_error = f"{type(e).__name__}: {e}"
@@ -59,6 +66,11 @@ def _load() -> None:
                 TorchLNSBackendWarning,
                 stacklevel=3,
             )
+        else:
+            refused = module.isa_env_error() if hasattr(module, "isa_env_error") else ""
+            if refused:  # a wrong answer is never silent: an unusable TORCHLNS_ISA stops here
+                raise RuntimeError(f"torchlns: {refused}")
+            _native, _native_error = module, None
         _loaded = True
 
 
@@ -83,16 +95,58 @@ def native() -> ModuleType | None:
     return _native
 
 
+def isa() -> str:
+    """The instruction-set level the native kernels use now ("baseline", "avx2" or "avx512"; "none" without them)."""
+    return _native.isa() if has_native() else "none"
+
+
+def cpu_isa() -> str:
+    """The best instruction-set level this CPU supports ("none" without the native kernels)."""
+    return _native.cpu_isa() if has_native() else "none"
+
+
+def available_isas() -> List[str]:
+    """Every level this CPU can run, lowest first: the paths a test should check."""
+    if not has_native():
+        return []
+    return list(ISAS[: ISAS.index(_native.cpu_isa()) + 1])
+
+
+def set_isa(level: str) -> None:
+    """Make the native kernels use ``level`` (one of ``ISAS``, at most ``cpu_isa()``)."""
+    if level not in ISAS:
+        raise ValueError(f"unknown instruction-set level {level!r}; expected one of {ISAS}")
+    if not has_native():
+        raise RuntimeError("the native kernels are not loaded, so there is no instruction-set level to set")
+    if ISAS.index(level) > ISAS.index(_native.cpu_isa()):
+        raise ValueError(f"cannot run {level} kernels: this CPU supports at most {_native.cpu_isa()}")
+    _native.set_isa(level)
+
+
+@contextlib.contextmanager
+def force_isa(level: str) -> Iterator[None]:
+    """Run the native kernels at ``level`` inside the block; the previous level comes back on exit."""
+    before = isa()
+    set_isa(level)
+    try:
+        yield
+    finally:
+        set_isa(before)
+
+
 def backend_info() -> dict:
     """Which implementation each device uses, and why.
 
     Keys: ``cpu`` (``"native"`` or ``"reference"``), ``cuda`` (``"triton"`` or
     ``"reference"``), ``triton_error`` (why Triton is not serving CUDA, or ``None``),
     ``cuda_available``, ``native_error`` (the import error text, or ``None``),
-    ``torch_version``, ``build_info`` (from the extension, or ``None``).
+    ``torch_version``, ``build_info`` (from the extension, or ``None``), ``isa`` (the
+    instruction-set level in use) and ``cpu_isa`` (the best the CPU has).
     """
     _load()
     return {
+        "isa": isa(),
+        "cpu_isa": cpu_isa(),
         "cpu": "native" if _native is not None else "reference",
         "cuda": "triton" if library.TRITON_ERROR is None else "reference",
         "triton_error": library.TRITON_ERROR,

@@ -8,7 +8,8 @@
   ``CompositeExplicitAutograd`` kernel: the fallback for every device. A backend kernel
   overrides it where one exists: C++ for ``CPU`` (csrc/, registered when backend.py loads
   ``torchlns._C``) and Triton for ``CUDA`` (triton_kernels.py, registered when a GPU and
-  Triton are present).
+  Triton are present). The FP8/INT MAC (``scaled_mm``/``scaled_conv``) is one float32
+  product of exact values on every device: cuBLAS/cuDNN on CUDA (dense.py).
 * Fake kernels give shapes and dtypes for torch.compile and meta tensors.
 * The codec and MAC ops take and return codes and integers, which have no gradient. The
   straight-through estimator is two more ops, ``ste_linear``/``ste_conv``, whose forward is
@@ -46,10 +47,15 @@ SCHEMAS = {
         "int w_bits, int frac_bits, bool fixed, int acc_bits, int acc_lsb, int[] stride, int[] pad_before, "
         "int[] pad_after, int[] dilation, int groups) -> Tensor"
     ),
-    # The FP8/INT comparison MAC of spec section 5: matrix products of exact values, on every device.
+    # The FP8/INT comparison MAC of spec section 5: matrix products of exact values.
     "scaled_mm": (
         "scaled_mm(Tensor x, Tensor x_scale, Tensor? x_values, Tensor w, Tensor w_scale, Tensor? w_values, "
         "Tensor? bias, int x_block, int w_block) -> Tensor"
+    ),
+    # Its convolution: a per-tensor input scale, per-tensor or per-channel weight scales.
+    "scaled_conv": (
+        "scaled_conv(Tensor x, Tensor x_scale, Tensor? x_values, Tensor w, Tensor w_scale, Tensor? w_values, "
+        "Tensor? bias, int[] stride, int[] pad_before, int[] pad_after, int[] dilation, int groups) -> Tensor"
     ),
     "ste_linear": "ste_linear(Tensor y, Tensor x_deq, Tensor w_deq, Tensor x, Tensor w, Tensor? bias) -> Tensor",
     "ste_conv": (
@@ -73,12 +79,14 @@ REFERENCE = {
     "lns_mm": reference.lns_mm_reference,
     "lns_conv": reference.lns_conv_reference,
     "scaled_mm": reference.scaled_mm_reference,
+    "scaled_conv": reference.scaled_conv_reference,
     "ste_linear": _ste_identity,
     "ste_conv": _ste_identity,
 }
 
 # The ops that have backend kernels (C++ for CPU, Triton for CUDA); the others are composite everywhere.
-KERNEL_OPS = ("lns_encode", "lns_decode", "fp8_encode", "fp8_decode", "int_encode", "int_decode", "lns_mm", "lns_conv")
+KERNEL_OPS = ("lns_encode", "lns_decode", "fp8_encode", "fp8_decode", "int_encode", "int_decode", "lns_mm", "lns_conv",
+              "scaled_mm", "scaled_conv")
 
 for _name, _schema in SCHEMAS.items():
     LIB.define(_schema)
@@ -145,6 +153,14 @@ def _(x, x_scale, x_values, w, w_scale, w_values, bias, x_block, w_block):
     return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)
 
 
+@torch.library.register_fake("torchlns::scaled_conv")
+def _(x, x_scale, x_values, w, w_scale, w_values, bias, stride, pad_before, pad_after, dilation, groups):
+    torch._check(x.dim() == 4 and w.dim() == 4, lambda: "scaled_conv takes (N, C, H, W) and (Cout, C/groups, kh, kw) codes")
+    sizes = [conv_output_size(x.shape[2 + d], w.shape[2 + d], stride[d], pad_before[d], pad_after[d], dilation[d])
+             for d in range(2)]
+    return x.new_empty((x.shape[0], w.shape[0], *sizes), dtype=torch.float32)
+
+
 for _name in ("ste_linear", "ste_conv"):
     torch.library.register_fake(f"torchlns::{_name}", lambda y, *args: torch.empty_like(y))
 
@@ -153,9 +169,13 @@ for _name in ("ste_linear", "ste_conv"):
 # backends
 # ----------------------------------------------------------------------------------------
 def register_triton() -> str | None:
-    """Register the Triton kernels for CUDA; returns why not, or None when registered."""
+    """Register the CUDA kernels (Triton, and the dense FP8/INT MAC); returns why Triton's are not, or None."""
     if not torch.cuda.is_available():
         return "no CUDA device"
+    from . import dense
+
+    LIB.impl("scaled_mm", dense.scaled_mm_dense, "CUDA")
+    LIB.impl("scaled_conv", dense.scaled_conv_dense, "CUDA")
     try:
         from . import triton_kernels
     except ImportError as e:  # triton missing or broken: the reference serves CUDA

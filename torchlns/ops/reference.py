@@ -251,3 +251,30 @@ def scaled_mm_reference(x: torch.Tensor, x_scale: torch.Tensor, x_values: Option
     if bias is not None:
         y = y + bias
     return y
+
+
+def scaled_conv_reference(x: torch.Tensor, x_scale: torch.Tensor, x_values: Optional[torch.Tensor], w: torch.Tensor,
+                          w_scale: torch.Tensor, w_values: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                          stride: Sequence[int], pad_before: Sequence[int], pad_after: Sequence[int],
+                          dilation: Sequence[int], groups: int) -> torch.Tensor:
+    """``torchlns::scaled_conv``: (N, C, H, W) FP8/INT codes * (Cout, C/groups, kh, kw) codes -> float32.
+
+    im2col of the codes (padding is the zero code, whose value is 0), then ``scaled_mm`` per
+    group. ``x_scale`` is one value; ``w_scale`` one value or one per output channel.
+    """
+    N = x.shape[0]
+    Cout, Cin_g, kh, kw = w.shape
+    idx, Ho, Wo = im2col_index(x.shape[2], x.shape[3], (kh, kw), stride, list(zip(pad_before, pad_after)), dilation,
+                               x.device)
+    Kg = Cin_g * idx.shape[0]
+    cols = im2col(x, idx, 0)
+    w2 = w.reshape(Cout, Kg)
+    xs = x_scale.reshape(1, 1)
+    ws = w_scale.reshape(-1, 1)
+    outs = []
+    Cout_g = Cout // groups
+    for gi in range(groups):
+        ks, os_ = slice(gi * Kg, (gi + 1) * Kg), slice(gi * Cout_g, (gi + 1) * Cout_g)
+        outs.append(torch.ops.torchlns.scaled_mm(cols[:, ks], xs, x_values, w2[os_], ws[os_] if ws.shape[0] > 1 else ws,
+                                                 w_values, None if bias is None else bias[os_], 0, 0))
+    return cols_to_image(torch.cat(outs, dim=1), N, Ho, Wo)

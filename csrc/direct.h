@@ -1,0 +1,76 @@
+// Interface of the direct LNS MAC kernels (see Note: direct kernels in lns_direct.h).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+namespace torchlns {
+
+constexpr int32_t kZeroField = 4;  // the field of a zero (or NaN) code: only the zero flag
+
+struct DirectArgs {
+  bool fixed;
+  int F;
+  int32_t T;             // fixed: 2^(W-1) - 1
+  int64_t chunk;         // fixed: products summed in int32 lanes before they spill to int64
+  bool saturate;         // fixed: some product may exceed 2^31 (test for a < 0)
+  bool clamp_T;          // fixed: some product may exceed T (W < 32)
+  bool zeros;            // rows: the weights hold zero codes (test the flags)
+  const int32_t* table;  // 16 entries, 64-byte aligned (see Note: direct kernels)
+};
+
+struct DirectTables {
+  bool ok = false;  // the table fits the kernels
+  int P = 0;        // fixed: fraction bits of L
+  int64_t L_max = 0;
+  alignas(64) int32_t table[16] = {};
+};
+DirectTables direct_tables(const double* C, int frac_bits, bool fixed);
+
+// field = (uint32(negate ? -g : g) + add) << shift + sign << sign_bit (see Note: direct kernels).
+struct FieldLayout {
+  bool negate;
+  uint32_t add;
+  int shift;
+  int sign_bit;
+};
+
+// Fields of a tensor of codes, same shape (kZeroField for the zero and NaN codes); the NaN
+// map; the octave range of the nonzero codes (of g, before the layout's transformation).
+struct PackedFields {
+  at::Tensor fields;  // int32
+  at::Tensor nan;     // uint8
+  int32_t q_lo, q_hi;
+  bool any_nan;
+};
+PackedFields packed_fields(const at::Tensor& codes, const at::Tensor& offset, int64_t bits, int frac_bits,
+                           const FieldLayout& layout);
+
+bool direct_supported(int frac_bits);  // the active ISA has direct kernels for this F
+int direct_lanes();
+int64_t direct_block(int64_t Ng);  // weight columns per packed block for Ng outputs per group
+int64_t direct_cols_slack();       // elements the columns kernel may read past its input
+
+// rows: the caller supplies the operand and takes the sums, a chunk of rows at a time:
+// build() writes, for rows [m0, m1) and every group g, counts[(m - m0) * groups + g] (k,
+// field) pairs of the row's non-zero x fields at pairs + 2 * ((m - m0) * groups + g) * Kg;
+// store() receives the sums of those rows for columns [n0, n1) (row stride n1 - n0), float
+// or int64. wpack is [group][block][Kg][NB] weight fields (Ng outputs per group, padded
+// with kZeroField).
+struct RowSource {
+  virtual void build(int64_t m0, int64_t m1, int32_t* pairs, int32_t* counts) const = 0;
+  virtual ~RowSource() = default;
+};
+struct RowSink {
+  virtual void store(int64_t m0, int64_t m1, int64_t n0, int64_t n1, const float* sf, const int64_t* si) const = 0;
+  virtual ~RowSink() = default;
+};
+void direct_rows(const DirectArgs& a, const RowSource& src, const RowSink& sink, int64_t M, int64_t groups, int64_t Kg,
+                 const int32_t* wpack, int64_t Ng, int64_t NB);
+// columns: xt [img][group * Kg + k][L] fields (direct_cols_slack() readable past the end),
+// w (groups * Ng, Kg) fields; y [img][n][L].
+void direct_cols(const DirectArgs& a, const int32_t* xt, int64_t imgs, int64_t L, int64_t groups, int64_t Kg,
+                 const int32_t* w, int64_t Ng, float* yf, int64_t* yi);
+
+}  // namespace torchlns

@@ -1,0 +1,343 @@
+// lns_mm and lns_conv through the direct kernels (see Note: direct kernels in lns_direct.h):
+// operand packing, the choice of loop order, the exactness limits and the epilogues.
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <limits>
+#include <functional>
+#include <sstream>
+
+#include "common.h"
+#include "direct.h"
+#include "weight_cache.h"
+
+namespace torchlns {
+namespace {
+
+struct Plan {
+  bool fixed = false;
+  int F = 0;
+  DirectTables tabs;
+  FieldLayout x_layout{}, w_layout{};
+  int64_t T = 0, acc_lsb = 0;
+};
+
+// Whether the direct kernels can run this MAC, and the field layouts (see Note: direct kernels).
+std::optional<Plan> plan_for(const at::Tensor& table, int64_t frac_bits, bool fixed, int64_t acc_bits,
+                             int64_t acc_lsb) {
+  const int F = int(frac_bits);
+  if (!direct_supported(F) || (fixed && acc_bits > 32)) return std::nullopt;
+  const auto tab = table.contiguous();
+  Plan p;
+  p.fixed = fixed;
+  p.F = F;
+  p.tabs = direct_tables(tab.data_ptr<double>(), F, fixed);
+  if (!p.tabs.ok) return std::nullopt;
+  const uint32_t R = 1u << F;
+  if (fixed) {
+    p.T = (int64_t(1) << (acc_bits - 1)) - 1;
+    p.acc_lsb = acc_lsb;
+    p.x_layout = {true, 0xFFFFFFFFu, 8, 0};                            // ~g_x
+    p.w_layout = {true, uint32_t(int32_t((31 + acc_lsb) * R)), 8, 0};  // -g_w + (31 + Λ) 2^F
+  } else {
+    p.x_layout = {false, 127u * R, 23 - F, 31};
+    p.w_layout = {false, 0u, 23 - F, 31};
+  }
+  return p;
+}
+
+// Kernel arguments for operands whose octaves span [x_lo, x_hi] and [w_lo, w_hi]; nullopt
+// when a float32 product could leave the normal range (the class form or the scalar kernel
+// then runs).
+std::optional<DirectArgs> args_for(const Plan& p, int32_t x_lo, int32_t x_hi, int32_t w_lo, int32_t w_hi, bool w_zeros) {
+  DirectArgs a{p.fixed, p.F, int32_t(p.T), 1, false, false, w_zeros, p.tabs.table};
+  const int64_t q_lo = int64_t(x_lo) + w_lo, q_hi = int64_t(x_hi) + w_hi + 1;  // +1: the carry of r_x + r_w
+  if (!p.fixed) {
+    if (q_lo < -126 || q_hi > 127) return std::nullopt;
+    return a;
+  }
+  // a = 30 + Λ - q is the shift of L'; a < 0 saturates. The largest product bounds the
+  // int32 chunk.
+  a.saturate = q_hi > 30 + p.acc_lsb;
+  const double biggest = a.saturate ? double(p.T)
+                                    : std::ldexp(double(p.tabs.L_max), int(q_hi - p.acc_lsb - p.tabs.P));
+  a.clamp_T = biggest > double(p.T);
+  const double bound = std::max(1.0, std::min(biggest, double(p.T)));
+  a.chunk = std::max<int64_t>(1, int64_t(std::floor(2147483647.0 / bound)));
+  return a;
+}
+
+std::string weight_tag(const char* what, const Plan& p, int64_t bits, int64_t groups, int64_t NB) {
+  std::ostringstream tag;
+  tag << what << ":b" << bits << ":F" << p.F << ":fixed" << p.fixed << ":add" << p.w_layout.add << ":g" << groups
+      << ":B" << NB << ":t";
+  for (int i = 0; i < 16; ++i) tag << p.tabs.table[i] << ',';
+  return tag.str();
+}
+
+// Weight fields for the direct kernels, prepared once per weight (see Note: prepared weights
+// in weight_cache.h): [0] the rows layout [group][block][Kg][NB] (or plain (N, Kg) fields
+// for the columns kernel), [1] int64 {q_lo, q_hi, has zero codes}, [2] bool NaN per output.
+// w2 is (N, Kg) codes in the kernel's k order.
+// operands() gives w2 and its offsets; it runs only when the cache misses.
+std::vector<at::Tensor> weight_fields(const std::function<std::pair<at::Tensor, at::Tensor>()>& operands, int64_t bits,
+                                      const Plan& p, int64_t groups, int64_t NB, const at::Tensor& key,
+                                      const at::Tensor& key_param) {
+  return prepared_weight(key, key_param, weight_tag(NB ? "direct-rows" : "direct-cols", p, bits, groups, NB), [&] {
+    const auto [w2, w_off2] = operands();
+    const int64_t N = w2.size(0), Kg = w2.size(1), Ng = N / groups;
+    const PackedFields f = packed_fields(w2, w_off2, bits, p.F, p.w_layout);
+    const int32_t* src = f.fields.data_ptr<int32_t>();
+    bool zeros = false;
+    for (int64_t i = 0; i < N * Kg; ++i) zeros |= src[i] == kZeroField;
+    at::Tensor out = f.fields;
+    if (NB) {
+      const int64_t nblocks = (Ng + NB - 1) / NB;
+      out = at::empty({groups * nblocks * Kg * NB}, f.fields.options());
+      int32_t* dst = out.data_ptr<int32_t>();
+      at::parallel_for(0, groups * nblocks, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t g = t / nblocks, b = t % nblocks;
+          for (int64_t k = 0; k < Kg; ++k)
+            for (int64_t c = 0; c < NB; ++c) {
+              const int64_t n = b * NB + c;
+              dst[(t * Kg + k) * NB + c] = n < Ng ? src[(g * Ng + n) * Kg + k] : kZeroField;
+            }
+        }
+      });
+    }
+    const auto nan_rows = f.any_nan ? f.nan.reshape({N, Kg}).to(at::kBool).any(1)
+                                    : at::zeros({N}, w2.options().dtype(at::kBool));
+    return std::vector<at::Tensor>{out, at::tensor({int64_t(f.q_lo), int64_t(f.q_hi), int64_t(zeros)}, at::kLong),
+                                   nan_rows};
+  });
+}
+
+// Rows of a (M, K) field matrix, as (k, field) pairs of their non-zero fields.
+struct MatrixRows : RowSource {
+  const int32_t* fields;
+  int64_t K;
+  MatrixRows(const int32_t* f, int64_t k) : fields(f), K(k) {}
+  void build(int64_t m0, int64_t m1, int32_t* pairs, int32_t* counts) const override {
+    for (int64_t m = m0; m < m1; ++m) {
+      const int32_t* f = fields + m * K;
+      int32_t* p = pairs + 2 * (m - m0) * K;
+      int32_t c = 0;
+      for (int64_t k = 0; k < K; ++k)
+        if (f[k] != kZeroField) {
+          p[2 * c] = int32_t(k);
+          p[2 * c + 1] = f[k];
+          ++c;
+        }
+      counts[m - m0] = c;
+    }
+  }
+};
+
+// The epilogue of one output: bias, and for the fixed accumulator its saturation and scaling.
+TORCHLNS_INLINE float finish(const Plan& p, const float* sf, const int64_t* si, int64_t i, const float* bias) {
+  return si ? fixed_epilogue(si[i], bias, p.T, p.acc_lsb, false) : (bias ? sf[i] + *bias : sf[i]);
+}
+
+// Sums of rows m into y[m * ld + n] (linear) or y[(img * N + n) * L + l] with m = img * L + l
+// (a convolution's channels-first output).
+struct OutputSink : RowSink {
+  const Plan& plan;
+  const float* bias;
+  float* y;
+  int64_t N, L;
+  bool channels_first;
+  OutputSink(const Plan& p, const float* b, float* out, int64_t n, int64_t l, bool cf)
+      : plan(p), bias(b), y(out), N(n), L(l), channels_first(cf) {}
+  void store(int64_t m0, int64_t m1, int64_t n0, int64_t n1, const float* sf, const int64_t* si) const override {
+    const int64_t width = n1 - n0;
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t n = n0; n < n1; ++n) {
+        const float v = finish(plan, sf, si, (m - m0) * width + (n - n0), bias ? bias + n : nullptr);
+        y[channels_first ? ((m / L) * N + n) * L + m % L : m * N + n] = v;
+      }
+  }
+};
+
+}  // namespace
+
+std::optional<at::Tensor> lns_mm_direct(const at::Tensor& x, const at::Tensor& x_offset, const at::Tensor& w,
+                                        const at::Tensor& w_offset, const at::Tensor& table,
+                                        const std::optional<at::Tensor>& bias, int64_t x_bits, int64_t w_bits,
+                                        int64_t frac_bits, bool fixed, int64_t acc_bits, int64_t acc_lsb) {
+  const auto plan = plan_for(table, frac_bits, fixed, acc_bits, acc_lsb);
+  if (!plan) return std::nullopt;
+  const int64_t M = x.size(0), N = w.size(0), K = x.size(1);
+  const bool by_rows = N >= direct_lanes() / 2;
+  const int64_t NB = by_rows ? direct_block(N) : 0;
+  const auto wf = weight_fields([&] { return std::make_pair(w, w_offset.expand({N, K})); }, w_bits, *plan, 1, NB, w,
+                                w_offset);
+  const int64_t* wq = wf[1].data_ptr<int64_t>();
+  const PackedFields xf = packed_fields(x, x_offset.expand({M, K}), x_bits, plan->F, plan->x_layout);
+  const auto args = args_for(*plan, xf.q_lo, xf.q_hi, int32_t(wq[0]), int32_t(wq[1]), wq[2] != 0);
+  if (!args) return std::nullopt;
+  auto out = at::empty({M, N}, x.options().dtype(at::kFloat));
+  std::optional<at::Tensor> b32;
+  if (bias.has_value()) b32 = bias->to(at::kFloat).contiguous();
+  const float* b = b32 ? b32->data_ptr<float>() : nullptr;
+  if (by_rows) {
+    const MatrixRows src(xf.fields.data_ptr<int32_t>(), K);
+    const OutputSink sink(*plan, b, out.data_ptr<float>(), N, 1, false);
+    if (M && N) direct_rows(*args, src, sink, M, 1, K, wf[0].data_ptr<int32_t>(), N, NB);
+  } else if (M && N) {  // few outputs: positions along the lanes, sums [n][m]
+    auto xt = at::empty({K * M + direct_cols_slack()}, xf.fields.options());
+    xt.narrow(0, 0, K * M).view({K, M}).copy_(xf.fields.t());
+    auto sums = at::zeros({N, M}, x.options().dtype(fixed ? at::kLong : at::kFloat));
+    if (K)
+      direct_cols(*args, xt.data_ptr<int32_t>(), 1, M, 1, K, wf[0].data_ptr<int32_t>(), N,
+                  fixed ? nullptr : sums.data_ptr<float>(), fixed ? sums.data_ptr<int64_t>() : nullptr);
+    const float* sf = fixed ? nullptr : sums.data_ptr<float>();
+    const int64_t* si = fixed ? sums.data_ptr<int64_t>() : nullptr;
+    float* y = out.data_ptr<float>();
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t m = 0; m < M; ++m) y[m * N + n] = finish(*plan, sf, si, n * M + m, b ? b + n : nullptr);
+  }
+  // NaN dominates its dot products (even against a zero partner).
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  if (xf.any_nan) out.masked_fill_(xf.nan.reshape({M, K}).to(at::kBool).any(1, true), nan);
+  out.masked_fill_(wf[2].reshape({1, N}), nan);
+  return out;
+}
+
+namespace {
+
+// Rows im2col of NHWC fields straight into (k, field) pairs per (output position, group),
+// with k = tap * Cin_g + c (the weights are packed in that order too); padding and zero
+// codes are skipped.
+struct ConvRows : RowSource {
+  const int32_t* nhwc;
+  int64_t H, W, C, groups, kh, kw, Ho, Wo;
+  int64_t stride[2], pad[2], dilation[2];
+  void build(int64_t m0, int64_t m1, int32_t* pairs, int32_t* counts) const override {
+    const int64_t Cg = C / groups, Kg = Cg * kh * kw, L = Ho * Wo;
+    for (int64_t r = m0; r < m1; ++r) {
+      const int64_t img = r / L, oh = (r % L) / Wo, ow = r % Wo;
+      for (int64_t g = 0; g < groups; ++g) {
+        int32_t* p = pairs + 2 * ((r - m0) * groups + g) * Kg;
+        int32_t c_out = 0;
+        for (int64_t i = 0; i < kh; ++i) {
+          const int64_t ih = oh * stride[0] - pad[0] + i * dilation[0];
+          if (ih < 0 || ih >= H) continue;
+          for (int64_t j = 0; j < kw; ++j) {
+            const int64_t iw = ow * stride[1] - pad[1] + j * dilation[1];
+            if (iw < 0 || iw >= W) continue;
+            const int32_t* src = nhwc + ((img * H + ih) * W + iw) * C + g * Cg;
+            const int32_t k0 = int32_t((i * kw + j) * Cg);
+            for (int64_t c = 0; c < Cg; ++c)
+              if (src[c] != kZeroField) {
+                p[2 * c_out] = k0 + int32_t(c);
+                p[2 * c_out + 1] = src[c];
+                ++c_out;
+              }
+          }
+        }
+        counts[(r - m0) * groups + g] = c_out;
+      }
+    }
+  }
+};
+
+// Columns im2col: [img][C * taps][L] in PyTorch's (c, i, j) order, padding is kZeroField.
+at::Tensor conv_columns(const int32_t* src, int64_t Nb, int64_t C, int64_t H, int64_t W, int64_t kh, int64_t kw,
+                        at::IntArrayRef stride, at::IntArrayRef pad, at::IntArrayRef dilation, int64_t Ho, int64_t Wo,
+                        const at::TensorOptions& opts) {
+  const int64_t L = Ho * Wo, taps = kh * kw;
+  auto out = at::empty({Nb * C * taps * L + direct_cols_slack()}, opts);
+  int32_t* dst = out.data_ptr<int32_t>();
+  at::parallel_for(0, Nb * C, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int32_t* plane = src + t * H * W;
+      for (int64_t i = 0; i < kh; ++i)
+        for (int64_t j = 0; j < kw; ++j) {
+          int32_t* row = dst + (t * taps + i * kw + j) * L;
+          for (int64_t oh = 0; oh < Ho; ++oh) {
+            const int64_t ih = oh * stride[0] - pad[0] + i * dilation[0];
+            for (int64_t ow = 0; ow < Wo; ++ow) {
+              const int64_t iw = ow * stride[1] - pad[1] + j * dilation[1];
+              row[oh * Wo + ow] = (ih >= 0 && ih < H && iw >= 0 && iw < W) ? plane[ih * W + iw] : kZeroField;
+            }
+          }
+        }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+std::optional<at::Tensor> lns_conv_direct(const at::Tensor& x, const at::Tensor& x_offset, const at::Tensor& w,
+                                          const at::Tensor& w_offset, const at::Tensor& table,
+                                          const std::optional<at::Tensor>& bias, int64_t x_bits, int64_t w_bits,
+                                          int64_t frac_bits, bool fixed, int64_t acc_bits, int64_t acc_lsb,
+                                          at::IntArrayRef stride, at::IntArrayRef pad_before, at::IntArrayRef dilation,
+                                          int64_t Ho, int64_t Wo, int64_t groups) {
+  const auto plan = plan_for(table, frac_bits, fixed, acc_bits, acc_lsb);
+  if (!plan) return std::nullopt;
+  const int64_t Nb = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t Cout = w.size(0), Cg = w.size(1), kh = w.size(2), kw = w.size(3);
+  const int64_t Kg = Cg * kh * kw, Ng = Cout / groups, L = Ho * Wo;
+  const bool by_rows = Ng >= direct_lanes() / 2;
+  const int64_t NB = by_rows ? direct_block(Ng) : 0;
+  const auto wf = weight_fields(
+      [&] {  // rows: k = tap * Cin_g + c; columns: PyTorch's (c, tap) order
+        const auto w_off = w_offset.expand(w.sizes());
+        return by_rows ? std::make_pair(w.permute({0, 2, 3, 1}).reshape({Cout, Kg}),
+                                        w_off.permute({0, 2, 3, 1}).reshape({Cout, Kg}))
+                       : std::make_pair(w.reshape({Cout, Kg}), w_off.reshape({Cout, Kg}));
+      },
+      w_bits, *plan, groups, NB, w, w_offset);
+  const int64_t* wq = wf[1].data_ptr<int64_t>();
+  const PackedFields xf = packed_fields(x, x_offset.expand(x.sizes()), x_bits, plan->F, plan->x_layout);
+  const auto args = args_for(*plan, xf.q_lo, xf.q_hi, int32_t(wq[0]), int32_t(wq[1]), wq[2] != 0);
+  if (!args) return std::nullopt;
+  auto out = at::empty({Nb, Cout, Ho, Wo}, x.options().dtype(at::kFloat));
+  const auto sum_type = fixed ? at::kLong : at::kFloat;
+  std::optional<at::Tensor> b32;
+  if (bias.has_value()) b32 = bias->to(at::kFloat).contiguous();
+  const float* b = b32 ? b32->data_ptr<float>() : nullptr;
+  if (by_rows) {
+    const auto nhwc = xf.fields.permute({0, 2, 3, 1}).contiguous();
+    ConvRows src;
+    src.nhwc = nhwc.data_ptr<int32_t>();
+    src.H = H, src.W = W, src.C = C, src.groups = groups, src.kh = kh, src.kw = kw, src.Ho = Ho, src.Wo = Wo;
+    for (int d = 0; d < 2; ++d) src.stride[d] = stride[d], src.pad[d] = pad_before[d], src.dilation[d] = dilation[d];
+    const OutputSink sink(*plan, b, out.data_ptr<float>(), Cout, L, true);
+    if (out.numel()) direct_rows(*args, src, sink, Nb * L, groups, Kg, wf[0].data_ptr<int32_t>(), Ng, NB);
+  } else {  // sums already [img][n][L]
+    auto sums = at::zeros({Nb, Cout, L}, x.options().dtype(sum_type));
+    if (sums.numel() && Kg) {
+      const auto cols = conv_columns(xf.fields.data_ptr<int32_t>(), Nb, C, H, W, kh, kw, stride, pad_before, dilation,
+                                     Ho, Wo, xf.fields.options());
+      direct_cols(*args, cols.data_ptr<int32_t>(), Nb, L, groups, Kg, wf[0].data_ptr<int32_t>(), Ng,
+                  fixed ? nullptr : sums.data_ptr<float>(), fixed ? sums.data_ptr<int64_t>() : nullptr);
+    }
+    const float* sf = fixed ? nullptr : sums.data_ptr<float>();
+    const int64_t* si = fixed ? sums.data_ptr<int64_t>() : nullptr;
+    float* y = out.data_ptr<float>();
+    at::parallel_for(0, Nb * Cout * L, 4096, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t n = (i / L) % Cout;
+        y[i] = finish(*plan, sf, si, i, b ? b + n : nullptr);
+      }
+    });
+  }
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  if (xf.any_nan) {  // every output whose receptive field holds a NaN input
+    const int64_t pa0 = std::max<int64_t>(0, (Ho - 1) * stride[0] + (kh - 1) * dilation[0] + 1 - (H + pad_before[0]));
+    const int64_t pa1 = std::max<int64_t>(0, (Wo - 1) * stride[1] + (kw - 1) * dilation[1] + 1 - (W + pad_before[1]));
+    const auto nan_x = at::constant_pad_nd(xf.nan.to(at::kFloat), {pad_before[1], pa1, pad_before[0], pa0}, 0);
+    const auto ones = at::ones({Cout, Cg, kh, kw}, nan_x.options());
+    const auto hit = at::conv2d(nan_x, ones, {}, stride, at::IntArrayRef({0, 0}), dilation, groups);
+    out.masked_fill_(hit.narrow(2, 0, Ho).narrow(3, 0, Wo) > 0, nan);
+  }
+  out.masked_fill_(wf[2].reshape({1, Cout, 1, 1}), nan);
+  return out;
+}
+
+}  // namespace torchlns
