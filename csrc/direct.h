@@ -37,20 +37,25 @@ struct FieldLayout {
 };
 
 // Fields of a tensor of codes, same shape (kZeroField for the zero and NaN codes); the NaN
-// map; the octave range of the nonzero codes (of g, before the layout's transformation).
+// map (when there is a NaN); the octave range of the nonzero codes (of g, before the layout's transformation).
 struct PackedFields {
-  at::Tensor fields;  // int32
-  at::Tensor nan;     // uint8
+  at::Tensor fields;  // int32; undefined when the fields went to a caller's buffer
+  at::Tensor nan;     // bool, defined only when any_nan
   int32_t q_lo, q_hi;
   bool any_nan;
 };
+// dst: the caller's buffer for the fields (else a new tensor); nhwc: (N, C, H, W) codes
+// packed in (N, H, W, C) order.
 PackedFields packed_fields(const at::Tensor& codes, const at::Tensor& offset, int64_t bits, int frac_bits,
-                           const FieldLayout& layout);
+                           const FieldLayout& layout, int32_t* dst = nullptr, bool nhwc = false);
+
+// A scratch buffer of this thread that outlives the call (slot 0..3): large per-call buffers
+// would be page-faulted in afresh on every call, which costs more than small layers do.
+int32_t* scratch(int slot, int64_t elements);
 
 bool direct_supported(int frac_bits);  // the active ISA has direct kernels for this F
 int direct_lanes();
 int64_t direct_block(int64_t Ng);  // weight columns per packed block for Ng outputs per group
-int64_t direct_cols_slack();       // elements the columns kernel may read past its input
 
 // rows: the caller supplies the operand and takes the sums, a chunk of rows at a time:
 // build() writes, for rows [m0, m1) and every group g, counts[(m - m0) * groups + g] (k,
@@ -68,9 +73,17 @@ struct RowSink {
 };
 void direct_rows(const DirectArgs& a, const RowSource& src, const RowSink& sink, int64_t M, int64_t groups, int64_t Kg,
                  const int32_t* wpack, int64_t Ng, int64_t NB);
-// columns: xt [img][group * Kg + k][L] fields (direct_cols_slack() readable past the end),
-// w (groups * Ng, Kg) fields; y [img][n][L].
-void direct_cols(const DirectArgs& a, const int32_t* xt, int64_t imgs, int64_t L, int64_t groups, int64_t Kg,
-                 const int32_t* w, int64_t Ng, float* yf, int64_t* yi);
+// columns: tasks are (task, n) for n in [0, N); x_at(task, k, xk) fills xk[k] for every k
+// of n's group with where that task's run of positions starts, and returns the number of
+// positions (at most direct_cols_run()); the sums go to yf / yi + out_at(task, n).
+struct ColSource {
+  virtual int64_t tasks() const = 0;
+  virtual int x_at(int64_t task, int64_t group, const int32_t** xk) const = 0;
+  virtual int64_t out_at(int64_t task, int64_t n) const = 0;
+  virtual ~ColSource() = default;
+};
+void direct_cols(const DirectArgs& a, const ColSource& src, int64_t groups, int64_t Kg, const int32_t* w, int64_t Ng,
+                 float* yf, int64_t* yi);
+int64_t direct_cols_run();  // positions per task (the lanes of the columns kernel)
 
 }  // namespace torchlns

@@ -17,6 +17,7 @@ inline void rows_nv(const DirectArgs& a, const RowSource& src, const RowSink& si
     thread_local std::vector<int32_t> pairs, counts;
     thread_local std::vector<float> sf;
     thread_local std::vector<int64_t> si;
+    thread_local std::vector<int64_t> cursor;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t mc = t / splits, sp = t % splits;
       const int64_t m0 = mc * MC, m1 = std::min(M, m0 + MC), rows = m1 - m0;
@@ -30,23 +31,38 @@ inline void rows_nv(const DirectArgs& a, const RowSource& src, const RowSink& si
       const int64_t last = b1 - 1, n1 = (last / nblocks) * Ng + std::min(Ng, (last % nblocks + 1) * NB);
       const int64_t width = n1 - n0;
       if (a.fixed) si.assign(size_t(rows * width), 0); else sf.assign(size_t(rows * width), 0.0f);
+      // K in spans of KC, so that the KC weight rows of a span stay in L1 for every row.
+      constexpr int64_t KC = std::max<int64_t>(16, 6144 / NB);
+      alignas(64) float accf[NB] = {};
+      alignas(64) int64_t acci[NB] = {};
       for (int64_t bi = b0; bi < b1; ++bi) {
         const int64_t g = bi / nblocks, b = bi % nblocks;
         const int32_t* wp = wpack + bi * Kg * NB;
         const int64_t c0 = g * Ng + b * NB - n0;
         const int cols = int(std::min(NB, Ng - b * NB));
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t seg = r * groups + g;
-          const int32_t* p = pairs.data() + 2 * seg * Kg;
-          float* of = a.fixed ? nullptr : sf.data() + r * width + c0;
-          int64_t* oi = a.fixed ? si.data() + r * width + c0 : nullptr;
-          if (!a.fixed)
-            a.zeros ? direct::rows_row<NV, true, false, false>(a, p, counts[seg], wp, of, oi, cols)
-                    : direct::rows_row<NV, false, false, false>(a, p, counts[seg], wp, of, oi, cols);
-          else if (a.saturate || a.clamp_T || a.zeros)
-            direct::rows_row<NV, true, true, true>(a, p, counts[seg], wp, of, oi, cols);
-          else
-            direct::rows_row<NV, false, false, false>(a, p, counts[seg], wp, of, oi, cols);
+        cursor.assign(size_t(rows), 0);
+        for (int64_t k0 = 0; k0 < Kg; k0 += KC) {
+          const int32_t k_end = int32_t(std::min(Kg, k0 + KC));
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t seg = r * groups + g;
+            const int32_t* p = pairs.data() + 2 * seg * Kg;
+            if (cursor[r] >= counts[seg] || p[2 * cursor[r]] >= k_end) continue;
+            if (a.fixed) {
+              int64_t* row = si.data() + r * width + c0;
+              std::copy(row, row + cols, acci);
+              if (a.saturate || a.clamp_T || a.zeros)
+                cursor[r] = direct::rows_span<NV, true, true, true>(a, p, cursor[r], counts[seg], k_end, wp, nullptr, acci);
+              else
+                cursor[r] = direct::rows_span<NV, false, false, false>(a, p, cursor[r], counts[seg], k_end, wp, nullptr, acci);
+              std::copy(acci, acci + cols, row);
+            } else {
+              float* row = sf.data() + r * width + c0;
+              std::copy(row, row + cols, accf);
+              cursor[r] = a.zeros ? direct::rows_span<NV, true, false, false>(a, p, cursor[r], counts[seg], k_end, wp, accf, nullptr)
+                                  : direct::rows_span<NV, false, false, false>(a, p, cursor[r], counts[seg], k_end, wp, accf, nullptr);
+              std::copy(accf, accf + cols, row);
+            }
+          }
         }
       }
       sink.store(m0, m1, n0, n1, a.fixed ? nullptr : sf.data(), a.fixed ? si.data() : nullptr);
@@ -69,23 +85,28 @@ inline void rows(const DirectArgs& a, const RowSource& src, const RowSink& sink,
   }
 }
 
-inline void cols(const DirectArgs& a, const int32_t* xt, int64_t imgs, int64_t L, int64_t groups, int64_t Kg,
-                 const int32_t* w, int64_t Ng, float* yf, int64_t* yi) {
-  constexpr int NV = V::lanes == 16 ? 2 : 4;
-  constexpr int64_t LB = NV * V::lanes;
-  const int64_t N = groups * Ng, lblocks = (L + LB - 1) / LB;
-  at::parallel_for(0, imgs * N * lblocks, 16, [&](int64_t t0, int64_t t1) {
+constexpr int kColsNV = V::lanes == 16 ? 2 : 4;
+
+// Tasks (runs of positions) outermost and their outputs n innermost, so that one run's x
+// fields stay in cache for every n of its group.
+inline void cols(const DirectArgs& a, const ColSource& src, int64_t groups, int64_t Kg, const int32_t* w, int64_t Ng,
+                 float* yf, int64_t* yi) {
+  const int64_t N = groups * Ng, tasks = src.tasks();
+  at::parallel_for(0, tasks * groups, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<const int32_t*> xk(size_t(Kg) + 1);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t lb = t % lblocks, n = (t / lblocks) % N, img = t / (lblocks * N);
-      const int32_t* xg = xt + (img * groups + n / Ng) * Kg * L;
-      const int64_t l0 = lb * LB, out = (img * N + n) * L + l0;
-      const int count = int(std::min(LB, L - l0));
-      float* of = yf ? yf + out : nullptr;
-      int64_t* oi = yi ? yi + out : nullptr;
-      if (a.fixed && (a.saturate || a.clamp_T))
-        direct::cols_tile<NV, true, true>(a, xg, L, Kg, w + n * Kg, l0, count, of, oi);
-      else
-        direct::cols_tile<NV, false, false>(a, xg, L, Kg, w + n * Kg, l0, count, of, oi);
+      const int64_t task = t / groups, g = t % groups;
+      const int count = src.x_at(task, g, xk.data());
+      for (int64_t n = g * Ng; n < (g + 1) * Ng; ++n) {
+        const int64_t out = src.out_at(task, n);
+        float* of = yf ? yf + out : nullptr;
+        int64_t* oi = yi ? yi + out : nullptr;
+        if (a.fixed && (a.saturate || a.clamp_T))
+          direct::cols_tile<kColsNV, true, true>(a, xk.data(), Kg, w + n * Kg, count, of, oi);
+        else
+          direct::cols_tile<kColsNV, false, false>(a, xk.data(), Kg, w + n * Kg, count, of, oi);
+      }
     }
   });
+  (void)N;
 }

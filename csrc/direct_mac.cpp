@@ -107,7 +107,7 @@ std::vector<at::Tensor> weight_fields(const std::function<std::pair<at::Tensor, 
         }
       });
     }
-    const auto nan_rows = f.any_nan ? f.nan.reshape({N, Kg}).to(at::kBool).any(1)
+    const auto nan_rows = f.any_nan ? f.nan.reshape({N, Kg}).any(1)
                                     : at::zeros({N}, w2.options().dtype(at::kBool));
     return std::vector<at::Tensor>{out, at::tensor({int64_t(f.q_lo), int64_t(f.q_hi), int64_t(zeros)}, at::kLong),
                                    nan_rows};
@@ -124,12 +124,11 @@ struct MatrixRows : RowSource {
       const int32_t* f = fields + m * K;
       int32_t* p = pairs + 2 * (m - m0) * K;
       int32_t c = 0;
-      for (int64_t k = 0; k < K; ++k)
-        if (f[k] != kZeroField) {
-          p[2 * c] = int32_t(k);
-          p[2 * c + 1] = f[k];
-          ++c;
-        }
+      for (int64_t k = 0; k < K; ++k) {  // branch-free compaction: half of a ReLU's outputs are zero
+        p[2 * c] = int32_t(k);
+        p[2 * c + 1] = f[k];
+        c += f[k] != kZeroField;
+      }
       counts[m - m0] = c;
     }
   }
@@ -152,12 +151,29 @@ struct OutputSink : RowSink {
       : plan(p), bias(b), y(out), N(n), L(l), channels_first(cf) {}
   void store(int64_t m0, int64_t m1, int64_t n0, int64_t n1, const float* sf, const int64_t* si) const override {
     const int64_t width = n1 - n0;
-    for (int64_t m = m0; m < m1; ++m)
-      for (int64_t n = n0; n < n1; ++n) {
-        const float v = finish(plan, sf, si, (m - m0) * width + (n - n0), bias ? bias + n : nullptr);
-        y[channels_first ? ((m / L) * N + n) * L + m % L : m * N + n] = v;
-      }
+    int64_t img = m0 / L, l = m0 % L;
+    for (int64_t m = m0; m < m1; ++m) {
+      float* row = channels_first ? y + img * N * L + l : y + m * N;
+      const int64_t step = channels_first ? L : 1;
+      for (int64_t n = n0; n < n1; ++n)
+        row[n * step] = finish(plan, sf, si, (m - m0) * width + (n - n0), bias ? bias + n : nullptr);
+      if (++l == L) l = 0, ++img;
+    }
   }
+};
+
+// Columns of a transposed (K, ld) field matrix: runs of M positions; sums [n][m].
+struct TransposedCols : ColSource {
+  const int32_t* xt;
+  int64_t K, M, ld;
+  TransposedCols(const int32_t* x, int64_t k, int64_t m, int64_t l) : xt(x), K(k), M(m), ld(l) {}
+  int64_t tasks() const override { return (M + direct_cols_run() - 1) / direct_cols_run(); }
+  int x_at(int64_t task, int64_t, const int32_t** xk) const override {
+    const int64_t m0 = task * direct_cols_run();
+    for (int64_t k = 0; k < K; ++k) xk[k] = xt + k * ld + m0;
+    return int(std::min(direct_cols_run(), M - m0));
+  }
+  int64_t out_at(int64_t task, int64_t n) const override { return n * M + task * direct_cols_run(); }
 };
 
 }  // namespace
@@ -174,7 +190,8 @@ std::optional<at::Tensor> lns_mm_direct(const at::Tensor& x, const at::Tensor& x
   const auto wf = weight_fields([&] { return std::make_pair(w, w_offset.expand({N, K})); }, w_bits, *plan, 1, NB, w,
                                 w_offset);
   const int64_t* wq = wf[1].data_ptr<int64_t>();
-  const PackedFields xf = packed_fields(x, x_offset.expand({M, K}), x_bits, plan->F, plan->x_layout);
+  int32_t* fields = scratch(0, M * K);
+  const PackedFields xf = packed_fields(x, x_offset.expand({M, K}), x_bits, plan->F, plan->x_layout, fields);
   const auto args = args_for(*plan, xf.q_lo, xf.q_hi, int32_t(wq[0]), int32_t(wq[1]), wq[2] != 0);
   if (!args) return std::nullopt;
   auto out = at::empty({M, N}, x.options().dtype(at::kFloat));
@@ -182,16 +199,19 @@ std::optional<at::Tensor> lns_mm_direct(const at::Tensor& x, const at::Tensor& x
   if (bias.has_value()) b32 = bias->to(at::kFloat).contiguous();
   const float* b = b32 ? b32->data_ptr<float>() : nullptr;
   if (by_rows) {
-    const MatrixRows src(xf.fields.data_ptr<int32_t>(), K);
+    const MatrixRows src(fields, K);
     const OutputSink sink(*plan, b, out.data_ptr<float>(), N, 1, false);
     if (M && N) direct_rows(*args, src, sink, M, 1, K, wf[0].data_ptr<int32_t>(), N, NB);
   } else if (M && N) {  // few outputs: positions along the lanes, sums [n][m]
-    auto xt = at::empty({K * M + direct_cols_slack()}, xf.fields.options());
-    xt.narrow(0, 0, K * M).view({K, M}).copy_(xf.fields.t());
+    const int64_t ld = M + direct_cols_run();
+    int32_t* xt = scratch(1, K * ld);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) xt[k * ld + m] = fields[m * K + k];
     auto sums = at::zeros({N, M}, x.options().dtype(fixed ? at::kLong : at::kFloat));
+    const TransposedCols src(xt, K, M, ld);
     if (K)
-      direct_cols(*args, xt.data_ptr<int32_t>(), 1, M, 1, K, wf[0].data_ptr<int32_t>(), N,
-                  fixed ? nullptr : sums.data_ptr<float>(), fixed ? sums.data_ptr<int64_t>() : nullptr);
+      direct_cols(*args, src, 1, K, wf[0].data_ptr<int32_t>(), N, fixed ? nullptr : sums.data_ptr<float>(),
+                  fixed ? sums.data_ptr<int64_t>() : nullptr);
     const float* sf = fixed ? nullptr : sums.data_ptr<float>();
     const int64_t* si = fixed ? sums.data_ptr<int64_t>() : nullptr;
     float* y = out.data_ptr<float>();
@@ -200,7 +220,7 @@ std::optional<at::Tensor> lns_mm_direct(const at::Tensor& x, const at::Tensor& x
   }
   // NaN dominates its dot products (even against a zero partner).
   const float nan = std::numeric_limits<float>::quiet_NaN();
-  if (xf.any_nan) out.masked_fill_(xf.nan.reshape({M, K}).to(at::kBool).any(1, true), nan);
+  if (xf.any_nan) out.masked_fill_(xf.nan.reshape({M, K}).any(1, true), nan);
   out.masked_fill_(wf[2].reshape({1, N}), nan);
   return out;
 }
@@ -229,12 +249,11 @@ struct ConvRows : RowSource {
             if (iw < 0 || iw >= W) continue;
             const int32_t* src = nhwc + ((img * H + ih) * W + iw) * C + g * Cg;
             const int32_t k0 = int32_t((i * kw + j) * Cg);
-            for (int64_t c = 0; c < Cg; ++c)
-              if (src[c] != kZeroField) {
-                p[2 * c_out] = k0 + int32_t(c);
-                p[2 * c_out + 1] = src[c];
-                ++c_out;
-              }
+            for (int64_t c = 0; c < Cg; ++c) {  // branch-free compaction
+              p[2 * c_out] = k0 + int32_t(c);
+              p[2 * c_out + 1] = src[c];
+              c_out += src[c] != kZeroField;
+            }
           }
         }
         counts[(r - m0) * groups + g] = c_out;
@@ -243,31 +262,64 @@ struct ConvRows : RowSource {
   }
 };
 
-// Columns im2col: [img][C * taps][L] in PyTorch's (c, i, j) order, padding is kZeroField.
-at::Tensor conv_columns(const int32_t* src, int64_t Nb, int64_t C, int64_t H, int64_t W, int64_t kh, int64_t kw,
-                        at::IntArrayRef stride, at::IntArrayRef pad, at::IntArrayRef dilation, int64_t Ho, int64_t Wo,
-                        const at::TensorOptions& opts) {
-  const int64_t L = Ho * Wo, taps = kh * kw;
-  auto out = at::empty({Nb * C * taps * L + direct_cols_slack()}, opts);
-  int32_t* dst = out.data_ptr<int32_t>();
-  at::parallel_for(0, Nb * C, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int32_t* plane = src + t * H * W;
-      for (int64_t i = 0; i < kh; ++i)
-        for (int64_t j = 0; j < kw; ++j) {
-          int32_t* row = dst + (t * taps + i * kw + j) * L;
-          for (int64_t oh = 0; oh < Ho; ++oh) {
-            const int64_t ih = oh * stride[0] - pad[0] + i * dilation[0];
-            for (int64_t ow = 0; ow < Wo; ++ow) {
-              const int64_t iw = ow * stride[1] - pad[1] + j * dilation[1];
-              row[oh * Wo + ow] = (ih >= 0 && ih < H && iw >= 0 && iw < W) ? plane[ih * W + iw] : kZeroField;
-            }
+// Columns of a convolution without im2col: every input plane padded (kZeroField) and split
+// by column phase modulo the horizontal stride, [img][c][row][phase][col], so that each tap
+// reads a contiguous run of output columns: padded column ow * s + j * d is column
+// ow + (j * d) / s of phase (j * d) % s. Tasks are (img, output row, run of columns).
+struct ConvCols : ColSource {
+  const int32_t* p = nullptr;
+  int64_t Nb, C, Cg, kh, kw, Ho, Wo, Ncout, Hp, Cp, runs, sh, sw, dh, dw;
+
+  ConvCols(const int32_t* src, int64_t Nb_, int64_t C_, int64_t H, int64_t W, int64_t groups, int64_t kh_,
+           int64_t kw_, at::IntArrayRef stride, at::IntArrayRef pad, at::IntArrayRef dilation, int64_t Ho_, int64_t Wo_,
+           int64_t Cout)
+      : Nb(Nb_), C(C_), Cg(C_ / groups), kh(kh_), kw(kw_), Ho(Ho_), Wo(Wo_), Ncout(Cout), sh(stride[0]), sw(stride[1]),
+        dh(dilation[0]), dw(dilation[1]) {
+    const int64_t run = direct_cols_run();
+    Hp = std::max(H + pad[0], (Ho - 1) * sh + (kh - 1) * dh + 1);
+    const int64_t Wp = std::max(W + pad[1], (Wo - 1) * sw + (kw - 1) * dw + 1);
+    Cp = (Wp + sw - 1) / sw + run;
+    runs = (Wo + run - 1) / run;
+    int32_t* dst = scratch(1, Nb * C * Hp * sw * Cp);
+    const int64_t pt = pad[0], pl = pad[1];
+    at::parallel_for(0, Nb * C, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        int32_t* plane = dst + t * Hp * sw * Cp;
+        std::fill(plane, plane + Hp * sw * Cp, kZeroField);
+        for (int64_t ih = 0; ih < H && ih + pt < Hp; ++ih) {
+          const int32_t* in = src + (t * H + ih) * W;
+          int32_t* out = plane + (ih + pt) * sw * Cp;
+          const int64_t n = std::min(W, Wp - pl);
+          if (sw == 1) {
+            std::copy(in, in + n, out + pl);
+          } else {
+            for (int64_t ph = 0; ph < sw; ++ph)  // column u = iw + pl goes to phase u % sw, index u / sw
+              for (int64_t u = ph + ((pl - ph + sw - 1) / sw) * sw; u < pl + n; u += sw) out[ph * Cp + u / sw] = in[u - pl];
           }
         }
+      }
+    });
+    p = dst;
+  }
+  int64_t tasks() const override { return Nb * Ho * runs; }
+  int x_at(int64_t task, int64_t g, const int32_t** xk) const override {
+    const int64_t ob = task % runs, oh = (task / runs) % Ho, img = task / (runs * Ho), ow0 = ob * direct_cols_run();
+    int64_t k = 0;
+    for (int64_t c = 0; c < Cg; ++c) {
+      const int32_t* plane = p + (img * C + g * Cg + c) * Hp * sw * Cp;
+      for (int64_t i = 0; i < kh; ++i)
+        for (int64_t j = 0; j < kw; ++j) {
+          const int64_t row = oh * sh + i * dh, u = j * dw;
+          xk[k++] = plane + (row * sw + u % sw) * Cp + u / sw + ow0;
+        }
     }
-  });
-  return out;
-}
+    return int(std::min(direct_cols_run(), Wo - ow0));
+  }
+  int64_t out_at(int64_t task, int64_t n) const override {
+    const int64_t ob = task % runs, oh = (task / runs) % Ho, img = task / (runs * Ho);
+    return ((img * Ncout + n) * Ho + oh) * Wo + ob * direct_cols_run();
+  }
+};
 
 }  // namespace
 
@@ -293,37 +345,38 @@ std::optional<at::Tensor> lns_conv_direct(const at::Tensor& x, const at::Tensor&
       },
       w_bits, *plan, groups, NB, w, w_offset);
   const int64_t* wq = wf[1].data_ptr<int64_t>();
-  const PackedFields xf = packed_fields(x, x_offset.expand(x.sizes()), x_bits, plan->F, plan->x_layout);
+  const bool by_rows_ = by_rows;
+  int32_t* fields = scratch(0, x.numel());
+  const PackedFields xf = packed_fields(x, x_offset.expand(x.sizes()), x_bits, plan->F, plan->x_layout, fields, by_rows_);
   const auto args = args_for(*plan, xf.q_lo, xf.q_hi, int32_t(wq[0]), int32_t(wq[1]), wq[2] != 0);
   if (!args) return std::nullopt;
   auto out = at::empty({Nb, Cout, Ho, Wo}, x.options().dtype(at::kFloat));
-  const auto sum_type = fixed ? at::kLong : at::kFloat;
   std::optional<at::Tensor> b32;
   if (bias.has_value()) b32 = bias->to(at::kFloat).contiguous();
   const float* b = b32 ? b32->data_ptr<float>() : nullptr;
   if (by_rows) {
-    const auto nhwc = xf.fields.permute({0, 2, 3, 1}).contiguous();
     ConvRows src;
-    src.nhwc = nhwc.data_ptr<int32_t>();
+    src.nhwc = fields;
     src.H = H, src.W = W, src.C = C, src.groups = groups, src.kh = kh, src.kw = kw, src.Ho = Ho, src.Wo = Wo;
     for (int d = 0; d < 2; ++d) src.stride[d] = stride[d], src.pad[d] = pad_before[d], src.dilation[d] = dilation[d];
     const OutputSink sink(*plan, b, out.data_ptr<float>(), Cout, L, true);
     if (out.numel()) direct_rows(*args, src, sink, Nb * L, groups, Kg, wf[0].data_ptr<int32_t>(), Ng, NB);
-  } else {  // sums already [img][n][L]
-    auto sums = at::zeros({Nb, Cout, L}, x.options().dtype(sum_type));
-    if (sums.numel() && Kg) {
-      const auto cols = conv_columns(xf.fields.data_ptr<int32_t>(), Nb, C, H, W, kh, kw, stride, pad_before, dilation,
-                                     Ho, Wo, xf.fields.options());
-      direct_cols(*args, cols.data_ptr<int32_t>(), Nb, L, groups, Kg, wf[0].data_ptr<int32_t>(), Ng,
-                  fixed ? nullptr : sums.data_ptr<float>(), fixed ? sums.data_ptr<int64_t>() : nullptr);
-    }
-    const float* sf = fixed ? nullptr : sums.data_ptr<float>();
-    const int64_t* si = fixed ? sums.data_ptr<int64_t>() : nullptr;
+  } else if (out.numel()) {  // float sums straight into the output; fixed sums [img][n][L] first
+    ConvCols src(fields, Nb, C, H, W, groups, kh, kw, stride, pad_before, dilation, Ho, Wo, Cout);
+    int64_t* si = fixed ? reinterpret_cast<int64_t*>(scratch(2, 2 * out.numel())) : nullptr;
     float* y = out.data_ptr<float>();
-    at::parallel_for(0, Nb * Cout * L, 4096, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t n = (i / L) % Cout;
-        y[i] = finish(*plan, sf, si, i, b ? b + n : nullptr);
+    if (Kg) {
+      direct_cols(*args, src, groups, Kg, wf[0].data_ptr<int32_t>(), Ng, fixed ? nullptr : y, si);
+    } else if (fixed) {
+      std::fill(si, si + out.numel(), 0);
+    } else {
+      out.zero_();
+    }
+    at::parallel_for(0, Nb * Cout, std::max<int64_t>(1, 4096 / std::max<int64_t>(L, 1)), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* bn = b ? b + r % Cout : nullptr;
+        if (!fixed && !bn) continue;
+        for (int64_t i = r * L; i < (r + 1) * L; ++i) y[i] = finish(*plan, y, si, i, bn);
       }
     });
   }

@@ -51,68 +51,101 @@ DirectTables direct_tables(const double* C, int frac_bits, bool fixed) {
 // Field packing
 // ---------------------------------------------------------------------------------------
 // field = (uint32(negate ? -g : g) + add) << shift  +  sign << sign_bit; kZeroField for the
-// zero and NaN codes (see Note: direct kernels). All arithmetic is mod 2^32.
-TORCHLNS_INLINE void pack_fields_impl(const int32_t* __restrict code, const int32_t* __restrict off, bool off_scalar,
-                                      int64_t n, int32_t e_max, int32_t code_mask, bool negate, uint32_t add, int shift,
-                                      int sign_bit, int32_t* __restrict out, uint8_t* __restrict nan) {
+// zero and NaN codes (see Note: direct kernels). All arithmetic is mod 2^32. The same pass
+// reduces the octave range of the nonzero codes and whether any code is NaN.
+struct FieldStats {
+  int32_t q_lo, q_hi;
+  int32_t any_nan;
+};
+template <typename Code>
+TORCHLNS_INLINE FieldStats pack_fields_impl(const Code* __restrict code, const int32_t* __restrict off, bool off_scalar,
+                                            int64_t n, int32_t e_max, int32_t code_mask, int frac_bits, bool negate,
+                                            uint32_t add, int shift, int sign_bit, int32_t* __restrict out,
+                                            int64_t out_stride) {
   const int32_t o0 = off[0];
+  int32_t lo = INT32_MAX, hi = INT32_MIN, nan = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const int32_t c = code[i] & code_mask;
+    const int32_t c = int32_t(code[i]) & code_mask;
     const int32_t mag = c & e_max;
     const uint32_t neg = c > e_max;
-    const uint32_t g = uint32_t(mag + (off_scalar ? o0 : off[i]));
-    const uint32_t f = (((negate ? 0u - g : g) + add) << shift) + (neg << sign_bit);
-    out[i] = mag == 0 ? kZeroField : int32_t(f);
-    nan[i] = (mag == 0) & (neg != 0);
+    const int32_t g = mag + (off_scalar ? o0 : off[i]);
+    const uint32_t f = (((negate ? 0u - uint32_t(g) : uint32_t(g)) + add) << shift) + (neg << sign_bit);
+    out[i * out_stride] = mag == 0 ? kZeroField : int32_t(f);
+    const int32_t q = g >> frac_bits;
+    lo = std::min(lo, mag == 0 ? INT32_MAX : q);
+    hi = std::max(hi, mag == 0 ? INT32_MIN : q);
+    nan |= int32_t(mag == 0) & int32_t(neg);
   }
+  return {lo, hi, nan};
 }
-TORCHLNS_ISA_CLONES(void, pack_fields,
-                    (const int32_t* __restrict code, const int32_t* __restrict off, bool off_scalar, int64_t n,
-                     int32_t e_max, int32_t code_mask, bool negate, uint32_t add, int shift, int sign_bit,
-                     int32_t* __restrict out, uint8_t* __restrict nan),
-                    (code, off, off_scalar, n, e_max, code_mask, negate, add, shift, sign_bit, out, nan))
+#define TORCHLNS_PACK_CLONES(NAME, CODE)                                                                          \
+  TORCHLNS_INLINE FieldStats NAME##_impl(const CODE* __restrict code, const int32_t* __restrict off, bool scalar, \
+                                         int64_t n, int32_t e_max, int32_t mask, int F, bool negate, uint32_t add, \
+                                         int shift, int sign_bit, int32_t* __restrict out, int64_t stride) {     \
+    return pack_fields_impl<CODE>(code, off, scalar, n, e_max, mask, F, negate, add, shift, sign_bit, out, stride); \
+  }                                                                                                               \
+  TORCHLNS_ISA_CLONES(FieldStats, NAME,                                                                           \
+                      (const CODE* __restrict code, const int32_t* __restrict off, bool scalar, int64_t n,        \
+                       int32_t e_max, int32_t mask, int F, bool negate, uint32_t add, int shift, int sign_bit,    \
+                       int32_t* __restrict out, int64_t stride),                                                  \
+                      (code, off, scalar, n, e_max, mask, F, negate, add, shift, sign_bit, out, stride))
+TORCHLNS_PACK_CLONES(pack_fields_u8, uint8_t)
+TORCHLNS_PACK_CLONES(pack_fields_i16, int16_t)
+#undef TORCHLNS_PACK_CLONES
 
 PackedFields packed_fields(const at::Tensor& codes, const at::Tensor& offset, int64_t bits, int frac_bits,
-                           const FieldLayout& layout) {
-  const auto c32 = codes.to(at::kInt).contiguous();
+                           const FieldLayout& layout, int32_t* dst, bool nhwc) {
+  const auto cc = codes.contiguous();
+  const bool wide = cc.scalar_type() == at::kShort;
+  TORCH_CHECK(wide || cc.scalar_type() == at::kByte, "direct LNS kernels: codes must be uint8 or int16");
   const bool scalar = offset.numel() == 1;
-  const auto off = scalar ? offset.reshape({1}).contiguous() : offset.expand(codes.sizes()).contiguous();
-  PackedFields p{at::empty(codes.sizes(), c32.options()), at::empty(codes.sizes(), c32.options().dtype(at::kByte)), 0, 0,
-                 false};
+  const auto off = (scalar ? offset.reshape({1}) : offset.expand(codes.sizes())).to(at::kInt).contiguous();
+  PackedFields p{at::Tensor(), at::Tensor(), 0, 0, false};
+  if (!dst) {
+    p.fields = at::empty(codes.sizes(), cc.options().dtype(at::kInt));
+    dst = p.fields.data_ptr<int32_t>();
+  }
   const int64_t n = codes.numel();
   const int32_t e_max = (1 << (bits - 1)) - 1, mask = (1 << bits) - 1;
-  const int32_t* cp = c32.data_ptr<int32_t>();
   const int32_t* op = off.data_ptr<int32_t>();
-  int32_t* fp = p.fields.data_ptr<int32_t>();
-  uint8_t* np = p.nan.data_ptr<uint8_t>();
-  const int64_t grain = 1 << 15, chunks = std::max<int64_t>(1, (n + grain - 1) / grain);
-  std::vector<int32_t> lo(chunks, INT32_MAX), hi(chunks, INT32_MIN);
-  std::vector<uint8_t> any_nan(chunks, 0);
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+  // Work items: planes of H*W elements (written with stride C for NHWC), else flat chunks.
+  TORCH_CHECK(!nhwc || codes.dim() == 4, "direct LNS kernels: NHWC packing needs (N, C, H, W) codes");
+  const int64_t C = nhwc ? codes.size(1) : 1, HW = nhwc ? codes.size(2) * codes.size(3) : 0;
+  const int64_t grain = nhwc ? HW : int64_t(1) << 15;
+  const int64_t items = std::max<int64_t>(1, grain ? (n + grain - 1) / grain : 1);
+  std::vector<FieldStats> stats(items, FieldStats{INT32_MAX, INT32_MIN, 0});
+  at::parallel_for(0, items, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t ci = c0; ci < c1; ++ci) {
       const int64_t a = ci * grain, b = std::min(n, a + grain);
       if (a >= b) continue;
-      pack_fields(cp + a, scalar ? op : op + a, scalar, b - a, e_max, mask, layout.negate, layout.add, layout.shift,
-                  layout.sign_bit, fp + a, np + a);
-      int32_t l = INT32_MAX, h = INT32_MIN;
-      uint8_t nn = 0;
-      for (int64_t i = a; i < b; ++i) {
-        const int32_t mag = cp[i] & e_max;
-        const int32_t q = (mag + (scalar ? op[0] : op[i])) >> frac_bits;  // octave of the log
-        l = mag ? std::min(l, q) : l;
-        h = mag ? std::max(h, q) : h;
-        nn |= np[i];
-      }
-      lo[ci] = l;
-      hi[ci] = h;
-      any_nan[ci] = nn;
+      int32_t* out = nhwc ? dst + (ci / C) * HW * C + ci % C : dst + a;
+      const int64_t stride = nhwc ? C : 1;
+      stats[ci] = wide ? pack_fields_i16(cc.data_ptr<int16_t>() + a, scalar ? op : op + a, scalar, b - a, e_max, mask,
+                                         frac_bits, layout.negate, layout.add, layout.shift, layout.sign_bit, out, stride)
+                       : pack_fields_u8(cc.data_ptr<uint8_t>() + a, scalar ? op : op + a, scalar, b - a, e_max, mask,
+                                        frac_bits, layout.negate, layout.add, layout.shift, layout.sign_bit, out, stride);
     }
   });
-  const int32_t l = *std::min_element(lo.begin(), lo.end()), h = *std::max_element(hi.begin(), hi.end());
+  int32_t l = INT32_MAX, h = INT32_MIN;
+  for (const auto& st : stats) {
+    l = std::min(l, st.q_lo);
+    h = std::max(h, st.q_hi);
+    p.any_nan |= st.any_nan != 0;
+  }
   p.q_lo = l > h ? 0 : l;
   p.q_hi = l > h ? 0 : h;
-  p.any_nan = *std::max_element(any_nan.begin(), any_nan.end()) != 0;
+  if (p.any_nan) {  // rare: the NaN map, from the codes
+    const auto c32 = cc.to(at::kInt);
+    p.nan = at::logical_and(at::bitwise_and(c32, e_max) == 0, at::bitwise_and(c32, mask) > e_max);
+  }
   return p;
+}
+
+int32_t* scratch(int slot, int64_t elements) {
+  thread_local std::vector<int32_t> buffers[4];
+  auto& b = buffers[slot];
+  if (int64_t(b.size()) < elements) b.resize(size_t(elements));
+  return b.data();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -131,6 +164,7 @@ struct V {
   static TORCHLNS_INLINE I loadu(const int32_t* p) { return _mm512_loadu_si512(p); }
   static TORCHLNS_INLINE void store(int32_t* p, I v) { _mm512_store_si512(p, v); }
   static TORCHLNS_INLINE void fstore(float* p, F v) { _mm512_store_ps(p, v); }
+  static TORCHLNS_INLINE F fload(const float* p) { return _mm512_load_ps(p); }
   static TORCHLNS_INLINE I set1(int32_t v) { return _mm512_set1_epi32(v); }
   static TORCHLNS_INLINE I zero() { return _mm512_setzero_si512(); }
   static TORCHLNS_INLINE F fzero() { return _mm512_setzero_ps(); }
@@ -183,6 +217,7 @@ struct V {
   static TORCHLNS_INLINE I loadu(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
   static TORCHLNS_INLINE void store(int32_t* p, I v) { _mm256_store_si256(reinterpret_cast<__m256i*>(p), v); }
   static TORCHLNS_INLINE void fstore(float* p, F v) { _mm256_store_ps(p, v); }
+  static TORCHLNS_INLINE F fload(const float* p) { return _mm256_load_ps(p); }
   static TORCHLNS_INLINE I set1(int32_t v) { return _mm256_set1_epi32(v); }
   static TORCHLNS_INLINE I zero() { return _mm256_setzero_si256(); }
   static TORCHLNS_INLINE F fzero() { return _mm256_setzero_ps(); }
@@ -266,15 +301,16 @@ void direct_rows(const DirectArgs& a, const RowSource& src, const RowSink& sink,
   TORCH_CHECK(false, "torchlns: the direct LNS kernels need AVX2 or AVX-512");
 }
 
-void direct_cols(const DirectArgs& a, const int32_t* xt, int64_t imgs, int64_t L, int64_t groups, int64_t Kg,
-                 const int32_t* w, int64_t Ng, float* yf, int64_t* yi) {
+void direct_cols(const DirectArgs& a, const ColSource& src, int64_t groups, int64_t Kg, const int32_t* w, int64_t Ng,
+                 float* yf, int64_t* yi) {
 #ifdef TORCHLNS_X86_INTRINSICS
-  if (active_isa() == Isa::avx512) return isa_avx512::cols(a, xt, imgs, L, groups, Kg, w, Ng, yf, yi);
-  if (active_isa() == Isa::avx2) return isa_avx2::cols(a, xt, imgs, L, groups, Kg, w, Ng, yf, yi);
+  if (active_isa() == Isa::avx512) return isa_avx512::cols(a, src, groups, Kg, w, Ng, yf, yi);
+  if (active_isa() == Isa::avx2) return isa_avx2::cols(a, src, groups, Kg, w, Ng, yf, yi);
 #endif
   TORCH_CHECK(false, "torchlns: the direct LNS kernels need AVX2 or AVX-512");
 }
 
-int64_t direct_cols_slack() { return 64; }
+int64_t direct_cols_run() { return 32; }  // kColsNV * lanes on both ISAs
+
 
 }  // namespace torchlns

@@ -64,19 +64,22 @@ struct Acc {
   V::I i[NV];
 };
 
-// rows: for one output row, the (k, field) pairs of its non-zero x values against a block
-// of NV vectors of weight fields (wp: [k][NV * lanes]); sums into yf / yi (cols outputs).
+// rows: for one output row, its (k, field) pairs from pairs[2 * e] with k < k_end, against a
+// block of NV vectors of weight fields (wp: [k][NV * lanes]); the sums so far are in accf
+// (float32) or total (int64), NV * lanes of them. Returns the cursor after the span. The
+// caller walks K in short spans so that the weight rows they touch stay in L1 while every
+// row of its chunk passes over them.
 template <int NV, bool kZeros, bool kSaturate, bool kClampT>
-TORCHLNS_INLINE void rows_row(const Args& a, const int32_t* pairs, int64_t count, const int32_t* wp, float* yf,
-                              int64_t* yi, int cols) {
+TORCHLNS_INLINE int64_t rows_span(const Args& a, const int32_t* pairs, int64_t e, int64_t count, int32_t k_end,
+                                  const int32_t* wp, float* accf, int64_t* total) {
   constexpr int W = V::lanes, NB = NV * W;
   const V::I table = V::load(a.table), flags = V::set1(12);
   if (!a.fixed) {
     const V::I exp_mask = V::set1(int32_t(0xFF800000u));
     const int shift = 23 - a.F;
     V::F acc[NV];
-    for (int j = 0; j < NV; ++j) acc[j] = V::fzero();
-    for (int64_t e = 0; e < count; ++e) {
+    for (int j = 0; j < NV; ++j) acc[j] = V::fload(accf + j * W);
+    for (; e < count && pairs[2 * e] < k_end; ++e) {
       const int32_t* wk = wp + int64_t(pairs[2 * e]) * NB;
       const V::I xb = V::set1(pairs[2 * e + 1]);
       for (int j = 0; j < NV; ++j) {
@@ -85,18 +88,15 @@ TORCHLNS_INLINE void rows_row(const Args& a, const int32_t* pairs, int64_t count
         acc[j] = kZeros ? V::fadd_nonzero(acc[j], p, s, flags) : V::fadd(acc[j], p);
       }
     }
-    alignas(64) float tmp[NB];
-    for (int j = 0; j < NV; ++j) V::fstore(tmp + j * W, acc[j]);
-    for (int c = 0; c < cols; ++c) yf[c] = tmp[c];
-    return;
+    for (int j = 0; j < NV; ++j) V::fstore(accf + j * W, acc[j]);
+    return e;
   }
   const V::I T = V::set1(a.T), one = V::set1(1);
-  alignas(64) int64_t total[NB] = {};
-  for (int64_t e0 = 0; e0 < count; e0 += a.chunk) {
-    const int64_t e1 = std::min(count, e0 + a.chunk);
+  while (e < count && pairs[2 * e] < k_end) {
+    const int64_t stop = std::min(count, e + a.chunk);  // no int32 lane can overflow within
     V::I acc[NV];
     for (int j = 0; j < NV; ++j) acc[j] = V::zero();
-    for (int64_t e = e0; e < e1; ++e) {
+    for (; e < stop && pairs[2 * e] < k_end; ++e) {
       const int32_t* wk = wp + int64_t(pairs[2 * e]) * NB;
       const V::I xb = V::set1(pairs[2 * e + 1]);
       for (int j = 0; j < NV; ++j) {
@@ -107,14 +107,15 @@ TORCHLNS_INLINE void rows_row(const Args& a, const int32_t* pairs, int64_t count
     }
     for (int j = 0; j < NV; ++j) V::add_widen(total + j * W, acc[j]);
   }
-  for (int c = 0; c < cols; ++c) yi[c] = total[c];
+  return e;
 }
 
 // columns: one weight row (n) against NV vectors of x fields along the output positions
-// (xt: [k][ldx], positions l0..); zero x lanes are masked, zero weights skipped.
+// (xk[k]: where the x fields of reduction index k start for this run of positions); zero x
+// lanes are masked, zero weights skipped.
 template <int NV, bool kSaturate, bool kClampT>
-TORCHLNS_INLINE void cols_tile(const Args& a, const int32_t* xt, int64_t ldx, int64_t K, const int32_t* w, int64_t l0,
-                               int count, float* yf, int64_t* yi) {
+TORCHLNS_INLINE void cols_tile(const Args& a, const int32_t* const* xk, int64_t K, const int32_t* w, int count,
+                               float* yf, int64_t* yi) {
   constexpr int W = V::lanes, LB = NV * W;
   const V::I table = V::load(a.table), flags = V::set1(12);
   if (!a.fixed) {
@@ -126,7 +127,7 @@ TORCHLNS_INLINE void cols_tile(const Args& a, const int32_t* xt, int64_t ldx, in
       if (w[k] == ::torchlns::kZeroField) continue;
       const V::I wb = V::set1(w[k]);
       for (int j = 0; j < NV; ++j) {
-        const V::I s = V::add(V::loadu(xt + k * ldx + l0 + j * W), wb);
+        const V::I s = V::add(V::loadu(xk[k] + j * W), wb);
         acc[j] = V::fadd_nonzero(acc[j], product_float(s, table, exp_mask, shift), s, flags);
       }
     }
@@ -145,7 +146,7 @@ TORCHLNS_INLINE void cols_tile(const Args& a, const int32_t* xt, int64_t ldx, in
       if (w[k] == ::torchlns::kZeroField) continue;
       const V::I wb = V::set1(w[k]);
       for (int j = 0; j < NV; ++j) {
-        const V::I s = V::add(V::loadu(xt + k * ldx + l0 + j * W), wb);
+        const V::I s = V::add(V::loadu(xk[k] + j * W), wb);
         const V::I p = V::negate_where(magnitude_fixed<kSaturate, kClampT>(s, table, a.F, T), s, one);
         acc[j] = V::add_nonzero(acc[j], p, s, flags);
       }
