@@ -119,10 +119,17 @@ std::pair<double, double> abs_stats(const at::Tensor& v, int64_t rows) {
   return {a.max().item<double>(), a.sum(1, false, at::kDouble).max().item<double>()};
 }
 
+// The preparation's tag: the op and, for FP8, the value table itself (256 values).
 std::string table_tag(const char* what, const std::optional<at::Tensor>& values) {
   std::ostringstream t;
   t << what;
-  if (values.has_value()) t << ":fp8@" << values->data_ptr() << '.' << values->unsafeGetTensorImpl()->version_counter().current_version();
+  if (values.has_value()) {
+    const auto v = values->to(at::kFloat).contiguous();
+    const float* p = v.data_ptr<float>();
+    uint64_t h = 1469598103934665603ull;  // FNV-1a over the bit patterns
+    for (int64_t i = 0; i < v.numel(); ++i) h = (h ^ float_bits(p[i])) * 1099511628211ull;
+    t << ":fp8:" << h;
+  }
   return t.str();
 }
 

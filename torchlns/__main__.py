@@ -1,7 +1,7 @@
 """Command line: ``python -m torchlns <command>`` (or the ``torchlns`` console script).
 
-Commands: ``demo`` (the main job, ``apps/demo.py``), ``formats`` (``apps/formats_table.py``), and ``convert``,
-``report`` and ``compare`` (``apps/cli.py``). User errors print one ``torchlns: error: ...`` line and exit with 2.
+Commands: ``demo`` (the main job, ``apps/demo.py``), ``bench`` (``apps/bench.py``), ``formats``
+(``apps/formats_table.py``), and ``convert``, ``report`` and ``compare`` (``apps/cli.py``). User errors print one ``torchlns: error: ...`` line and exit with 2.
 """
 
 from __future__ import annotations
@@ -16,6 +16,12 @@ def _cmd_formats(args: argparse.Namespace) -> int:
 
     run_demo(n=args.n, seed=args.seed)
     return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .apps.bench import run_from_args
+
+    return run_from_args(args)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -41,6 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_arguments(demo)
     demo.set_defaults(func=_cmd_demo)
+
+    from .apps.bench import __doc__ as bench_doc, add_arguments as bench_arguments
+
+    bench = sub.add_parser(
+        "bench",
+        help="time converted networks and the MAC kernels against torch on this machine",
+        description=bench_doc.split("\n\n")[1],
+    )
+    bench_arguments(bench)
+    bench.set_defaults(func=_cmd_bench)
 
     formats = sub.add_parser(
         "formats",

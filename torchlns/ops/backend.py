@@ -20,7 +20,7 @@ import torch
 from . import library
 
 __all__ = ["TorchLNSBackendWarning", "backend_info", "has_native", "native", "ISAS", "isa", "cpu_isa", "set_isa",
-           "force_isa", "available_isas"]
+           "force_isa", "available_isas", "MAC_PATHS", "force_mac_path", "weight_cache_info", "clear_weight_cache"]
 
 # Instruction-set levels of the native kernels, lowest first (see Note: instruction sets in
 # csrc/common.h). TORCHLNS_ISA=<level> forces one for a whole process; set_isa/force_isa
@@ -132,6 +132,37 @@ def force_isa(level: str) -> Iterator[None]:
         yield
     finally:
         set_isa(before)
+
+
+# The LNS MAC kernels of the CPU backend (see MacPath in csrc/common.h): chosen per call
+# ("auto") or forced, so that tests run every kernel on the same inputs.
+MAC_PATHS = ("auto", "direct", "classes", "scalar")
+
+
+@contextlib.contextmanager
+def force_mac_path(path: str) -> Iterator[None]:
+    """Run the CPU's LNS MAC through one kernel inside the block (cases it cannot run fall back)."""
+    if path not in MAC_PATHS:
+        raise ValueError(f"unknown MAC kernel {path!r}; expected one of {MAC_PATHS}")
+    if not has_native():
+        raise RuntimeError("the native kernels are not loaded")
+    before = _native.mac_path()
+    _native.set_mac_path(path)
+    try:
+        yield
+    finally:
+        _native.set_mac_path(before)
+
+
+def weight_cache_info() -> dict:
+    """Counters of the prepared-weight cache (see Note: prepared weights in csrc/weight_cache.h)."""
+    return dict(_native.weight_cache_stats()) if has_native() else {}
+
+
+def clear_weight_cache() -> None:
+    """Drop every prepared weight and reset the counters."""
+    if has_native():
+        _native.clear_weight_cache()
 
 
 def backend_info() -> dict:

@@ -1,0 +1,51 @@
+"""``python -m torchlns bench``: its networks, tables and command line (smoke sizes)."""
+
+import json
+
+import pytest
+import torch
+
+from torchlns.__main__ import main
+from torchlns.apps import bench
+from torchlns.apps.bench_models import NETWORKS, build
+
+
+@pytest.mark.parametrize("name", list(NETWORKS))
+def test_bench_networks_build_and_run_at_any_size(name):
+    model = build(name)
+    assert not model.training
+    with torch.no_grad():
+        y = model(torch.rand(2, 3, 64, 64))
+    assert y.shape[0] == 2 and torch.isfinite(y).all()
+
+
+def test_bench_network_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown network"):
+        build("alexnet")
+
+
+def test_cpu_info_names_the_cpu_and_the_kernel_level():
+    info = bench.cpu_info()
+    assert info["cpu"] and info["isa"] in ("baseline", "avx2", "avx512", "none")
+    assert set(info["extensions"]) <= set(bench._EXTENSIONS)
+
+
+def test_compare_alternates_and_reports_medians():
+    calls = []
+    tb, tc = bench.compare(lambda: calls.append("b"), lambda: calls.append("c"), repeats=3)
+    assert calls == ["b", "c"] * 4 and tb >= 0 and tc >= 0
+
+
+def test_bench_command_prints_the_network_table(capsys):
+    assert main(["bench", "--networks", "segnet", "--batch", "1", "--image", "32", "--repeats", "1",
+                 "--no-kernels"]) == 0
+    out = capsys.readouterr().out
+    assert "CPU:" in out and "segnet batch 1" in out
+    for f in bench.FORMATS:
+        assert f in out
+
+
+def test_bench_command_json(capsys):
+    assert main(["bench", "--networks", "--repeats", "1", "--json", "--no-kernels"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["cpu"]["cpu"] and result["networks"] == []
