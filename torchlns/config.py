@@ -47,7 +47,10 @@ class ConvertConfig:
     * ``acc_headroom_bits``: the fixed accumulator holds the largest calibration output
       times ``2^acc_headroom_bits``.
     * ``fold_bn``; ``cluster`` (a ``ClusterConfig`` or None); ``qat``: keep float masters so
-      the converted layers train (see Note: QAT in converted layers).
+      the converted layers train (see Note: QAT in converted layers); ``qat_forward``: what
+      a layer runs in ``train()`` mode, ``"exact"`` (the chip) or ``"fake"`` (the float layer
+      on decoded operands, much faster; see Note: fake-quantized training). ``eval()`` is
+      always exact.
     * ``module_filter_fn(module, fqn)``: which layers to convert (default: every layer whose
       type has a swap; see ``torchlns.register_swap``).
     * ``overrides``: layer name (or fnmatch pattern) -> ``None`` to keep the layer in float,
@@ -67,6 +70,7 @@ class ConvertConfig:
     fold_bn: bool = True
     cluster: Optional[ClusterConfig] = None
     qat: bool = False
+    qat_forward: str = "exact"
     module_filter_fn: Optional[Callable[[nn.Module, str], bool]] = None
     overrides: Mapping[str, Optional[Mapping[str, Any]]] = field(default_factory=dict)
     progress: Optional[bool] = None
@@ -83,6 +87,8 @@ class ConvertConfig:
             raise ValueError("ConvertConfig.weight_block_size is required by, and only by, weight_granularity='block'")
         if self.activation not in ("static", "dynamic"):
             raise ValueError(f"ConvertConfig.activation must be 'static' or 'dynamic', got {self.activation!r}")
+        if self.qat_forward not in ("exact", "fake"):
+            raise ValueError(f"ConvertConfig.qat_forward must be 'exact' or 'fake', got {self.qat_forward!r}")
         if self.calibrator not in CALIBRATORS:
             raise ValueError(f"ConvertConfig.calibrator must be one of {CALIBRATORS}, got {self.calibrator!r}")
         if not 0 < self.percentile <= 100:

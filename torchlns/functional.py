@@ -33,7 +33,7 @@ from .core.geometry import cols_to_image, conv_output_shape, conv_padding, im2co
 from .ops import library as _library  # noqa: F401  (declares the ops called here)
 from .tensor import Coded, CodedTensor, as_coded, implements_torch_function
 
-__all__ = ["lns_linear", "lns_conv1d", "lns_conv2d", "linear", "conv", "needs_grad"]
+__all__ = ["lns_linear", "lns_conv1d", "lns_conv2d", "linear", "conv", "fake_linear", "fake_conv", "needs_grad"]
 
 _OPS = torch.ops.torchlns
 
@@ -336,6 +336,38 @@ def _float_operand(operand, otherwise: Optional[torch.Tensor] = None):
     if as_coded(operand) is None and isinstance(operand, torch.Tensor):
         return operand
     return otherwise
+
+
+# ----------------------------------------------------------------------------------------
+# fake-quantized training forward (see Note: fake-quantized training in nn/layers.py)
+# ----------------------------------------------------------------------------------------
+def _straight_through(t: Optional[torch.Tensor], value: torch.Tensor) -> torch.Tensor:
+    """``value`` forward; the identity gradient into ``t`` backward (``value`` itself when there is no ``t``)."""
+    return value if t is None else t + (value - t).detach()
+
+
+def fake_linear(x, w: Coded, bias, *, fmt: Format, x_param=None, x_block_size=None, w_master=None) -> torch.Tensor:
+    """``F.linear`` of the dequantized operands, with straight-through gradients into ``x`` and ``w_master``."""
+    x = as_float32(x)
+    xq = _encode(x, fmt, "x", block_size=x_block_size, param=x_param)
+    return F.linear(_straight_through(x, xq.dequantize()), _straight_through(w_master, w.dequantize()), bias)
+
+
+def fake_conv(x, w: Coded, bias, stride, padding, dilation, groups, *, n: int, fmt: Format, x_param=None,
+              x_block_size=None, w_master=None) -> torch.Tensor:
+    """``F.conv{n}d`` of the dequantized operands, with straight-through gradients into ``x`` and ``w_master``.
+
+    Dynamic per-block activations are fake-quantized in blocks along the channels, since an
+    input element has no single value when the chip encodes each receptive field.
+    """
+    x = as_float32(x)
+    if x_block_size is None:
+        xq = _encode(x, fmt, "x", param=x_param)
+    else:
+        xq = Coded.encode(x.detach(), fmt, "block", 1 if x.dim() == n + 2 else 0, x_block_size)
+    op = F.conv2d if n == 2 else F.conv1d
+    return op(_straight_through(x, xq.dequantize()), _straight_through(w_master, w.dequantize()), bias, stride,
+              padding, dilation, groups)
 
 
 # ----------------------------------------------------------------------------------------

@@ -299,3 +299,77 @@ def test_load_state_dict_missing_coded_weight_is_reported():
     with pytest.raises(RuntimeError, match="weight"):
         m.load_state_dict(sd)
     assert "weight" in m.load_state_dict(sd, strict=False).missing_keys
+
+
+# ----------------------------------------------------------------------------------------
+# fake-quantized training (see Note: fake-quantized training in nn/layers.py)
+# ----------------------------------------------------------------------------------------
+def _qat_model(fmt=torchlns.LNS8, mac=torchlns.IDEAL_MAC, forward="fake"):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding="same", groups=2),
+                          nn.Flatten(), nn.Linear(8 * 36, 5))
+    x = torch.randn(4, 3, 6, 6)
+    cfg = ConvertConfig(fmt=fmt, mac=mac, qat=True, qat_forward=forward)
+    return torchlns.convert(model, cfg, [x]), x
+
+
+@pytest.mark.parametrize("fmt", [torchlns.LNS8, torchlns.FP8_E4M3, torchlns.INT8], ids=str)
+def test_fake_forward_has_the_exact_forwards_gradients(fmt):
+    fake, x = _qat_model(fmt)
+    exact, _ = _qat_model(fmt, forward="exact")
+    c = torch.randn(4, 5, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for q in (fake, exact):
+        q.train()
+        xin = x.clone().requires_grad_()
+        y = q(xin)
+        (y * c).sum().backward()  # linear in y: both runs get the same upstream gradient
+        grads.append([xin.grad] + [p.grad for p in q.parameters()])
+        q.zero_grad()
+    for gf, ge in zip(*grads):
+        torch.testing.assert_close(gf, ge, rtol=1e-4, atol=1e-6)
+
+
+def test_fake_forward_is_close_to_the_chip_and_eval_is_exact():
+    fake, x = _qat_model(mac=torchlns.CHIP_MAC)
+    exact, _ = _qat_model(mac=torchlns.CHIP_MAC, forward="exact")
+    fake.train()
+    exact.train()
+    with torch.no_grad():
+        yf, ye = fake(x), exact(x)
+    assert not torch.equal(yf, ye)  # the chip's LUT and accumulator are not modelled in training
+    torch.testing.assert_close(yf, ye, rtol=0.05, atol=0.05 * ye.abs().max().item())
+    fake.eval()
+    exact.eval()
+    assert torch.equal(fake(x), exact(x))
+
+
+def test_train_forward_is_validated_kept_in_the_state_dict_and_set_by_enable_qat():
+    with pytest.raises(ValueError, match="qat_forward"):
+        ConvertConfig(qat_forward="approximate")
+    q, x = _qat_model()
+    assert all(m.train_forward == "fake" for m in q.modules() if hasattr(m, "train_forward"))
+    assert "qat (fake forward)" in repr(q)
+    exact, _ = _qat_model(forward="exact")
+    exact.load_state_dict(q.state_dict())
+    assert exact[0].train_forward == "fake"
+    torchlns.enable_qat(exact, "exact")
+    assert exact[0].train_forward == "exact"
+    with pytest.raises(ValueError, match="train_forward"):
+        exact[0].set_train_forward("sloppy")
+
+
+def test_fake_training_moves_the_masters_and_eval_reencodes_them():
+    q, x = _qat_model()
+    before = q[0].weight.codes.clone()
+    opt = torch.optim.SGD(q.parameters(), lr=0.5)
+    q.train()
+    for _ in range(3):
+        loss = q(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    q.eval()
+    assert not torch.equal(q[0].weight.codes, before)
+    with torch.no_grad():
+        assert torch.equal(q(x), q(x))

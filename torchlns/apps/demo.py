@@ -149,10 +149,13 @@ def evaluate(model: nn.Module, ds: SceneDataset, batch_size: int, device, desc: 
     return cm, torch.cat(preds)
 
 
-def finetune(clustered: nn.Module, ds: SceneDataset, cfg: DemoConfig) -> nn.Module:
-    """Centroid fine-tuning: every Parameter trains (centroids, per-kernel scales, biases and the
-    unclustered layers); the cluster indices are buffers and stay fixed, so the model keeps its size."""
-    return train(clustered, ds, cfg.finetune_steps, cfg.batch_size, 3e-3, cfg.device, cfg.seed + 1,
+def finetune(converted: nn.Module, ds: SceneDataset, cfg: DemoConfig) -> nn.Module:
+    """Centroid fine-tuning through the chip's quantization: every float master trains (centroids,
+    per-kernel scales, the unclustered layers' weights) and every bias; the cluster indices are
+    buffers and stay fixed, so the model keeps its size. Training runs the fake-quantized forward
+    (see Note: fake-quantized training in nn/layers.py); ``train`` returns the model in
+    ``eval()``, which re-encodes the masters and runs the exact chip forward."""
+    return train(converted, ds, cfg.finetune_steps, cfg.batch_size, 3e-3, cfg.device, cfg.seed + 1,
                  desc="fine-tuning centroids")
 
 
@@ -223,9 +226,9 @@ def run(cfg: DemoConfig, log=print, data=None) -> List[Row]:
         add(name, torchlns.convert(model, config, calib), t0)
 
     t0 = time.time()
-    clustered = cluster(model, cfg)
+    clustered = torchlns.convert(cluster(model, cfg), ConvertConfig(qat=True, qat_forward="fake"), calib)
     finetune(clustered, train_ds, cfg)
-    add(f"LNS8 + cluster C={cfg.clusters}", torchlns.convert(clustered, ConvertConfig(), calib), t0)
+    add(f"LNS8 + cluster C={cfg.clusters}", clustered, t0)
 
     _write_figure(cfg.out / "difference_map.png", eval_ds, preds["float32"], preds["LNS8 chip"], "LNS8 chip")
     (cfg.out / "report.md").write_text(_report(cfg, rows))

@@ -205,10 +205,12 @@ class LNSClusteredConv2d(_LNSConvNd):
             return self._assemble(*self._encode_masters())
         return self._assemble(self.centroids, self.kernel_scales)
 
-    def enable_qat(self) -> "LNSClusteredConv2d":
+    def enable_qat(self, train_forward: Optional[str] = None) -> "LNSClusteredConv2d":
         if self.centroids_float is None:
             self.centroids_float = nn.Parameter(self.centroids.dequantize())
             self.scales_float = nn.Parameter(self.kernel_scales.dequantize())
+        if train_forward is not None:
+            self.set_train_forward(train_forward)
         return self
 
     @torch.no_grad()

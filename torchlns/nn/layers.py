@@ -41,7 +41,9 @@ from ..core.layout import GRANULARITIES
 from ..tensor import Coded, CodedTensor
 from .swap import register_swap
 
-__all__ = ["LNSLinear", "LNSConv1d", "LNSConv2d"]
+__all__ = ["LNSLinear", "LNSConv1d", "LNSConv2d", "TRAIN_FORWARDS"]
+
+TRAIN_FORWARDS = ("exact", "fake")
 
 
 def _describe_param(fmt: Format, p: Optional[torch.Tensor], block_size: Optional[int]) -> str:
@@ -81,6 +83,7 @@ class _CodedLayer(nn.Module):
         self.register_buffer("input_param", input_param)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.float32).clone())
         self.weight_float: Optional[nn.Parameter] = None
+        self.train_forward = "exact"  # see Note: fake-quantized training
         self._warned_frozen = False
 
     # -- weights ---------------------------------------------------------------------------
@@ -100,10 +103,22 @@ class _CodedLayer(nn.Module):
             return self._encode_weight(master.detach())
         return self.weight.coded
 
-    def enable_qat(self) -> "_CodedLayer":
-        """Give the layer a float master weight, starting from the dequantized codes."""
+    def enable_qat(self, train_forward: Optional[str] = None) -> "_CodedLayer":
+        """Give the layer a float master weight, starting from the dequantized codes.
+
+        ``train_forward``: ``"exact"`` or ``"fake"`` (see Note: fake-quantized training); None keeps it.
+        """
         if self.weight_float is None:
             self.weight_float = nn.Parameter(self.weight.dequantize())
+        if train_forward is not None:
+            self.set_train_forward(train_forward)
+        return self
+
+    def set_train_forward(self, mode: str) -> "_CodedLayer":
+        """``"exact"`` (the chip's forward in training too) or ``"fake"`` (see Note: fake-quantized training)."""
+        if mode not in TRAIN_FORWARDS:
+            raise ValueError(f"train_forward must be one of {TRAIN_FORWARDS}, got {mode!r}")
+        self.train_forward = mode
         return self
 
     @torch.no_grad()
@@ -130,6 +145,8 @@ class _CodedLayer(nn.Module):
             self._warned_frozen = True
             warnings.warn(f"{type(self).__name__} has no float master weight, so only its bias and input train; "
                           "convert with qat=True or call enable_qat() to train the weight", stacklevel=2)
+        if self.training and self.train_forward == "fake":
+            return self._fake(x, self._coded_weight(), master)
         return self._chip(x, self._coded_weight(), master)
 
     def _mac_kwargs(self) -> dict:
@@ -141,9 +158,14 @@ class _CodedLayer(nn.Module):
             kw["x_param"] = self.input_param
         return kw
 
+    def _fake_kwargs(self) -> dict:
+        kw = self._mac_kwargs()
+        kw.pop("acc_lsb")
+        return kw
+
     # -- state -----------------------------------------------------------------------------
     def get_extra_state(self):
-        return {"fmt": self.fmt.to_tuple(), "mac": self.mac.to_tuple(),
+        return {"fmt": self.fmt.to_tuple(), "mac": self.mac.to_tuple(), "train_forward": self.train_forward,
                 "acc_lsb": self.acc_lsb, "input_block_size": self.input_block_size,
                 "weight_granularity": (self.weight_granularity, self.weight_block_size)}
 
@@ -161,6 +183,7 @@ class _CodedLayer(nn.Module):
         if problem:
             raise ValueError(problem)
         self.acc_lsb = state["acc_lsb"]
+        self.train_forward = state.get("train_forward", "exact")
         self.input_block_size = state["input_block_size"]
         self.weight_granularity, self.weight_block_size = tuple(state["weight_granularity"])
 
@@ -211,7 +234,7 @@ class _CodedLayer(nn.Module):
 
     def _extra_repr_tail(self) -> str:
         acc = f", acc_lsb={self.acc_lsb}" if self.acc_lsb is not None else ""
-        qat = ", qat" if self._master() is not None else ""
+        qat = (", qat" if self.train_forward == "exact" else ", qat (fake forward)") if self._master() is not None else ""
         return (f"fmt={self.fmt}, mac={self.mac}, weight={self._weight_description()}, "
                 f"input={_describe_param(self.fmt, self.input_param, self.input_block_size)}{acc}, "
                 f"bias={self.bias is not None}{qat}")
@@ -286,6 +309,9 @@ class LNSLinear(_CodedLayer):
     def _chip(self, x, w: Coded, master):
         return functional.linear(x, w, self.bias, self.mac, w_master=master, **self._mac_kwargs())
 
+    def _fake(self, x, w: Coded, master):
+        return functional.fake_linear(x, w, self.bias, w_master=master, **self._fake_kwargs())
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " + self._extra_repr_tail()
 
@@ -328,6 +354,10 @@ class _LNSConvNd(_CodedLayer):
     def _chip(self, x, w: Coded, master):
         return functional.conv(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups, self.mac,
                                n=self._n, w_master=master, **self._mac_kwargs())
+
+    def _fake(self, x, w: Coded, master):
+        return functional.fake_conv(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups, n=self._n,
+                                    w_master=master, **self._fake_kwargs())
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -107,6 +107,8 @@ def convert(model: nn.Module, config: Optional[ConvertConfig] = None,
             if fqn in inputs_seen else None
         acc_lsb = acc_lsb_for(outputs_seen[fqn].max, cfg.mac, cfg.acc_headroom_bits) if fqn in outputs_seen else None
         new = swap(m, cfg, input_param=input_param, acc_lsb=acc_lsb, qat=cfg.qat, memo=memo)
+        if isinstance(new, _CodedLayer):
+            new.set_train_forward(cfg.qat_forward)
         if not fqn:  # the model is itself the layer
             model = new
         else:
@@ -152,15 +154,17 @@ def _calibrate(model, targets, inputs_seen, outputs_seen, data, progress) -> Non
                          "keep them in float with overrides={name: None} or use dynamic activations")
 
 
-def enable_qat(model: nn.Module) -> nn.Module:
+def enable_qat(model: nn.Module, train_forward: Optional[str] = None) -> nn.Module:
     """Give every converted layer a float master weight (in place), so ``train()`` fine-tunes it.
 
-    Clustered layers that share one centroid table also share its float master.
+    ``train_forward``: ``"exact"`` or ``"fake"`` for every layer (see Note: fake-quantized
+    training in nn/layers.py); None keeps each layer's. Clustered layers that share one
+    centroid table also share its float master.
     """
     masters: Dict[int, nn.Parameter] = {}  # one float master per centroid table object
     for m in model.modules():
         if isinstance(m, _CodedLayer):
-            m.enable_qat()
+            m.enable_qat(train_forward)
         if isinstance(m, LNSClusteredConv2d):
             m.centroids_float = masters.setdefault(id(m.centroids), m.centroids_float)
     return model
