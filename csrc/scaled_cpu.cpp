@@ -11,10 +11,11 @@
 //   * INT: the sum must be the exact integer. A float32 sum of integers is exact while
 //     every partial sum stays below 2^24, and every partial sum is bounded by
 //     sum_k |vx_k| |vw_k| <= min(max|vw| * ||vx_row||_1, max|vx| * ||vw_row||_1). When that
-//     bound is below 2^24 the float32 product is exact; otherwise it runs in float64, exact
-//     below 2^53 (functional.py refuses larger K). float32(exact sum) is then the spec's
-//     float32(acc), and adding +0.0 removes the -0 that a float sum of integer products can
-//     give.
+//     bound is below 2^24 the float32 product is exact. Otherwise K (the input channels of a
+//     convolution) is cut into chunks of at most (2^24 - 1) / (max|vx| max|vw|) terms, each an
+//     exact float32 product, summed exactly in float64 (below 2^53: functional.py refuses
+//     larger K). float32(exact sum) is then the spec's float32(acc), and adding +0.0 removes
+//     the -0 that a float sum of integer products can give.
 // With parameters per block along K (MX style) the sum is cut into segments at every block
 // boundary, each scaled by its own s_x s_w and added in order in float32, as the reference
 // does. Rows go in fixed blocks, each reduced by one thread, so the bits do not depend on
@@ -190,14 +191,27 @@ at::Tensor scaled_mm_cpu(const at::Tensor& x, const at::Tensor& x_scale, const s
   });
   const auto& vw = prepared[0];
   bool exact_in_float32 = true;
+  int64_t chunk = K;  // terms per exact float32 product
   if (integer && M && N && K) {
     const double* wst = prepared[1].data_ptr<double>();  // max|vw|, largest L1 norm of a weight row
     exact_in_float32 = x_max * wst[1] < kExactFloat32 || wst[0] * abs_stats(vx, M).second < kExactFloat32;
+    if (!exact_in_float32) chunk = std::max<int64_t>(1, int64_t((kExactFloat32 - 1) / std::max(1.0, x_max * wst[0])));
   }
+  // The exact product of one K range: one float32 GEMM, or exact chunks summed in float64.
+  const auto exact_mm = [&](const at::Tensor& a, const at::Tensor& b) {
+    const int64_t k = a.size(1);
+    if (k <= chunk) return blocked_mm(a, b);
+    at::Tensor total;
+    for (int64_t k0 = 0; k0 < k; k0 += chunk) {
+      const auto part = blocked_mm(a.narrow(1, k0, std::min(chunk, k - k0)), b.narrow(1, k0, std::min(chunk, k - k0)));
+      total = total.defined() ? total + part.to(at::kDouble) : part.to(at::kDouble);
+    }
+    return total.to(at::kFloat);
+  };
   const auto xs = x_scale.to(at::kFloat), ws = w_scale.to(at::kFloat);
-  if (x_block == 0 && w_block == 0 && xs.numel() == 1 && ws.size(1) == 1 && K && exact_in_float32) {
+  if (x_block == 0 && w_block == 0 && xs.numel() == 1 && ws.size(1) == 1 && K) {
     // One segment, one input scale: y = part * (s_x s_w[n]) + b[n], fused.
-    auto y = blocked_mm(vx, vw);
+    auto y = exact_mm(vx, vw).contiguous();
     const auto scale = (xs.reshape({1}) * ws.reshape({-1})).expand({N}).contiguous();
     auto y3 = y.view({M, N, 1});
     scale_and_bias(y3, scale, bias, integer);
@@ -206,7 +220,7 @@ at::Tensor scaled_mm_cpu(const at::Tensor& x, const at::Tensor& x_scale, const s
   at::Tensor y;
   for (const auto& [k0, k1] : segments(K, x_block, w_block)) {
     const auto a = vx.narrow(1, k0, k1 - k0), b = vw.narrow(1, k0, k1 - k0);
-    at::Tensor part = exact_in_float32 ? blocked_mm(a, b) : blocked_mm(a.to(at::kDouble), b.to(at::kDouble)).to(at::kFloat);
+    at::Tensor part = exact_mm(a, b);
     if (integer) part = part + 0.0f;  // an integer sum has no -0
     const auto scale = xs.select(1, std::min(k0, xs.size(1) - 1)).unsqueeze(1) *
                        ws.select(1, std::min(k0, ws.size(1) - 1)).unsqueeze(0);
@@ -245,10 +259,10 @@ at::Tensor scaled_conv_cpu(const at::Tensor& x, const at::Tensor& x_scale, const
     padding = {0, 0};
   }
   bool exact_in_float32 = true;
+  const double* wst = integer ? prepared[1].data_ptr<double>() : nullptr;
   if (integer && vx.numel() && vw.numel()) {
     // max|vx| times the largest L1 norm of a filter; failing that, the largest sum of |vx|
     // over a receptive field (per group) times max|vw|. Both are sums of integers < 2^24.
-    const double* wst = prepared[1].data_ptr<double>();
     exact_in_float32 = x_max * wst[1] < kExactFloat32;
     if (!exact_in_float32) {
       const int64_t Nb = vx.size(0), C = vx.size(1);
@@ -258,10 +272,24 @@ at::Tensor scaled_conv_cpu(const at::Tensor& x, const at::Tensor& x_scale, const
       exact_in_float32 = wst[0] * x_field < kExactFloat32;
     }
   }
-  at::Tensor y = exact_in_float32
-                     ? at::conv2d(vx, vw, {}, stride, padding, dilation, groups)
-                     : at::conv2d(vx.to(at::kDouble), vw.to(at::kDouble), {}, stride, padding, dilation, groups)
-                           .to(at::kFloat);
+  at::Tensor y;
+  if (exact_in_float32) {
+    y = at::conv2d(vx, vw, {}, stride, padding, dilation, groups);
+  } else {  // chunks of input channels (in every group), each an exact float32 convolution
+    const int64_t Nb = vx.size(0), Cg = w.size(1), taps = w.size(2) * w.size(3);
+    const int64_t per = std::max<int64_t>(1, int64_t((kExactFloat32 - 1) / (std::max(1.0, x_max * wst[0]) * taps)));
+    const auto xg = vx.view({Nb, groups, Cg, vx.size(2), vx.size(3)});
+    const auto wg = vw.view({groups, Cout / groups, Cg, w.size(2), w.size(3)});
+    at::Tensor total;
+    for (int64_t c0 = 0; c0 < Cg; c0 += per) {
+      const int64_t n = std::min(per, Cg - c0);
+      const auto xs = xg.narrow(2, c0, n).reshape({Nb, groups * n, vx.size(2), vx.size(3)});
+      const auto ws = wg.narrow(2, c0, n).reshape({Cout, n, w.size(2), w.size(3)});
+      const auto part = at::conv2d(xs, ws, {}, stride, padding, dilation, groups).to(at::kDouble);
+      total = total.defined() ? total + part : part;
+    }
+    y = total.to(at::kFloat);
+  }
   y = y.contiguous();
   const auto scale = (x_scale.to(at::kFloat).reshape({1}) * w_scale.to(at::kFloat).reshape({-1})).expand({Cout});
   scale_and_bias(y, scale, bias, integer);
