@@ -7,7 +7,12 @@
 
 namespace torchlns {
 
-constexpr int32_t kZeroField = 4;  // the field of a zero (or NaN) code: only the zero flag
+// The field of a zero (or NaN) code: a flag alone, and the mask that finds it in a sum of
+// two fields, per layout (see Note: direct kernels): shifted fields keep it in bits 2-3,
+// split float fields in bits 16-17, split fixed fields in bits 7-8.
+constexpr int32_t kZeroField = 4, kZeroFlags = 12;
+constexpr int32_t kZeroFieldSplit = 1 << 16, kZeroFlagsSplit = 3 << 16;
+constexpr int32_t kZeroFieldFixed = 1 << 7, kZeroFlagsFixed = 3 << 7;
 
 struct DirectArgs {
   bool fixed;
@@ -17,23 +22,31 @@ struct DirectArgs {
   bool saturate;         // fixed: some product may exceed 2^31 (test for a < 0)
   bool clamp_T;          // fixed: some product may exceed T (W < 32)
   bool zeros;            // rows: the weights hold zero codes (test the flags)
-  const int32_t* table;  // 16 entries, 64-byte aligned (see Note: direct kernels)
+  int32_t zero_field, zero_flags;
+  bool split;            // split fields (else shifted; see Note: direct kernels)
+  int32_t sign_mask;     // the sign bit of a field sum
+  const int32_t* table;  // 32 entries, 64-byte aligned (see Note: direct kernels)
 };
 
 struct DirectTables {
   bool ok = false;  // the table fits the kernels
   int P = 0;        // fixed: fraction bits of L
   int64_t L_max = 0;
-  alignas(64) int32_t table[16] = {};
+  alignas(64) int32_t table[32] = {};
 };
-DirectTables direct_tables(const double* C, int frac_bits, bool fixed);
+// split: the float table E[t] for split fields, else the mantissas of C[r] for shifted fields.
+DirectTables direct_tables(const double* C, int frac_bits, bool fixed, bool split = true);
 
-// field = (uint32(negate ? -g : g) + add) << shift + sign << sign_bit (see Note: direct kernels).
+// field = (uint32(negate ? -g : g) + add) << shift + sign << sign_bit, or with split:
+// (uint32(negate ? -q : q) + add) << shift + r + sign << sign_bit for g = q 2^F + r (see
+// Note: direct kernels).
 struct FieldLayout {
   bool negate;
   uint32_t add;
   int shift;
   int sign_bit;
+  bool split = false;
+  int32_t zero_field = kZeroField;
 };
 
 // Fields of a tensor of codes, same shape (kZeroField for the zero and NaN codes); the NaN

@@ -2,6 +2,13 @@
 // include guard on purpose). Every output is summed by one thread in k order, so the bits
 // do not depend on the thread count.
 
+// Which product (see product_float): split fields read 2^(F+1) - 1 table entries, one
+// permute holds 16 (AVX-512) or 8 (AVX2); AVX2 with F = 3 uses shifted fields.
+inline int float_mode(const DirectArgs& a) {
+  if (!a.split) return 2;
+  return a.F > (V::lanes == 16 ? 3 : 2) ? 1 : 0;
+}
+
 // Tasks are chunks of MC rows (times a split of the column blocks when there are few
 // chunks); each builds its rows' pairs once into thread-local buffers, runs every block it
 // owns, and hands the sums to the sink.
@@ -50,16 +57,29 @@ inline void rows_nv(const DirectArgs& a, const RowSource& src, const RowSink& si
             if (a.fixed) {
               int64_t* row = si.data() + r * width + c0;
               std::copy(row, row + cols, acci);
-              if (a.saturate || a.clamp_T || a.zeros)
-                cursor[r] = direct::rows_span<NV, true, true, true>(a, p, cursor[r], counts[seg], k_end, wp, nullptr, acci);
-              else
-                cursor[r] = direct::rows_span<NV, false, false, false>(a, p, cursor[r], counts[seg], k_end, wp, nullptr, acci);
+              const int64_t e = cursor[r], cnt = counts[seg];
+              const bool any = a.saturate || a.clamp_T || a.zeros;
+              switch (float_mode(a) * 2 + any) {  // the same modes as the float kernels
+                case 0: cursor[r] = direct::rows_span<NV, false, false, false, 0>(a, p, e, cnt, k_end, wp, nullptr, acci); break;
+                case 1: cursor[r] = direct::rows_span<NV, true, true, true, 0>(a, p, e, cnt, k_end, wp, nullptr, acci); break;
+                case 2: cursor[r] = direct::rows_span<NV, false, false, false, 1>(a, p, e, cnt, k_end, wp, nullptr, acci); break;
+                case 3: cursor[r] = direct::rows_span<NV, true, true, true, 1>(a, p, e, cnt, k_end, wp, nullptr, acci); break;
+                case 4: cursor[r] = direct::rows_span<NV, false, false, false, 2>(a, p, e, cnt, k_end, wp, nullptr, acci); break;
+                default: cursor[r] = direct::rows_span<NV, true, true, true, 2>(a, p, e, cnt, k_end, wp, nullptr, acci);
+              }
               std::copy(acci, acci + cols, row);
             } else {
               float* row = sf.data() + r * width + c0;
               std::copy(row, row + cols, accf);
-              cursor[r] = a.zeros ? direct::rows_span<NV, true, false, false>(a, p, cursor[r], counts[seg], k_end, wp, accf, nullptr)
-                                  : direct::rows_span<NV, false, false, false>(a, p, cursor[r], counts[seg], k_end, wp, accf, nullptr);
+              const int64_t e = cursor[r], cnt = counts[seg];
+              switch (float_mode(a) * 2 + a.zeros) {
+                case 0: cursor[r] = direct::rows_span<NV, false, false, false, 0>(a, p, e, cnt, k_end, wp, accf, nullptr); break;
+                case 1: cursor[r] = direct::rows_span<NV, true, false, false, 0>(a, p, e, cnt, k_end, wp, accf, nullptr); break;
+                case 2: cursor[r] = direct::rows_span<NV, false, false, false, 1>(a, p, e, cnt, k_end, wp, accf, nullptr); break;
+                case 3: cursor[r] = direct::rows_span<NV, true, false, false, 1>(a, p, e, cnt, k_end, wp, accf, nullptr); break;
+                case 4: cursor[r] = direct::rows_span<NV, false, false, false, 2>(a, p, e, cnt, k_end, wp, accf, nullptr); break;
+                default: cursor[r] = direct::rows_span<NV, true, false, false, 2>(a, p, e, cnt, k_end, wp, accf, nullptr);
+              }
               std::copy(accf, accf + cols, row);
             }
           }
@@ -101,10 +121,16 @@ inline void cols(const DirectArgs& a, const ColSource& src, int64_t groups, int6
         const int64_t out = src.out_at(task, n);
         float* of = yf ? yf + out : nullptr;
         int64_t* oi = yi ? yi + out : nullptr;
-        if (a.fixed && (a.saturate || a.clamp_T))
-          direct::cols_tile<kColsNV, true, true>(a, xk.data(), Kg, w + n * Kg, count, of, oi);
-        else
-          direct::cols_tile<kColsNV, false, false>(a, xk.data(), Kg, w + n * Kg, count, of, oi);
+        const int32_t* wn = w + n * Kg;
+        const bool sat = a.fixed && (a.saturate || a.clamp_T);
+        switch (float_mode(a) * 2 + sat) {
+          case 0: direct::cols_tile<kColsNV, false, false, 0>(a, xk.data(), Kg, wn, count, of, oi); break;
+          case 1: direct::cols_tile<kColsNV, true, true, 0>(a, xk.data(), Kg, wn, count, of, oi); break;
+          case 2: direct::cols_tile<kColsNV, false, false, 1>(a, xk.data(), Kg, wn, count, of, oi); break;
+          case 3: direct::cols_tile<kColsNV, true, true, 1>(a, xk.data(), Kg, wn, count, of, oi); break;
+          case 4: direct::cols_tile<kColsNV, false, false, 2>(a, xk.data(), Kg, wn, count, of, oi); break;
+          default: direct::cols_tile<kColsNV, true, true, 2>(a, xk.data(), Kg, wn, count, of, oi);
+        }
       }
     }
   });

@@ -32,17 +32,26 @@ std::optional<Plan> plan_for(const at::Tensor& table, int64_t frac_bits, bool fi
   Plan p;
   p.fixed = fixed;
   p.F = F;
-  p.tabs = direct_tables(tab.data_ptr<double>(), F, fixed);
+  const bool split = !(direct_lanes() == 8 && F == 3);  // see Note: direct kernels
+  p.tabs = direct_tables(tab.data_ptr<double>(), F, fixed, split);
   if (!p.tabs.ok) return std::nullopt;
   const uint32_t R = 1u << F;
   if (fixed) {
     p.T = (int64_t(1) << (acc_bits - 1)) - 1;
     p.acc_lsb = acc_lsb;
-    p.x_layout = {true, 0xFFFFFFFFu, 8, 0};                            // ~g_x
-    p.w_layout = {true, uint32_t(int32_t((31 + acc_lsb) * R)), 8, 0};  // -g_w + (31 + Λ) 2^F
+    if (split) {
+      p.x_layout = {true, 0u, 9, 5, true, kZeroFieldFixed};                             // -q_x
+      p.w_layout = {true, uint32_t(int32_t(29 + acc_lsb)), 9, 5, true, kZeroFieldFixed};  // -q_w + 29 + Λ
+    } else {
+      p.x_layout = {true, 0xFFFFFFFFu, 8, 0, false, kZeroField};                   // ~g_x
+      p.w_layout = {true, uint32_t(int32_t((31 + acc_lsb) * R)), 8, 0, false, kZeroField};  // -g_w + (31 + Λ) 2^F
+    }
+  } else if (split) {
+    p.x_layout = {false, 127u, 23, 31, true, kZeroFieldSplit};
+    p.w_layout = {false, 0u, 23, 31, true, kZeroFieldSplit};
   } else {
-    p.x_layout = {false, 127u * R, 23 - F, 31};
-    p.w_layout = {false, 0u, 23 - F, 31};
+    p.x_layout = {false, 127u * R, 23 - F, 31, false, kZeroField};
+    p.w_layout = {false, 0u, 23 - F, 31, false, kZeroField};
   }
   return p;
 }
@@ -51,14 +60,16 @@ std::optional<Plan> plan_for(const at::Tensor& table, int64_t frac_bits, bool fi
 // when a float32 product could leave the normal range (the class form or the scalar kernel
 // then runs).
 std::optional<DirectArgs> args_for(const Plan& p, int32_t x_lo, int32_t x_hi, int32_t w_lo, int32_t w_hi, bool w_zeros) {
-  DirectArgs a{p.fixed, p.F, int32_t(p.T), 1, false, false, w_zeros, p.tabs.table};
+  const int32_t flags = !p.x_layout.split ? kZeroFlags : p.fixed ? kZeroFlagsFixed : kZeroFlagsSplit;
+  DirectArgs a{p.fixed, p.F, int32_t(p.T), 1, false, false, w_zeros, p.x_layout.zero_field, flags, p.x_layout.split,
+               int32_t(1u << p.x_layout.sign_bit), p.tabs.table};
   const int64_t q_lo = int64_t(x_lo) + w_lo, q_hi = int64_t(x_hi) + w_hi + 1;  // +1: the carry of r_x + r_w
-  if (!p.fixed) {
+  if (!p.fixed) {  // exponent fields 127 + q (+1 where C_ext >= 2) within 1..254
     if (q_lo < -126 || q_hi > 127) return std::nullopt;
     return a;
   }
-  // a = 30 + Λ - q is the shift of L'; a < 0 saturates. The largest product bounds the
-  // int32 chunk.
+  // The shift a = 30 + Λ - q (29 + Λ - q_x - q_w for split fields: the same) is negative,
+  // and the product saturates, only above q = 30 + Λ. The largest product bounds the chunk.
   a.saturate = q_hi > 30 + p.acc_lsb;
   const double biggest = a.saturate ? double(p.T)
                                     : std::ldexp(double(p.tabs.L_max), int(q_hi - p.acc_lsb - p.tabs.P));
@@ -70,9 +81,10 @@ std::optional<DirectArgs> args_for(const Plan& p, int32_t x_lo, int32_t x_hi, in
 
 std::string weight_tag(const char* what, const Plan& p, int64_t bits, int64_t groups, int64_t NB) {
   std::ostringstream tag;
-  tag << what << ":b" << bits << ":F" << p.F << ":fixed" << p.fixed << ":add" << p.w_layout.add << ":g" << groups
+  tag << what << ":b" << bits << ":F" << p.F << ":fixed" << p.fixed << ":add" << p.w_layout.add << ":split"
+      << p.w_layout.split << ":g" << groups
       << ":B" << NB << ":t";
-  for (int i = 0; i < 16; ++i) tag << p.tabs.table[i] << ',';
+  for (int i = 0; i < 32; ++i) tag << p.tabs.table[i] << ',';
   return tag.str();
 }
 
@@ -89,8 +101,9 @@ std::vector<at::Tensor> weight_fields(const std::function<std::pair<at::Tensor, 
     const int64_t N = w2.size(0), Kg = w2.size(1), Ng = N / groups;
     const PackedFields f = packed_fields(w2, w_off2, bits, p.F, p.w_layout);
     const int32_t* src = f.fields.data_ptr<int32_t>();
+    const int32_t zero = p.w_layout.zero_field;
     bool zeros = false;
-    for (int64_t i = 0; i < N * Kg; ++i) zeros |= src[i] == kZeroField;
+    for (int64_t i = 0; i < N * Kg; ++i) zeros |= src[i] == zero;
     at::Tensor out = f.fields;
     if (NB) {
       const int64_t nblocks = (Ng + NB - 1) / NB;
@@ -102,7 +115,7 @@ std::vector<at::Tensor> weight_fields(const std::function<std::pair<at::Tensor, 
           for (int64_t k = 0; k < Kg; ++k)
             for (int64_t c = 0; c < NB; ++c) {
               const int64_t n = b * NB + c;
-              dst[(t * Kg + k) * NB + c] = n < Ng ? src[(g * Ng + n) * Kg + k] : kZeroField;
+              dst[(t * Kg + k) * NB + c] = n < Ng ? src[(g * Ng + n) * Kg + k] : zero;
             }
         }
       });
@@ -118,7 +131,8 @@ std::vector<at::Tensor> weight_fields(const std::function<std::pair<at::Tensor, 
 struct MatrixRows : RowSource {
   const int32_t* fields;
   int64_t K;
-  MatrixRows(const int32_t* f, int64_t k) : fields(f), K(k) {}
+  int32_t zero;
+  MatrixRows(const int32_t* f, int64_t k, int32_t z) : fields(f), K(k), zero(z) {}
   void build(int64_t m0, int64_t m1, int32_t* pairs, int32_t* counts) const override {
     for (int64_t m = m0; m < m1; ++m) {
       const int32_t* f = fields + m * K;
@@ -127,7 +141,7 @@ struct MatrixRows : RowSource {
       for (int64_t k = 0; k < K; ++k) {  // branch-free compaction: half of a ReLU's outputs are zero
         p[2 * c] = int32_t(k);
         p[2 * c + 1] = f[k];
-        c += f[k] != kZeroField;
+        c += f[k] != zero;
       }
       counts[m - m0] = c;
     }
@@ -199,7 +213,7 @@ std::optional<at::Tensor> lns_mm_direct(const at::Tensor& x, const at::Tensor& x
   if (bias.has_value()) b32 = bias->to(at::kFloat).contiguous();
   const float* b = b32 ? b32->data_ptr<float>() : nullptr;
   if (by_rows) {
-    const MatrixRows src(fields, K);
+    const MatrixRows src(fields, K, plan->x_layout.zero_field);
     const OutputSink sink(*plan, b, out.data_ptr<float>(), N, 1, false);
     if (M && N) direct_rows(*args, src, sink, M, 1, K, wf[0].data_ptr<int32_t>(), N, NB);
   } else if (M && N) {  // few outputs: positions along the lanes, sums [n][m]
@@ -232,6 +246,7 @@ namespace {
 // codes are skipped.
 struct ConvRows : RowSource {
   const int32_t* nhwc;
+  int32_t zero;
   int64_t H, W, C, groups, kh, kw, Ho, Wo;
   int64_t stride[2], pad[2], dilation[2];
   void build(int64_t m0, int64_t m1, int32_t* pairs, int32_t* counts) const override {
@@ -252,7 +267,7 @@ struct ConvRows : RowSource {
             for (int64_t c = 0; c < Cg; ++c) {  // branch-free compaction
               p[2 * c_out] = k0 + int32_t(c);
               p[2 * c_out + 1] = src[c];
-              c_out += src[c] != kZeroField;
+              c_out += src[c] != zero;
             }
           }
         }
@@ -272,7 +287,7 @@ struct ConvCols : ColSource {
 
   ConvCols(const int32_t* src, int64_t Nb_, int64_t C_, int64_t H, int64_t W, int64_t groups, int64_t kh_,
            int64_t kw_, at::IntArrayRef stride, at::IntArrayRef pad, at::IntArrayRef dilation, int64_t Ho_, int64_t Wo_,
-           int64_t Cout)
+           int64_t Cout, int32_t zero)
       : Nb(Nb_), C(C_), Cg(C_ / groups), kh(kh_), kw(kw_), Ho(Ho_), Wo(Wo_), Ncout(Cout), sh(stride[0]), sw(stride[1]),
         dh(dilation[0]), dw(dilation[1]) {
     const int64_t run = direct_cols_run();
@@ -285,7 +300,7 @@ struct ConvCols : ColSource {
     at::parallel_for(0, Nb * C, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         int32_t* plane = dst + t * Hp * sw * Cp;
-        std::fill(plane, plane + Hp * sw * Cp, kZeroField);
+        std::fill(plane, plane + Hp * sw * Cp, zero);
         for (int64_t ih = 0; ih < H && ih + pt < Hp; ++ih) {
           const int32_t* in = src + (t * H + ih) * W;
           int32_t* out = plane + (ih + pt) * sw * Cp;
@@ -357,12 +372,14 @@ std::optional<at::Tensor> lns_conv_direct(const at::Tensor& x, const at::Tensor&
   if (by_rows) {
     ConvRows src;
     src.nhwc = fields;
+    src.zero = plan->x_layout.zero_field;
     src.H = H, src.W = W, src.C = C, src.groups = groups, src.kh = kh, src.kw = kw, src.Ho = Ho, src.Wo = Wo;
     for (int d = 0; d < 2; ++d) src.stride[d] = stride[d], src.pad[d] = pad_before[d], src.dilation[d] = dilation[d];
     const OutputSink sink(*plan, b, out.data_ptr<float>(), Cout, L, true);
     if (out.numel()) direct_rows(*args, src, sink, Nb * L, groups, Kg, wf[0].data_ptr<int32_t>(), Ng, NB);
   } else if (out.numel()) {  // float sums straight into the output; fixed sums [img][n][L] first
-    ConvCols src(fields, Nb, C, H, W, groups, kh, kw, stride, pad_before, dilation, Ho, Wo, Cout);
+    ConvCols src(fields, Nb, C, H, W, groups, kh, kw, stride, pad_before, dilation, Ho, Wo, Cout,
+                 plan->x_layout.zero_field);
     int64_t* si = fixed ? reinterpret_cast<int64_t*>(scratch(2, 2 * out.numel())) : nullptr;
     float* y = out.data_ptr<float>();
     if (Kg) {

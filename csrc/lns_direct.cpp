@@ -14,14 +14,21 @@ namespace torchlns {
 // ---------------------------------------------------------------------------------------
 // Tables and limits
 // ---------------------------------------------------------------------------------------
-DirectTables direct_tables(const double* C, int frac_bits, bool fixed) {
+DirectTables direct_tables(const double* C, int frac_bits, bool fixed, bool split) {
   DirectTables t;
   const int R = 1 << frac_bits;
   if (frac_bits > 4) return t;
-  if (!fixed) {  // mantissas of C[r] in [1, 2) (see Note: direct kernels)
+  if (!fixed) {  // E[t] = bits(C_ext[t]) - (127 << 23) - t, C[r] in [1, 2) (see Note: direct kernels)
     for (int r = 0; r < R; ++r)
       if (!(C[r] >= 1.0 && C[r] < 2.0) || double(float(C[r])) != C[r]) return t;
-    for (int i = 0; i < 16; ++i) t.table[i] = int32_t(float_bits(float(C[i % R])) & kMantMask);
+    if (split) {
+      for (int i = 0; i < 2 * R - 1; ++i) {
+        const float c = float(C[i % R] * (i >= R ? 2.0 : 1.0));
+        t.table[i] = int32_t(float_bits(c) - (127u << 23) - uint32_t(i));
+      }
+    } else {  // shifted fields: mantissas repeated every 2^F
+      for (int i = 0; i < 16; ++i) t.table[i] = int32_t(float_bits(float(C[i % R])) & kMantMask);
+    }
     t.ok = true;
     return t;
   }
@@ -37,8 +44,12 @@ DirectTables direct_tables(const double* C, int frac_bits, bool fixed) {
     }
     if (!integral) continue;
     if (L_max >= (int64_t(1) << (P + 1))) return t;  // an entry of 2.0 (see Note: direct kernels)
-    // L'[r] = L[r] << (30 - P), indexed by 2^F - 1 - r (the ones' complement's low bits).
-    for (int i = 0; i < 16; ++i) t.table[i] = int32_t(int64_t(std::ldexp(C[R - 1 - i % R], P)) << (30 - P));
+    if (split) {  // L''[t] = L_ext[t] << (29 - P)
+      for (int i = 0; i < 2 * R - 1; ++i)
+        t.table[i] = int32_t((int64_t(std::ldexp(C[i % R], P)) << (i >= R ? 1 : 0)) << (29 - P));
+    } else {  // L'[r] = L[r] << (30 - P), indexed by 2^F - 1 - r (the ones' complement's low bits)
+      for (int i = 0; i < 16; ++i) t.table[i] = int32_t(int64_t(std::ldexp(C[R - 1 - i % R], P)) << (30 - P));
+    }
     t.P = P;
     t.L_max = L_max;
     t.ok = true;
@@ -60,17 +71,19 @@ struct FieldStats {
 template <typename Code>
 TORCHLNS_INLINE FieldStats pack_fields_impl(const Code* __restrict code, const int32_t* __restrict off, bool off_scalar,
                                             int64_t n, int32_t e_max, int32_t code_mask, int frac_bits, bool negate,
-                                            uint32_t add, int shift, int sign_bit, int32_t* __restrict out,
-                                            int64_t out_stride) {
-  const int32_t o0 = off[0];
+                                            uint32_t add, int shift, int sign_bit, bool split, int32_t zero_field,
+                                            int32_t* __restrict out, int64_t out_stride) {
+  const int32_t o0 = off[0], r_mask = (1 << frac_bits) - 1;
   int32_t lo = INT32_MAX, hi = INT32_MIN, nan = 0;
   for (int64_t i = 0; i < n; ++i) {
     const int32_t c = int32_t(code[i]) & code_mask;
     const int32_t mag = c & e_max;
     const uint32_t neg = c > e_max;
     const int32_t g = mag + (off_scalar ? o0 : off[i]);
-    const uint32_t f = (((negate ? 0u - uint32_t(g) : uint32_t(g)) + add) << shift) + (neg << sign_bit);
-    out[i * out_stride] = mag == 0 ? kZeroField : int32_t(f);
+    const uint32_t uq = uint32_t(g >> frac_bits);
+    const uint32_t f = split ? (((negate ? 0u - uq : uq) + add) << shift) + uint32_t(g & r_mask) + (neg << sign_bit)
+                             : (((negate ? 0u - uint32_t(g) : uint32_t(g)) + add) << shift) + (neg << sign_bit);
+    out[i * out_stride] = mag == 0 ? zero_field : int32_t(f);
     const int32_t q = g >> frac_bits;
     lo = std::min(lo, mag == 0 ? INT32_MAX : q);
     hi = std::max(hi, mag == 0 ? INT32_MIN : q);
@@ -81,14 +94,16 @@ TORCHLNS_INLINE FieldStats pack_fields_impl(const Code* __restrict code, const i
 #define TORCHLNS_PACK_CLONES(NAME, CODE)                                                                          \
   TORCHLNS_INLINE FieldStats NAME##_impl(const CODE* __restrict code, const int32_t* __restrict off, bool scalar, \
                                          int64_t n, int32_t e_max, int32_t mask, int F, bool negate, uint32_t add, \
-                                         int shift, int sign_bit, int32_t* __restrict out, int64_t stride) {     \
-    return pack_fields_impl<CODE>(code, off, scalar, n, e_max, mask, F, negate, add, shift, sign_bit, out, stride); \
+                                         int shift, int sign_bit, bool split, int32_t zero,                       \
+                                         int32_t* __restrict out, int64_t stride) {                               \
+    return pack_fields_impl<CODE>(code, off, scalar, n, e_max, mask, F, negate, add, shift, sign_bit, split, zero, \
+                                  out, stride);                                                                   \
   }                                                                                                               \
   TORCHLNS_ISA_CLONES(FieldStats, NAME,                                                                           \
                       (const CODE* __restrict code, const int32_t* __restrict off, bool scalar, int64_t n,        \
                        int32_t e_max, int32_t mask, int F, bool negate, uint32_t add, int shift, int sign_bit,    \
-                       int32_t* __restrict out, int64_t stride),                                                  \
-                      (code, off, scalar, n, e_max, mask, F, negate, add, shift, sign_bit, out, stride))
+                       bool split, int32_t zero, int32_t* __restrict out, int64_t stride),                        \
+                      (code, off, scalar, n, e_max, mask, F, negate, add, shift, sign_bit, split, zero, out, stride))
 TORCHLNS_PACK_CLONES(pack_fields_u8, uint8_t)
 TORCHLNS_PACK_CLONES(pack_fields_i16, int16_t)
 #undef TORCHLNS_PACK_CLONES
@@ -121,9 +136,11 @@ PackedFields packed_fields(const at::Tensor& codes, const at::Tensor& offset, in
       int32_t* out = nhwc ? dst + (ci / C) * HW * C + ci % C : dst + a;
       const int64_t stride = nhwc ? C : 1;
       stats[ci] = wide ? pack_fields_i16(cc.data_ptr<int16_t>() + a, scalar ? op : op + a, scalar, b - a, e_max, mask,
-                                         frac_bits, layout.negate, layout.add, layout.shift, layout.sign_bit, out, stride)
+                                         frac_bits, layout.negate, layout.add, layout.shift, layout.sign_bit,
+                                         layout.split, layout.zero_field, out, stride)
                        : pack_fields_u8(cc.data_ptr<uint8_t>() + a, scalar ? op : op + a, scalar, b - a, e_max, mask,
-                                        frac_bits, layout.negate, layout.add, layout.shift, layout.sign_bit, out, stride);
+                                        frac_bits, layout.negate, layout.add, layout.shift, layout.sign_bit,
+                                        layout.split, layout.zero_field, out, stride);
     }
   });
   int32_t l = INT32_MAX, h = INT32_MIN;
@@ -181,7 +198,8 @@ struct V {
   static TORCHLNS_INLINE I srlv(I a, I n) { return _mm512_srlv_epi32(a, n); }
   static TORCHLNS_INLINE I min_(I a, I b) { return _mm512_min_epi32(a, b); }
   static TORCHLNS_INLINE I minu(I a, I b) { return _mm512_min_epu32(a, b); }
-  static TORCHLNS_INLINE I perm16(I table, I idx) { return _mm512_permutexvar_epi32(idx, table); }
+  static TORCHLNS_INLINE I perm(I table, I idx) { return _mm512_permutexvar_epi32(idx, table); }  // low 4 bits
+  static TORCHLNS_INLINE I perm2(I t0, I t1, I idx) { return _mm512_permutex2var_epi32(t0, idx, t1); }  // low 5
   static TORCHLNS_INLINE F as_float(I a) { return _mm512_castsi512_ps(a); }
   static TORCHLNS_INLINE F fadd_nonzero(F acc, F p, I s, I flags) {
     return _mm512_mask_add_ps(acc, _mm512_testn_epi32_mask(s, flags), acc, p);
@@ -192,6 +210,7 @@ struct V {
   static TORCHLNS_INLINE F fadd(F a, F b) { return _mm512_add_ps(a, b); }
   static TORCHLNS_INLINE I and_or(I s, I mask, I m) { return _mm512_ternarylogic_epi32(s, mask, m, 0xEA); }
   static TORCHLNS_INLINE I where_negative(I a, I t, I v) { return _mm512_mask_mov_epi32(v, _mm512_movepi32_mask(a), t); }
+  static TORCHLNS_INLINE I where_equal(I a, I b, I t, I v) { return _mm512_mask_mov_epi32(v, _mm512_cmpeq_epi32_mask(a, b), t); }
   static TORCHLNS_INLINE I negate_where(I p, I s, I one) {
     return _mm512_mask_sub_epi32(p, _mm512_test_epi32_mask(s, one), _mm512_setzero_si512(), p);
   }
@@ -234,8 +253,12 @@ struct V {
   static TORCHLNS_INLINE I srlv(I a, I n) { return _mm256_srlv_epi32(a, n); }
   static TORCHLNS_INLINE I min_(I a, I b) { return _mm256_min_epi32(a, b); }
   static TORCHLNS_INLINE I minu(I a, I b) { return _mm256_min_epu32(a, b); }
-  // 8 entries: the tables repeat with period 2^F <= 8 (AVX2 runs F <= 3; see direct_supported).
-  static TORCHLNS_INLINE I perm16(I table, I idx) { return _mm256_permutevar8x32_epi32(table, idx); }
+  // 8 entries (low 3 bits); perm2 reads 16, choosing the half on bit 3 (AVX2 runs F <= 3).
+  static TORCHLNS_INLINE I perm(I table, I idx) { return _mm256_permutevar8x32_epi32(table, idx); }
+  static TORCHLNS_INLINE I perm2(I t0, I t1, I idx) {
+    return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(perm(t0, idx)), _mm256_castsi256_ps(perm(t1, idx)),
+                                                _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28))));
+  }
   static TORCHLNS_INLINE F as_float(I a) { return _mm256_castsi256_ps(a); }
   static TORCHLNS_INLINE I nonzero(I s, I flags) { return _mm256_cmpeq_epi32(_mm256_and_si256(s, flags), zero()); }
   static TORCHLNS_INLINE F fadd_nonzero(F acc, F p, I s, I flags) {
@@ -249,6 +272,7 @@ struct V {
   static TORCHLNS_INLINE I where_negative(I a, I t, I v) {
     return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(v), _mm256_castsi256_ps(t), _mm256_castsi256_ps(a)));
   }
+  static TORCHLNS_INLINE I where_equal(I a, I b, I t, I v) { return _mm256_blendv_epi8(v, t, _mm256_cmpeq_epi32(a, b)); }
   static TORCHLNS_INLINE I negate_where(I p, I s, I one) {  // sign_epi32 negates where its argument is negative
     return _mm256_sign_epi32(p, _mm256_or_si256(_mm256_slli_epi32(s, 31), one));
   }

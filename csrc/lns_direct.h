@@ -5,28 +5,37 @@
 // packed into one int32 field so that one integer add of an x field and a w field yields
 // everything the product needs, and a handful of instructions finish it.
 //
-// float32 accumulator (SHIFT = 23 - F). Fields are
-//     x: (g_x + 127 2^F) << SHIFT  +  sign_x << 31        w: g_w << SHIFT  +  sign_w << 31
-// so their sum is sign << 31 | (127 + q) << 23 | r << SHIFT with q = G >> F and r = G mod
-// 2^F: the carry out of r_x + r_w lands in the exponent, the two sign bits add to their
-// XOR in bit 31 (mod 2^32), and while every product is a normal float32 (checked by the
-// caller from the exponent ranges) the exponent field is exact. The product's float bits
-// are then (sum & 0xFF800000) | mantissa(C[r]): one in-register permute reads the mantissa
-// (F <= 4: 16 entries, repeated every 2^F so that the exponent bits in the index do not
-// matter) and one ternary-logic instruction merges it (two on AVX2).
+// float32 accumulator. Fields split the log g = q 2^F + r:
+//     x: (q_x + 127) << 23  +  r_x  +  sign_x << 31        w: q_w << 23  +  r_w  +  sign_w << 31
+// so their sum holds sign << 31 | (127 + q_x + q_w) << 23 | t with t = r_x + r_w < 2^(F+1):
+// the two sign bits add to their XOR in bit 31 (mod 2^32). A product is 2^(q_x+q_w) C_ext[t]
+// with C_ext[t] = C[t mod 2^F] 2^(t >> F), whose float32 bits are C_ext[t]'s plus
+// (q_x + q_w) << 23 while every product is a normal float32 (the caller checks the exponent
+// ranges). One in-register permute indexed by the sum's low bits reads
+// E[t] = bits(C_ext[t]) - (127 << 23) - t, and one integer add of the sum itself finishes
+// the product: three integer instructions (a two-register permute for 2^(F+1) > 16
+// entries on AVX-512). Zero codes carry a flag in bits 16-17, which the sum keeps apart
+// from t and the exponent. AVX2 with F = 3 would need two permutes and a blend for the 15
+// entries, so there the fields are (g_x + 127 2^F) << (23 - F) + sign << 31 and g_w << (23 - F)
+// + sign << 31 instead: r sits just below the exponent (its carry lands in it), and the
+// product is (sum & 0xFF800000) | mantissa(C[r]), one shift, one 8-entry permute (the table
+// repeats every 2^F) and one and-or.
 //
-// Fixed accumulator (SHIFT = 8). p = min(floor(L[r] 2^e), T) with L[r] = C[r] 2^P and
-// e = q - Λ - P. Fields hold the ones' complement of the log,
-//     x: ~g_x << 8  +  flags        w: (-g_w + (31 + Λ) 2^F) << 8  +  flags
-// so the sum holds ~G + (31 + Λ) 2^F, whose octave (an arithmetic shift) is directly
-// a = 30 - P - e, and whose low F bits are 2^F - 1 - r. With L'[r] = L[r] << (30 - P) < 2^31
-// the product magnitude is one variable right shift, L' >> a = floor(L 2^e): a >= 32 gives
-// 0 as it must, and a < 0 (e > 30 - P, L 2^e >= 2^31 > T) saturates to T, a case the
-// exponent ranges usually rule out (then the kernel skips the test). A LUT entry that
-// rounds up to 2.0 would need L = 2^(P+1); such tables run in the scalar kernel. Flags:
-// bit 0 of the sum is sign_x XOR sign_w, bits 2-3 are non-zero when an operand is the zero
-// code. Products are summed exactly in int32 lanes for chunks short enough that no lane
-// can overflow (again from the exponent ranges), then in int64: the reference's bits.
+// Fixed accumulator. p = min(floor(L[t] 2^e), T) with L[r] = C[r] 2^P, e = q - Λ - P and
+// L_ext[t] = L[t mod 2^F] << (t >> F). Fields split the log again, with the octave negated:
+//     x: -q_x << 9  +  r_x  +  sign_x << 5        w: (-q_w + 29 + Λ) << 9  +  r_w  +  sign_w << 5
+// so the sum holds a = 29 + Λ - q_x - q_w above bit 9 (an arithmetic shift gets it), t in
+// bits 0-4 and sign_x XOR sign_w in bit 5. With L''[t] = L_ext[t] << (29 - P) < 2^31 in the
+// table, the magnitude is one variable right shift, L'' >> a = floor(L_ext 2^e): a >= 32
+// gives 0 as it must; a = -1 is L'' << 1 (below 2^32, then clamped to T), and a < -1
+// saturates to T, cases the exponent ranges usually rule out (then the kernel skips them). A LUT entry that rounds up to
+// 2.0 would need L = 2^(P+1); such tables run in the scalar kernel. Zero codes carry a flag
+// in bits 7-8. AVX2 with F = 3 again avoids the two-permute table: there the fields hold the
+// ones' complement of the whole log, x: ~g_x << 8 and w: (-g_w + (31 + Λ) 2^F) << 8 (sign in
+// bit 0, zero flags in bits 2-3), whose sum's octave is a = 30 + Λ - q and whose low F bits
+// are 2^F - 1 - r, read from an 8-entry table of L[r] << (30 - P). Products are summed
+// exactly in int32 lanes for chunks short enough that no lane can overflow (again from the
+// exponent ranges), then in int64: the reference's bits.
 //
 // Two loop orders share the lanes. "rows": for each output row, the non-zero x fields (a
 // compressed list: the zero activations after a ReLU cost nothing) broadcast against
@@ -42,17 +51,30 @@ namespace direct {
 
 using Args = ::torchlns::DirectArgs;
 
-// float32 bits of one product, from a field sum (see the Note).
-TORCHLNS_INLINE V::F product_float(V::I s, V::I mantissas, V::I exp_mask, int shift) {
-  return V::as_float(V::and_or(s, exp_mask, V::perm16(mantissas, V::srl(s, shift))));
+// float32 bits of one product, from a field sum (see the Note). kMode 0: split fields, one
+// permute; 1: split fields, a two-register permute; 2: shifted fields (AVX2 with F = 3).
+template <int kMode>
+TORCHLNS_INLINE V::F product_float(V::I s, V::I t0, V::I t1, int F) {
+  if (kMode == 2) return V::as_float(V::and_or(s, V::set1(int32_t(0xFF800000u)), V::perm(t0, V::srl(s, 23 - F))));
+  return V::as_float(V::add(kMode == 1 ? V::perm2(t0, t1, s) : V::perm(t0, s), s));
 }
 
-// The magnitude floor(L 2^e) of one fixed-point product, saturated where asked.
-template <bool kSaturate, bool kClampT>
-TORCHLNS_INLINE V::I magnitude_fixed(V::I s, V::I table, int F, V::I T) {
-  const V::I a = V::sra(s, 8 + F);
-  V::I mag = V::srlv(V::perm16(table, V::srl(s, 8)), a);
-  if (kSaturate) mag = V::where_negative(a, T, mag);
+// The magnitude floor(L 2^e) of one fixed-point product, saturated where asked; kMode as
+// for product_float (2: the ones'-complement fields).
+template <bool kSaturate, bool kClampT, int kMode>
+TORCHLNS_INLINE V::I magnitude_fixed(V::I s, V::I t0, V::I t1, int F, V::I T) {
+  const V::I a = kMode == 2 ? V::sra(s, 8 + F) : V::sra(s, 9);
+  const V::I L = kMode == 2 ? V::perm(t0, V::srl(s, 8)) : kMode == 1 ? V::perm2(t0, t1, s) : V::perm(t0, s);
+  V::I mag = V::srlv(L, a);
+  if (kSaturate) {
+    if (kMode != 2) {  // L'' spans two octaves: a = -1 may still fit (L'' << 1 < 2^32), below saturates
+      const V::I minus_one = V::set1(-1);
+      mag = V::where_equal(a, minus_one, V::minu(V::sll(L, 1), T), mag);
+      mag = V::where_negative(V::sub(a, minus_one), T, mag);
+    } else {
+      mag = V::where_negative(a, T, mag);
+    }
+  }
   if (kClampT) mag = V::minu(mag, T);
   return mag;
 }
@@ -69,14 +91,13 @@ struct Acc {
 // (float32) or total (int64), NV * lanes of them. Returns the cursor after the span. The
 // caller walks K in short spans so that the weight rows they touch stay in L1 while every
 // row of its chunk passes over them.
-template <int NV, bool kZeros, bool kSaturate, bool kClampT>
+template <int NV, bool kZeros, bool kSaturate, bool kClampT, int kMode = 0>
 TORCHLNS_INLINE int64_t rows_span(const Args& a, const int32_t* pairs, int64_t e, int64_t count, int32_t k_end,
                                   const int32_t* wp, float* accf, int64_t* total) {
   constexpr int W = V::lanes, NB = NV * W;
-  const V::I table = V::load(a.table), flags = V::set1(12);
+  const V::I table = V::load(a.table), flags = V::set1(a.zero_flags);
   if (!a.fixed) {
-    const V::I exp_mask = V::set1(int32_t(0xFF800000u));
-    const int shift = 23 - a.F;
+    const V::I table_hi = V::load(a.table + W);
     V::F acc[NV];
     for (int j = 0; j < NV; ++j) acc[j] = V::fload(accf + j * W);
     for (; e < count && pairs[2 * e] < k_end; ++e) {
@@ -84,14 +105,14 @@ TORCHLNS_INLINE int64_t rows_span(const Args& a, const int32_t* pairs, int64_t e
       const V::I xb = V::set1(pairs[2 * e + 1]);
       for (int j = 0; j < NV; ++j) {
         const V::I s = V::add(xb, V::load(wk + j * W));
-        const V::F p = product_float(s, table, exp_mask, shift);
+        const V::F p = product_float<kMode>(s, table, table_hi, a.F);
         acc[j] = kZeros ? V::fadd_nonzero(acc[j], p, s, flags) : V::fadd(acc[j], p);
       }
     }
     for (int j = 0; j < NV; ++j) V::fstore(accf + j * W, acc[j]);
     return e;
   }
-  const V::I T = V::set1(a.T), one = V::set1(1);
+  const V::I T = V::set1(a.T), sign = V::set1(a.sign_mask), table_hi = V::load(a.table + W);
   while (e < count && pairs[2 * e] < k_end) {
     const int64_t stop = std::min(count, e + a.chunk);  // no int32 lane can overflow within
     V::I acc[NV];
@@ -101,7 +122,7 @@ TORCHLNS_INLINE int64_t rows_span(const Args& a, const int32_t* pairs, int64_t e
       const V::I xb = V::set1(pairs[2 * e + 1]);
       for (int j = 0; j < NV; ++j) {
         const V::I s = V::add(xb, V::load(wk + j * W));
-        const V::I p = V::negate_where(magnitude_fixed<kSaturate, kClampT>(s, table, a.F, T), s, one);
+        const V::I p = V::negate_where(magnitude_fixed<kSaturate, kClampT, kMode>(s, table, table_hi, a.F, T), s, sign);
         acc[j] = kZeros ? V::add_nonzero(acc[j], p, s, flags) : V::add(acc[j], p);
       }
     }
@@ -113,22 +134,21 @@ TORCHLNS_INLINE int64_t rows_span(const Args& a, const int32_t* pairs, int64_t e
 // columns: one weight row (n) against NV vectors of x fields along the output positions
 // (xk[k]: where the x fields of reduction index k start for this run of positions); zero x
 // lanes are masked, zero weights skipped.
-template <int NV, bool kSaturate, bool kClampT>
+template <int NV, bool kSaturate, bool kClampT, int kMode = 0>
 TORCHLNS_INLINE void cols_tile(const Args& a, const int32_t* const* xk, int64_t K, const int32_t* w, int count,
                                float* yf, int64_t* yi) {
   constexpr int W = V::lanes, LB = NV * W;
-  const V::I table = V::load(a.table), flags = V::set1(12);
+  const V::I table = V::load(a.table), flags = V::set1(a.zero_flags);
   if (!a.fixed) {
-    const V::I exp_mask = V::set1(int32_t(0xFF800000u));
-    const int shift = 23 - a.F;
+    const V::I table_hi = V::load(a.table + W);
     V::F acc[NV];
     for (int j = 0; j < NV; ++j) acc[j] = V::fzero();
     for (int64_t k = 0; k < K; ++k) {
-      if (w[k] == ::torchlns::kZeroField) continue;
+      if (w[k] == a.zero_field) continue;
       const V::I wb = V::set1(w[k]);
       for (int j = 0; j < NV; ++j) {
         const V::I s = V::add(V::loadu(xk[k] + j * W), wb);
-        acc[j] = V::fadd_nonzero(acc[j], product_float(s, table, exp_mask, shift), s, flags);
+        acc[j] = V::fadd_nonzero(acc[j], product_float<kMode>(s, table, table_hi, a.F), s, flags);
       }
     }
     alignas(64) float tmp[LB];
@@ -136,18 +156,18 @@ TORCHLNS_INLINE void cols_tile(const Args& a, const int32_t* const* xk, int64_t 
     for (int c = 0; c < count; ++c) yf[c] = tmp[c];
     return;
   }
-  const V::I T = V::set1(a.T), one = V::set1(1);
+  const V::I T = V::set1(a.T), sign = V::set1(a.sign_mask), table_hi = V::load(a.table + W);
   alignas(64) int64_t total[LB] = {};
   for (int64_t k0 = 0; k0 < K; k0 += a.chunk) {
     const int64_t k1 = std::min(K, k0 + a.chunk);
     V::I acc[NV];
     for (int j = 0; j < NV; ++j) acc[j] = V::zero();
     for (int64_t k = k0; k < k1; ++k) {
-      if (w[k] == ::torchlns::kZeroField) continue;
+      if (w[k] == a.zero_field) continue;
       const V::I wb = V::set1(w[k]);
       for (int j = 0; j < NV; ++j) {
         const V::I s = V::add(V::loadu(xk[k] + j * W), wb);
-        const V::I p = V::negate_where(magnitude_fixed<kSaturate, kClampT>(s, table, a.F, T), s, one);
+        const V::I p = V::negate_where(magnitude_fixed<kSaturate, kClampT, kMode>(s, table, table_hi, a.F, T), s, sign);
         acc[j] = V::add_nonzero(acc[j], p, s, flags);
       }
     }
