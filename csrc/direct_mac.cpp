@@ -90,7 +90,7 @@ std::string weight_tag(const char* what, const Plan& p, int64_t bits, int64_t gr
 
 // Weight fields for the direct kernels, prepared once per weight (see Note: prepared weights
 // in weight_cache.h): [0] the rows layout [group][block][Kg][NB] (or plain (N, Kg) fields
-// for the columns kernel), [1] int64 {q_lo, q_hi, has zero codes}, [2] bool NaN per output.
+// for the columns kernel), [1] int64 {q_lo, q_hi, has zero codes, has NaN}, [2] bool NaN per output.
 // w2 is (N, Kg) codes in the kernel's k order.
 // operands() gives w2 and its offsets; it runs only when the cache misses.
 std::vector<at::Tensor> weight_fields(const std::function<std::pair<at::Tensor, at::Tensor>()>& operands, int64_t bits,
@@ -122,8 +122,8 @@ std::vector<at::Tensor> weight_fields(const std::function<std::pair<at::Tensor, 
     }
     const auto nan_rows = f.any_nan ? f.nan.reshape({N, Kg}).any(1)
                                     : at::zeros({N}, w2.options().dtype(at::kBool));
-    return std::vector<at::Tensor>{out, at::tensor({int64_t(f.q_lo), int64_t(f.q_hi), int64_t(zeros)}, at::kLong),
-                                   nan_rows};
+    return std::vector<at::Tensor>{
+        out, at::tensor({int64_t(f.q_lo), int64_t(f.q_hi), int64_t(zeros), int64_t(f.any_nan)}, at::kLong), nan_rows};
   });
 }
 
@@ -235,7 +235,7 @@ std::optional<at::Tensor> lns_mm_direct(const at::Tensor& x, const at::Tensor& x
   // NaN dominates its dot products (even against a zero partner).
   const float nan = std::numeric_limits<float>::quiet_NaN();
   if (xf.any_nan) out.masked_fill_(xf.nan.reshape({M, K}).any(1, true), nan);
-  out.masked_fill_(wf[2].reshape({1, N}), nan);
+  if (wq[3]) out.masked_fill_(wf[2].reshape({1, N}), nan);
   return out;
 }
 
@@ -406,7 +406,7 @@ std::optional<at::Tensor> lns_conv_direct(const at::Tensor& x, const at::Tensor&
     const auto hit = at::conv2d(nan_x, ones, {}, stride, at::IntArrayRef({0, 0}), dilation, groups);
     out.masked_fill_(hit.narrow(2, 0, Ho).narrow(3, 0, Wo) > 0, nan);
   }
-  out.masked_fill_(wf[2].reshape({1, Cout, 1, 1}), nan);
+  if (wq[3]) out.masked_fill_(wf[2].reshape({1, Cout, 1, 1}), nan);
   return out;
 }
 

@@ -98,7 +98,7 @@ def _run(fn, isa, path):
 def test_lns_mm_every_kernel(isa, mac, acc_lsb, fmt):
     g = torch.Generator().manual_seed(fmt.bits * 7 + fmt.frac_bits)
     for (M, N, K) in [(9, 37, 300), (13, 5, 70), (1, 130, 17)]:  # rows and columns kernels, several K spans
-        x, w = _codes((M, K), fmt, g, p_nan=0.01 if M > 5 else 0.0), _codes((N, K), fmt, g)
+        x, w = _codes((M, K), fmt, g, p_nan=0.01 if M > 5 else 0.0), _codes((N, K), fmt, g, p_nan=0.002)
         xo, wo = _offsets(1, fmt, g, per_row=False), _offsets(N, fmt, g)
         bias = torch.randn(N, generator=g) * 2.0**-8
         table = _table(fmt, mac)
@@ -127,7 +127,8 @@ def test_lns_conv_every_kernel(isa, mac, acc_lsb, case):
     N, C, H, W, Cout, k, stride, pb, pa, dil, groups = case
     fmt = LNSFormat(8, 3)
     g = torch.Generator().manual_seed(sum(case[:6]))
-    x, w = _codes((N, C, H, W), fmt, g, p_nan=0.005), _codes((Cout, C // groups, k, k), fmt, g, p_zero=0.1)
+    x = _codes((N, C, H, W), fmt, g, p_nan=0.005)
+    w = _codes((Cout, C // groups, k, k), fmt, g, p_zero=0.1, p_nan=0.01)
     xo = _offsets(1, fmt, g, per_row=False).reshape(1, 1, 1, 1)
     wo = _offsets(Cout, fmt, g).reshape(Cout, 1, 1, 1)
     bias = torch.randn(Cout, generator=g) * 2.0**-8
