@@ -341,9 +341,24 @@ def _float_operand(operand, otherwise: Optional[torch.Tensor] = None):
 # ----------------------------------------------------------------------------------------
 # fake-quantized training forward (see Note: fake-quantized training in nn/layers.py)
 # ----------------------------------------------------------------------------------------
+class _StraightThrough(torch.autograd.Function):
+    """``value`` forward, the identity gradient into ``t`` backward: ``t + (value - t).detach()``
+    without the two passes over the tensor that spelling costs."""
+
+    @staticmethod
+    def forward(ctx, t, value):
+        return value
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
 def _straight_through(t: Optional[torch.Tensor], value: torch.Tensor) -> torch.Tensor:
     """``value`` forward; the identity gradient into ``t`` backward (``value`` itself when there is no ``t``)."""
-    return value if t is None else t + (value - t).detach()
+    if t is None or not (torch.is_grad_enabled() and t.requires_grad):
+        return value
+    return _StraightThrough.apply(t, value)
 
 
 def fake_linear(x, w: Coded, bias, *, fmt: Format, x_param=None, x_block_size=None, w_master=None) -> torch.Tensor:

@@ -306,3 +306,26 @@ def test_every_isa_gives_the_same_codec_bits():
 def test_paths_named_in_order():
     assert tuple(ops.MAC_PATHS) == ("auto", "direct", "classes", "scalar")
     assert list(itertools.islice(ops.ISAS, 3)) == ["baseline", "avx2", "avx512"]
+
+
+def test_scaled_kernels_same_bits_at_one_and_two_threads():
+    g = torch.Generator().manual_seed(4)
+    fmt = FP8Format("e4m3")
+    vals = fmt.value_table("cpu")
+    x, w = _scaled_codes((300, 256), fmt, g), _scaled_codes((96, 256), fmt, g)
+    xi, wi = _scaled_codes((4, 32, 14, 14), fmt, g), _scaled_codes((48, 16, 3, 3), fmt, g)
+    cases = [lambda: OPS.scaled_mm(x, torch.tensor([[0.5]]), vals, w, torch.rand(96, 1, generator=g) + 0.5, vals, None,
+                                   0, 0),
+             lambda: OPS.scaled_conv(xi, torch.tensor([0.5]), vals, wi, torch.ones(48), vals, None, [1, 1], [1, 1],
+                                     [1, 1], [1, 1], 2)]
+    threads = torch.get_num_threads()
+    try:
+        for run in cases:
+            torch.set_num_threads(1)
+            g.manual_seed(9)
+            one = run()
+            torch.set_num_threads(2)
+            g.manual_seed(9)
+            assert_same(run(), one, "scaled MAC, 1 vs 2 threads")
+    finally:
+        torch.set_num_threads(threads)
