@@ -134,6 +134,21 @@ std::string table_tag(const char* what, const std::optional<at::Tensor>& values)
   return t.str();
 }
 
+// The weight's unscaled values and, for INT, {max|v|, largest L1 norm of a row} (see Note:
+// prepared weights in weight_cache.h).
+std::vector<at::Tensor> weight_values(const at::Tensor& w, const at::Tensor& w_scale,
+                                      const std::optional<at::Tensor>& w_values, int64_t rows, const char* what) {
+  return prepared_weight(w, w_scale, table_tag(what, w_values), [&] {
+    auto vw = code_values(w, w_values);
+    std::vector<at::Tensor> out{vw};
+    if (!w_values.has_value()) {
+      const auto [w_max, w_l1] = abs_stats(vw, rows);
+      out.push_back(at::tensor({w_max, w_l1}, at::kDouble));
+    }
+    return out;
+  });
+}
+
 // Rows per block: a function of the shape only, so the bits never depend on the thread count.
 int64_t row_block(int64_t M) { return std::clamp<int64_t>((M + 7) / 8, 32, 1024); }
 
@@ -180,15 +195,7 @@ at::Tensor scaled_mm_cpu(const at::Tensor& x, const at::Tensor& x_scale, const s
   const bool integer = !x_values.has_value();
   double x_max = 0.0;
   const auto vx = code_values(x, x_values, &x_max);
-  const auto prepared = prepared_weight(w, w_scale, table_tag("scaled_mm", w_values), [&] {
-    auto vw = code_values(w, w_values);
-    std::vector<at::Tensor> out{vw};
-    if (integer) {
-      const auto [w_max, w_l1] = abs_stats(vw, N);
-      out.push_back(at::tensor({w_max, w_l1}, at::kDouble));
-    }
-    return out;
-  });
+  const auto prepared = weight_values(w, w_scale, w_values, N, "scaled_mm");
   const auto& vw = prepared[0];
   bool exact_in_float32 = true;
   int64_t chunk = K;  // terms per exact float32 product
@@ -242,15 +249,7 @@ at::Tensor scaled_conv_cpu(const at::Tensor& x, const at::Tensor& x_scale, const
   const bool integer = !x_values.has_value();
   double x_max = 0.0;
   auto vx = code_values(x, x_values, &x_max);
-  const auto prepared = prepared_weight(w, w_scale, table_tag("scaled_conv", w_values), [&] {
-    auto vw = code_values(w, w_values);
-    std::vector<at::Tensor> out{vw};
-    if (integer) {
-      const auto [w_max, w_l1] = abs_stats(vw, Cout);
-      out.push_back(at::tensor({w_max, w_l1}, at::kDouble));
-    }
-    return out;
-  });
+  const auto prepared = weight_values(w, w_scale, w_values, Cout, "scaled_conv");
   const auto& vw = prepared[0];
   const bool symmetric = pad_before[0] == pad_after[0] && pad_before[1] == pad_after[1];
   std::vector<int64_t> padding(pad_before.begin(), pad_before.end());

@@ -179,6 +179,13 @@ def fixed_epilogue(acc: torch.Tensor, bias: Optional[torch.Tensor], T: int, acc_
     return y if bias is None else y.masked_fill_(torch.isnan(bias).expand_as(y), math.nan)
 
 
+def _conv_columns(x: torch.Tensor, w: torch.Tensor, stride, pad_before, pad_after, dilation):
+    """(im2col columns of the codes with the zero code as padding, the index, Ho, Wo, Kg)."""
+    idx, Ho, Wo = im2col_index(x.shape[2], x.shape[3], tuple(w.shape[2:]), stride, list(zip(pad_before, pad_after)),
+                               dilation, x.device)
+    return im2col(x, idx, 0), idx, Ho, Wo, w.shape[1] * idx.shape[0]
+
+
 def lns_conv_reference(x: torch.Tensor, x_offset: torch.Tensor, w: torch.Tensor, w_offset: torch.Tensor,
                        table: torch.Tensor, bias: Optional[torch.Tensor], x_bits: int, w_bits: int, frac_bits: int,
                        fixed: bool, acc_bits: int, acc_lsb: int, stride: Sequence[int], pad_before: Sequence[int],
@@ -189,12 +196,8 @@ def lns_conv_reference(x: torch.Tensor, x_offset: torch.Tensor, w: torch.Tensor,
     group, so every backend's MAC kernel does the arithmetic. Offsets broadcast against their
     codes.
     """
-    N = x.shape[0]
-    Cout, Cin_g, kh, kw = w.shape
-    idx, Ho, Wo = im2col_index(x.shape[2], x.shape[3], (kh, kw), stride, list(zip(pad_before, pad_after)), dilation,
-                               x.device)
-    Kg = Cin_g * idx.shape[0]
-    cols = im2col(x, idx, 0)
+    N, Cout = x.shape[0], w.shape[0]
+    cols, idx, Ho, Wo, Kg = _conv_columns(x, w, stride, pad_before, pad_after, dilation)
     col_off = x_offset.reshape(1, 1) if x_offset.numel() == 1 else im2col(x_offset.expand(x.shape), idx, 0)
     w2 = w.reshape(Cout, Kg)
     if w_offset[0].numel() == 1:  # per tensor or per output channel
@@ -262,12 +265,8 @@ def scaled_conv_reference(x: torch.Tensor, x_scale: torch.Tensor, x_values: Opti
     im2col of the codes (padding is the zero code, whose value is 0), then ``scaled_mm`` per
     group. ``x_scale`` is one value; ``w_scale`` one value or one per output channel.
     """
-    N = x.shape[0]
-    Cout, Cin_g, kh, kw = w.shape
-    idx, Ho, Wo = im2col_index(x.shape[2], x.shape[3], (kh, kw), stride, list(zip(pad_before, pad_after)), dilation,
-                               x.device)
-    Kg = Cin_g * idx.shape[0]
-    cols = im2col(x, idx, 0)
+    N, Cout = x.shape[0], w.shape[0]
+    cols, _, Ho, Wo, Kg = _conv_columns(x, w, stride, pad_before, pad_after, dilation)
     w2 = w.reshape(Cout, Kg)
     xs = x_scale.reshape(1, 1)
     ws = w_scale.reshape(-1, 1)
