@@ -165,6 +165,14 @@ enum class MacPath : int { automatic = 0, direct = 1, classes = 2, scalar = 3 };
 MacPath mac_path();
 void set_mac_path(MacPath path);
 
+// The order the CPU kernels are tried in: the direct kernels first (automatic or forced),
+// then the float32 accumulator's remainder classes (forced, or automatic up to F = 5:
+// beyond it 2^F class products cost more than the scalar kernel), then the scalar kernel.
+TORCHLNS_INLINE bool try_direct(MacPath p) { return p == MacPath::automatic || p == MacPath::direct; }
+TORCHLNS_INLINE bool try_classes(MacPath p, int64_t frac_bits) {
+  return p == MacPath::classes || (p == MacPath::automatic && frac_bits <= 5);
+}
+
 // The direct kernels (direct_mac.cpp); nullopt where they cannot run the case.
 std::optional<at::Tensor> lns_mm_direct(const at::Tensor& x, const at::Tensor& x_offset, const at::Tensor& w,
                                         const at::Tensor& w_offset, const at::Tensor& table,

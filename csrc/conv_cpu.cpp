@@ -1,7 +1,8 @@
 // CPU kernel of torchlns::lns_conv: (N, C, H, W) codes * (Cout, C/groups, kh, kw) codes.
 //
-// float32 accumulator: the remainder classes (see Note: remainder classes in common.h)
-// applied before im2col, y = sum_i conv2d(A_i, V_i), with oneDNN's direct convolution on
+// The direct kernels (direct_mac.cpp) run almost every call. Behind them, for the float32
+// accumulator: the remainder classes (see Note: remainder classes in common.h) applied
+// before im2col, y = sum_i conv2d(A_i, V_i), with oneDNN's direct convolution on
 // exactly representable operands, in a fixed class order, so the bits do not depend on the
 // thread count or the memory layout. Everything else (the fixed accumulator, asymmetric
 // 'same' padding, exponents outside the class form's range, empty tensors): im2col of the
@@ -19,8 +20,6 @@
 
 namespace torchlns {
 namespace {
-
-constexpr int64_t kClassMaxF = 5;  // beyond it, 2^F class products cost more than the scalar kernel
 
 using at::IntArrayRef;
 
@@ -109,16 +108,12 @@ at::Tensor lns_conv_cpu(const at::Tensor& x, const at::Tensor& x_offset, const a
     return conv_by_im2col(x, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits, acc_lsb,
                           stride, pad_before, Ho, Wo, dilation, groups);
   };
-  // See Note: direct kernels in lns_direct.h: they serve every case they can; the class
-  // form below is the float32 accumulator's fallback for wider F.
-  const MacPath path = mac_path();
-  if ((path == MacPath::automatic || path == MacPath::direct) && x.numel() && w.numel())
+  const MacPath path = mac_path();  // see try_direct in common.h
+  if (try_direct(path) && x.numel() && w.numel())
     if (auto y = lns_conv_direct(x, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits,
                                  acc_lsb, stride, pad_before, dilation, Ho, Wo, groups))
       return *y;
-  if (fixed || !symmetric || !x.numel() || !w.numel() || path == MacPath::scalar ||
-      (path == MacPath::automatic && frac_bits > kClassMaxF))
-    return by_im2col();
+  if (fixed || !symmetric || !x.numel() || !w.numel() || !try_classes(path, frac_bits)) return by_im2col();
 
   const int F = int(frac_bits), R = 1 << F;
   const int64_t N = x.size(0), C = x.size(1), Cout = w.size(0);

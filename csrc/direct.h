@@ -46,7 +46,8 @@ struct FieldLayout {
   int shift;
   int sign_bit;
   bool split = false;
-  int32_t zero_field = kZeroField;
+  int32_t zero_field = kZeroField;  // and, next, the mask that finds it in a sum of two fields
+  int32_t zero_flags = kZeroFlags;
 };
 
 // Fields of a tensor of codes, same shape (kZeroField for the zero and NaN codes); the NaN

@@ -4,8 +4,8 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
-#include <limits>
 #include <functional>
+#include <limits>
 #include <sstream>
 
 #include "common.h"
@@ -40,15 +40,15 @@ std::optional<Plan> plan_for(const at::Tensor& table, int64_t frac_bits, bool fi
     p.T = (int64_t(1) << (acc_bits - 1)) - 1;
     p.acc_lsb = acc_lsb;
     if (split) {
-      p.x_layout = {true, 0u, 9, 5, true, kZeroFieldFixed};                             // -q_x
-      p.w_layout = {true, uint32_t(int32_t(29 + acc_lsb)), 9, 5, true, kZeroFieldFixed};  // -q_w + 29 + Λ
+      p.x_layout = {true, 0u, 9, 5, true, kZeroFieldFixed, kZeroFlagsFixed};                             // -q_x
+      p.w_layout = {true, uint32_t(int32_t(29 + acc_lsb)), 9, 5, true, kZeroFieldFixed, kZeroFlagsFixed};  // -q_w + 29 + Λ
     } else {
       p.x_layout = {true, 0xFFFFFFFFu, 8, 0, false, kZeroField};                   // ~g_x
       p.w_layout = {true, uint32_t(int32_t((31 + acc_lsb) * R)), 8, 0, false, kZeroField};  // -g_w + (31 + Λ) 2^F
     }
   } else if (split) {
-    p.x_layout = {false, 127u, 23, 31, true, kZeroFieldSplit};
-    p.w_layout = {false, 0u, 23, 31, true, kZeroFieldSplit};
+    p.x_layout = {false, 127u, 23, 31, true, kZeroFieldSplit, kZeroFlagsSplit};
+    p.w_layout = {false, 0u, 23, 31, true, kZeroFieldSplit, kZeroFlagsSplit};
   } else {
     p.x_layout = {false, 127u * R, 23 - F, 31, false, kZeroField};
     p.w_layout = {false, 0u, 23 - F, 31, false, kZeroField};
@@ -60,8 +60,8 @@ std::optional<Plan> plan_for(const at::Tensor& table, int64_t frac_bits, bool fi
 // when a float32 product could leave the normal range (the class form or the scalar kernel
 // then runs).
 std::optional<DirectArgs> args_for(const Plan& p, int32_t x_lo, int32_t x_hi, int32_t w_lo, int32_t w_hi, bool w_zeros) {
-  const int32_t flags = !p.x_layout.split ? kZeroFlags : p.fixed ? kZeroFlagsFixed : kZeroFlagsSplit;
-  DirectArgs a{p.fixed, p.F, int32_t(p.T), 1, false, false, w_zeros, p.x_layout.zero_field, flags, p.x_layout.split,
+  DirectArgs a{p.fixed, p.F, int32_t(p.T), 1, false, false, w_zeros, p.x_layout.zero_field, p.x_layout.zero_flags,
+               p.x_layout.split,
                int32_t(1u << p.x_layout.sign_bit), p.tabs.table};
   const int64_t q_lo = int64_t(x_lo) + w_lo, q_hi = int64_t(x_hi) + w_hi + 1;  // +1: the carry of r_x + r_w
   if (!p.fixed) {  // exponent fields 127 + q (+1 where C_ext >= 2) within 1..254
@@ -82,8 +82,7 @@ std::optional<DirectArgs> args_for(const Plan& p, int32_t x_lo, int32_t x_hi, in
 std::string weight_tag(const char* what, const Plan& p, int64_t bits, int64_t groups, int64_t NB) {
   std::ostringstream tag;
   tag << what << ":b" << bits << ":F" << p.F << ":fixed" << p.fixed << ":add" << p.w_layout.add << ":split"
-      << p.w_layout.split << ":g" << groups
-      << ":B" << NB << ":t";
+      << p.w_layout.split << ":g" << groups << ":B" << NB << ":t";
   for (int i = 0; i < 32; ++i) tag << p.tabs.table[i] << ',';
   return tag.str();
 }

@@ -179,7 +179,6 @@ struct V {
   using F = __m512;
   static TORCHLNS_INLINE I load(const int32_t* p) { return _mm512_load_si512(p); }
   static TORCHLNS_INLINE I loadu(const int32_t* p) { return _mm512_loadu_si512(p); }
-  static TORCHLNS_INLINE void store(int32_t* p, I v) { _mm512_store_si512(p, v); }
   static TORCHLNS_INLINE void fstore(float* p, F v) { _mm512_store_ps(p, v); }
   static TORCHLNS_INLINE F fload(const float* p) { return _mm512_load_ps(p); }
   static TORCHLNS_INLINE I set1(int32_t v) { return _mm512_set1_epi32(v); }
@@ -187,16 +186,10 @@ struct V {
   static TORCHLNS_INLINE F fzero() { return _mm512_setzero_ps(); }
   static TORCHLNS_INLINE I add(I a, I b) { return _mm512_add_epi32(a, b); }
   static TORCHLNS_INLINE I sub(I a, I b) { return _mm512_sub_epi32(a, b); }
-  static TORCHLNS_INLINE I neg(I a) { return _mm512_sub_epi32(_mm512_setzero_si512(), a); }
-  static TORCHLNS_INLINE I and_(I a, I b) { return _mm512_and_si512(a, b); }
-  static TORCHLNS_INLINE I or_(I a, I b) { return _mm512_or_si512(a, b); }
-  static TORCHLNS_INLINE I xor_(I a, I b) { return _mm512_xor_si512(a, b); }
   static TORCHLNS_INLINE I srl(I a, int n) { return _mm512_srl_epi32(a, _mm_cvtsi32_si128(n)); }
   static TORCHLNS_INLINE I sra(I a, int n) { return _mm512_sra_epi32(a, _mm_cvtsi32_si128(n)); }
   static TORCHLNS_INLINE I sll(I a, int n) { return _mm512_sll_epi32(a, _mm_cvtsi32_si128(n)); }
-  static TORCHLNS_INLINE I sllv(I a, I n) { return _mm512_sllv_epi32(a, n); }
   static TORCHLNS_INLINE I srlv(I a, I n) { return _mm512_srlv_epi32(a, n); }
-  static TORCHLNS_INLINE I min_(I a, I b) { return _mm512_min_epi32(a, b); }
   static TORCHLNS_INLINE I minu(I a, I b) { return _mm512_min_epu32(a, b); }
   static TORCHLNS_INLINE I perm(I table, I idx) { return _mm512_permutexvar_epi32(idx, table); }  // low 4 bits
   static TORCHLNS_INLINE I perm2(I t0, I t1, I idx) { return _mm512_permutex2var_epi32(t0, idx, t1); }  // low 5
@@ -234,7 +227,6 @@ struct V {
   using F = __m256;
   static TORCHLNS_INLINE I load(const int32_t* p) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(p)); }
   static TORCHLNS_INLINE I loadu(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-  static TORCHLNS_INLINE void store(int32_t* p, I v) { _mm256_store_si256(reinterpret_cast<__m256i*>(p), v); }
   static TORCHLNS_INLINE void fstore(float* p, F v) { _mm256_store_ps(p, v); }
   static TORCHLNS_INLINE F fload(const float* p) { return _mm256_load_ps(p); }
   static TORCHLNS_INLINE I set1(int32_t v) { return _mm256_set1_epi32(v); }
@@ -242,16 +234,10 @@ struct V {
   static TORCHLNS_INLINE F fzero() { return _mm256_setzero_ps(); }
   static TORCHLNS_INLINE I add(I a, I b) { return _mm256_add_epi32(a, b); }
   static TORCHLNS_INLINE I sub(I a, I b) { return _mm256_sub_epi32(a, b); }
-  static TORCHLNS_INLINE I neg(I a) { return _mm256_sub_epi32(_mm256_setzero_si256(), a); }
-  static TORCHLNS_INLINE I and_(I a, I b) { return _mm256_and_si256(a, b); }
-  static TORCHLNS_INLINE I or_(I a, I b) { return _mm256_or_si256(a, b); }
-  static TORCHLNS_INLINE I xor_(I a, I b) { return _mm256_xor_si256(a, b); }
   static TORCHLNS_INLINE I srl(I a, int n) { return _mm256_srl_epi32(a, _mm_cvtsi32_si128(n)); }
   static TORCHLNS_INLINE I sra(I a, int n) { return _mm256_sra_epi32(a, _mm_cvtsi32_si128(n)); }
   static TORCHLNS_INLINE I sll(I a, int n) { return _mm256_sll_epi32(a, _mm_cvtsi32_si128(n)); }
-  static TORCHLNS_INLINE I sllv(I a, I n) { return _mm256_sllv_epi32(a, n); }
   static TORCHLNS_INLINE I srlv(I a, I n) { return _mm256_srlv_epi32(a, n); }
-  static TORCHLNS_INLINE I min_(I a, I b) { return _mm256_min_epi32(a, b); }
   static TORCHLNS_INLINE I minu(I a, I b) { return _mm256_min_epu32(a, b); }
   // 8 entries (low 3 bits); perm2 reads 16, choosing the half on bit 3 (AVX2 runs F <= 3).
   static TORCHLNS_INLINE I perm(I table, I idx) { return _mm256_permutevar8x32_epi32(table, idx); }

@@ -1,9 +1,10 @@
 // CPU kernel of torchlns::lns_mm, the core of lns_linear / lns_conv (spec section 2).
 //
-// float32 accumulator: 2^F matrix products of exactly representable operands (see Note:
-// remainder classes in common.h), or, when some product could leave float32's normal range,
-// the direct form. fixed accumulator: always the direct form, since each product is
-// truncated before the sum. The direct form builds each product from its log sum
+// Most calls run in the direct kernels (direct_mac.cpp; see Note: direct kernels in
+// lns_direct.h). What they cannot run comes here: the float32 accumulator as 2^F matrix
+// products of exactly representable operands (see Note: remainder classes in common.h),
+// and otherwise, or for the fixed accumulator, the scalar form, which builds each product
+// from its log sum
 // G = g_x + g_w with the table C[r] (float64, exact; see Note: reference MAC arithmetic in
 // torchlns/ops/reference.py); 2^q comes from its bit pattern, so C[r] * 2^q is an exact double.
 //
@@ -124,7 +125,7 @@ TORCHLNS_ISA_CLONES(int64_t, dot_fixed,
 // registers and is read with a permute, where the compiled loop above reads it with eight
 // scalar loads per vector; the sign is applied with masks instead of a 64-bit multiply. Same
 // exact products (C[r] * 2^(q-Λ) as a double, clamped to T, truncated) and an exact int64
-// sum, so the bits are those of dot_fixed. Chosen at run time by __builtin_cpu_supports.
+// sum, so the bits are those of dot_fixed. Chosen at run time by active_isa().
 #define TORCHLNS_HAVE_AVX512_FIXED 1
 TORCHLNS_AVX512 int64_t dot_fixed_avx512_intrin(
     const int32_t* gx, const float* sx, const int32_t* gw, const float* sw, int64_t K, const double* table,
@@ -168,8 +169,6 @@ int64_t dot_fixed_dispatch(const int32_t* gx, const float* sx, const int32_t* gw
 // with single-threaded GEMMs in a fixed class order.
 // Rows per block: a function of M only (never of the thread count), large enough for
 // efficient GEMMs and small enough to give both cores work.
-constexpr int64_t kClassMaxF = 5;  // beyond it, 2^F class products cost more than the scalar kernel
-
 inline int64_t class_block_rows(int64_t M) { return std::clamp<int64_t>((M + 7) / 8, 64, 1024); }
 
 TORCHLNS_INLINE void fill_class_plane_impl(float* __restrict plane, const int32_t* __restrict g,
@@ -240,10 +239,8 @@ at::Tensor lns_mm_cpu(const at::Tensor& x, const at::Tensor& x_offset, const at:
   TORCH_CHECK(table.scalar_type() == at::kDouble && table.numel() == (int64_t(1) << frac_bits),
               "lns_mm: table must hold 2^frac_bits float64 values");
   const int64_t M = x.size(0), N = w.size(0), K = x.size(1);
-  // See Note: direct kernels in lns_direct.h: they serve every case they can; the class
-  // form (2^F GEMMs) is the float32 accumulator's fallback for wider F.
-  const MacPath path = mac_path();
-  if (path == MacPath::automatic || path == MacPath::direct)
+  const MacPath path = mac_path();  // see try_direct in common.h
+  if (try_direct(path))
     if (auto y = lns_mm_direct(x, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits, acc_lsb))
       return *y;
   const LogFields lx = log_fields(x, x_offset, x_bits, int(frac_bits)), lw = log_fields(w, w_offset, w_bits, int(frac_bits));
@@ -274,8 +271,7 @@ at::Tensor lns_mm_cpu(const at::Tensor& x, const at::Tensor& x_offset, const at:
           y[m * N + n] = fixed_epilogue(acc, b ? b + n : nullptr, T, acc_lsb, nx[m] || nw[n]);
         }
     });
-  } else if ((path == MacPath::classes || (path == MacPath::automatic && frac_bits <= kClassMaxF)) && M && N && K &&
-             class_terms_in_range(lx, lw)) {  // see Note: remainder classes in common.h
+  } else if (try_classes(path, frac_bits) && M && N && K && class_terms_in_range(lx, lw)) {  // Note: remainder classes
     const auto sums = lns_mm_float_classes(lx, lw, C, F);
     const float* s = sums.data_ptr<float>();
     at::parallel_for(0, M, 64, [&](int64_t m0, int64_t m1) {
