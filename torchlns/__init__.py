@@ -29,18 +29,41 @@ from .core.formats import (  # noqa: F401
 from . import ops  # noqa: F401  (declares the torchlns:: ops first)
 from .codec import amax, calibrate, decode, default_offset, default_scale, encode, expand_param  # noqa: F401
 from .tensor import Coded, CodedTensor, FP8Tensor, IntTensor, LNSTensor  # noqa: F401
-from .functional import lns_conv1d, lns_conv2d, lns_linear  # noqa: F401
+from .functional import (  # noqa: F401
+    lns_conv1d,
+    lns_conv2d,
+    lns_conv3d,
+    lns_conv_transpose1d,
+    lns_conv_transpose2d,
+    lns_conv_transpose3d,
+    lns_linear,
+)
 from .ops import TorchLNSBackendWarning, backend_info, has_native  # noqa: F401
 from .config import ClusterConfig, ConvertConfig  # noqa: F401
-from .nn import ClusteredConv2d, LNSClusteredConv2d, LNSConv1d, LNSConv2d, LNSLinear, register_swap  # noqa: F401
+from .nn import (  # noqa: F401
+    ClusteredConv2d,
+    LNSClusteredConv2d,
+    LNSConv1d,
+    LNSConv2d,
+    LNSConv3d,
+    LNSConvTranspose1d,
+    LNSConvTranspose2d,
+    LNSConvTranspose3d,
+    LNSLinear,
+    register_swap,
+)
 from .transforms import (  # noqa: F401
+    ConversionReport,
     FoldReport,
+    Inputs,
+    SensitivityReport,
     SizeReport,
     TorchLNSFoldWarning,
     cluster_kernels,
     convert,
     enable_qat,
     fold_batchnorm,
+    sensitivity,
     size_report,
 )
 from . import metrics  # noqa: F401

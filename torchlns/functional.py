@@ -33,7 +33,9 @@ from .core.geometry import cols_to_image, conv_output_shape, conv_padding, im2co
 from .ops import library as _library  # noqa: F401  (declares the ops called here)
 from .tensor import Coded, CodedTensor, as_coded, implements_torch_function
 
-__all__ = ["lns_linear", "lns_conv1d", "lns_conv2d", "linear", "conv", "fake_linear", "fake_conv", "needs_grad"]
+__all__ = ["lns_linear", "lns_conv1d", "lns_conv2d", "lns_conv3d", "lns_conv_transpose1d", "lns_conv_transpose2d",
+           "lns_conv_transpose3d", "linear", "conv", "conv_transpose", "fake_linear", "fake_conv",
+           "fake_conv_transpose", "needs_grad", "transpose_weight_as_conv", "conv_weight_as_transpose"]
 
 _OPS = torch.ops.torchlns
 
@@ -74,6 +76,49 @@ def lns_conv1d(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1, mac: 
     """1-D convolution as the chip computes it; see ``lns_conv2d``."""
     return conv(x, w, bias, stride, padding, dilation, groups, mac, n=1, acc_lsb=acc_lsb, x_block_size=x_block_size,
                 fmt=fmt)
+
+
+def lns_conv3d(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1, mac: MACConfig = IDEAL_MAC, *,
+               acc_lsb: Optional[int] = None, x_block_size: Optional[int] = None,
+               fmt: Optional[Format] = None) -> torch.Tensor:
+    """3-D convolution as the chip computes it; see ``lns_conv2d`` (see Note: 3-D and transposed convolutions)."""
+    return conv(x, w, bias, stride, padding, dilation, groups, mac, n=3, acc_lsb=acc_lsb, x_block_size=x_block_size,
+                fmt=fmt)
+
+
+def _transpose_doc(n):
+    def wrap(fn):
+        fn.__doc__ = (f"{n}-D transposed convolution as the chip computes it (chip-model.md section 4).\n\n"
+                      f"    Arguments follow ``F.conv_transpose{n}d``: ``w`` is ``(in, out/groups, *kernel)``. Every\n"
+                      "    output sums exactly the products PyTorch's transposed convolution sums there; outputs no\n"
+                      "    input reaches are the bias alone (see Note: 3-D and transposed convolutions).\n"
+                      "    See ``lns_linear`` for operands, ``acc_lsb`` and ``x_block_size``.")
+        return fn
+    return wrap
+
+
+@_transpose_doc(1)
+def lns_conv_transpose1d(x, w, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1,
+                         mac: MACConfig = IDEAL_MAC, *, acc_lsb: Optional[int] = None,
+                         x_block_size: Optional[int] = None, fmt: Optional[Format] = None) -> torch.Tensor:
+    return conv_transpose(x, w, bias, stride, padding, output_padding, groups, dilation, mac, n=1, acc_lsb=acc_lsb,
+                          x_block_size=x_block_size, fmt=fmt)
+
+
+@_transpose_doc(2)
+def lns_conv_transpose2d(x, w, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1,
+                         mac: MACConfig = IDEAL_MAC, *, acc_lsb: Optional[int] = None,
+                         x_block_size: Optional[int] = None, fmt: Optional[Format] = None) -> torch.Tensor:
+    return conv_transpose(x, w, bias, stride, padding, output_padding, groups, dilation, mac, n=2, acc_lsb=acc_lsb,
+                          x_block_size=x_block_size, fmt=fmt)
+
+
+@_transpose_doc(3)
+def lns_conv_transpose3d(x, w, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1,
+                         mac: MACConfig = IDEAL_MAC, *, acc_lsb: Optional[int] = None,
+                         x_block_size: Optional[int] = None, fmt: Optional[Format] = None) -> torch.Tensor:
+    return conv_transpose(x, w, bias, stride, padding, output_padding, groups, dilation, mac, n=3, acc_lsb=acc_lsb,
+                          x_block_size=x_block_size, fmt=fmt)
 
 
 # ----------------------------------------------------------------------------------------
@@ -124,6 +169,9 @@ def conv(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1, mac: MACCon
          acc_lsb: Optional[int] = None, x_block_size: Optional[int] = None, fmt: Optional[Format] = None,
          x_param: Optional[torch.Tensor] = None, w_master: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``lns_conv{n}d`` with the layers' ``x_param`` and ``w_master`` (see the module docstring)."""
+    if n == 3:
+        return _conv3d(x, w, bias, stride, padding, dilation, groups, mac, acc_lsb=acc_lsb, x_block_size=x_block_size,
+                       fmt=fmt, x_param=x_param, w_master=w_master)
     name = f"lns_conv{n}d"
     xq, wq, fmt = _operands(x, w, fmt, x_block_size, x_param)
     wq = wq or _encode(w, fmt, "w")
@@ -161,15 +209,199 @@ def conv(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1, mac: MACCon
         y = _conv_by_columns(xq, wq, fmt, xt4, w4, b, mac, acc_lsb, x_block_size, geometry)
     if n == 1:
         y = y.squeeze(2)
+    y = _ste_conv(y, x, xq, wq, w, w_master, bias, stride, pads, dilation, groups, unbatched)
+    return y.squeeze(0) if unbatched else y
+
+
+def _ste_conv(y, x, xq: Optional[Coded], wq: Coded, w, w_master, bias, stride, pads, dilation, groups,
+              unbatched: bool) -> torch.Tensor:
+    """The chip's (batched) output, with straight-through gradients when an operand needs them."""
     w_grad = w_master if w_master is not None else _float_operand(w)
-    if needs_grad(x, w_grad, bias):
-        # Dynamic per-block activations are encoded per receptive field, so an input element
-        # has no single dequantized value: the backward then uses the float input.
-        x_deq = xq.dequantize() if xq is not None else as_float32(x).detach()
-        w_deq = wq.dequantize()
-        batch = (lambda t: t.unsqueeze(0)) if unbatched else (lambda t: t)  # noqa: E731
-        y = _OPS.ste_conv(y, batch(x_deq), w_deq, batch(_float_operand(x, x_deq)), w_deq if w_grad is None else w_grad,
-                          bias, list(stride), [p[0] for p in pads], [p[1] for p in pads], list(dilation), groups)
+    if not needs_grad(x, w_grad, bias):
+        return y
+    # Dynamic per-block activations are encoded per receptive field, so an input element
+    # has no single dequantized value: the backward then uses the float input.
+    x_deq = xq.dequantize() if xq is not None else as_float32(x).detach()
+    w_deq = wq.dequantize()
+    batch = (lambda t: t.unsqueeze(0)) if unbatched else (lambda t: t)  # noqa: E731
+    return _OPS.ste_conv(y, batch(x_deq), w_deq, batch(_float_operand(x, x_deq)), w_deq if w_grad is None else w_grad,
+                         bias, list(stride), [p[0] for p in pads], [p[1] for p in pads], list(dilation), groups)
+
+
+# Note: 3-D and transposed convolutions
+# The chip's Conv3d is the MAC over each (c, kd, kh, kw) receptive field. It runs on the
+# 2-D kernels: the kd depth taps of every output depth are stacked as channels, (c, dz) in
+# PyTorch's c-major order, so that an output depth is a 2-D convolution over Cin·kd
+# channels with the weight viewed as (Cout, Cin/groups·kd, kh, kw), and the output depths
+# become the batch. Each output sees the same products, so the fixed accumulator's exact sum
+# is bit-equal, the float32 one is within the spec's bound, and per-block parameters (runs
+# of Cin/groups·kd·kh·kw) keep their order. The stacking moves codes (one byte each).
+#
+# A transposed convolution is, by the spec's definition, the convolution of the
+# zero-stuffed input (stride−1 zero codes between elements) with the flipped kernel: pad
+# d·(k−1)−p before and d·(k−1)−p+output_padding after (cropping where that is negative),
+# stride 1, the same dilation and groups. Zero codes contribute no product, so every
+# output sums exactly the input elements PyTorch sums there, and an output no input reaches
+# is the bias alone. The converted layers store the flipped, regrouped kernel
+# (Cout, Cin/groups, *k) as the weight, so the per-channel parameters are per output channel;
+# ``conv_weight_as_transpose`` gives PyTorch's layout back. Dynamic per-block activations
+# run along that convolution's reduction axis, stuffed zeros included.
+def _conv3d(x, w, bias, stride, padding, dilation, groups, mac, *, acc_lsb, x_block_size, fmt, x_param, w_master):
+    xq, wq, fmt = _operands(x, w, fmt, x_block_size, x_param)
+    wq = wq or _encode(w, fmt, "w")
+    if wq.codes.dim() != 5:
+        raise ValueError(f"lns_conv3d weight must be 5-D (out, in/groups, kd, kh, kw), got shape "
+                         f"{tuple(wq.codes.shape)}")
+    if xq is None and x_block_size is None:
+        xq = _encode(x, fmt, "x", param=x_param)
+    xt = xq.codes if xq is not None else as_float32(x).detach()
+    if xt.dim() not in (4, 5):
+        raise ValueError(f"lns_conv3d input must be 4-D or 5-D, got {tuple(xt.shape)}")
+    unbatched = xt.dim() == 4
+    stride, dilation = ntuple(stride, 3, "stride"), ntuple(dilation, 3, "dilation")
+    pads = conv_padding(padding, tuple(wq.codes.shape[2:]), dilation, stride, 3)
+    kd = wq.codes.shape[2]
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    C, Cout = xt.shape[-4], wq.codes.shape[0]
+    if C != wq.codes.shape[1] * groups or Cout % groups:
+        raise ValueError(f"lns_conv3d: input has {C} channels, weight expects {wq.codes.shape[1]}x{groups} groups and "
+                         f"{Cout} outputs")
+
+    def stack(t, fill):  # (N, C, D, H, W) -> (N*Do, C*kd, H, W), the depth taps as channels
+        t = t.unsqueeze(0) if t.dim() == 4 else t
+        (p0, p1), span = pads[0], dilation[0] * (kd - 1) + 1
+        t = F.pad(t, (0, 0, 0, 0, p0, p1), value=fill) if p0 or p1 else t
+        if t.shape[2] < span:
+            raise ValueError(f"lns_conv3d: input depth {xt.shape[-3]} is smaller than the dilated kernel after padding")
+        t = t.unfold(2, span, stride[0])[..., ::dilation[0]]  # (N, C, Do, H, W, kd)
+        N, C, Do, H, W_ = t.shape[:5]
+        return t.permute(0, 2, 1, 5, 3, 4).reshape(N * Do, C * kd, H, W_), Do
+
+    if xq is not None:
+        codes, Do = stack(xq.codes, 0)
+        param = xq.expanded_param()
+        if param.numel() == 1:
+            param = param.reshape(1, 1, 1, 1)
+        else:  # any other layout: one parameter per element, stacked like the codes (padding ignores it)
+            param, _ = stack(param.expand(xq.codes.shape), param.flatten()[0].item())
+        x2 = Coded(codes, param, xq.fmt)
+    else:
+        x2, Do = stack(xt, 0.0)
+    w2 = _depth_weight(wq, kd)
+    y = conv(x2, w2, bias, stride[1:], pads[1:], dilation[1:], groups, mac, n=2, acc_lsb=acc_lsb,
+             x_block_size=x_block_size, fmt=fmt)
+    N = y.shape[0] // Do
+    y = y.reshape(N, Do, *y.shape[1:]).transpose(1, 2).contiguous()
+    y = _ste_conv(y, x, xq, wq, w, w_master, bias, stride, pads, dilation, groups, unbatched)
+    return y.squeeze(0) if unbatched else y
+
+
+def _depth_weight(wq: Coded, kd: int) -> Coded:
+    """A (Cout, Cin_g, kd, kh, kw) weight as (Cout, Cin_g*kd, kh, kw), parameters to match."""
+    Cout, Cin_g = wq.codes.shape[:2]
+    codes = wq.codes.reshape(Cout, Cin_g * kd, *wq.codes.shape[3:])
+    if wq.block is not None and wq.block[0] in (1, -4):  # blocks of input channels: runs of size*kd
+        p = wq.param
+        return Coded(codes, p.reshape(p.shape[0], p.shape[1], *p.shape[3:]), wq.fmt, (1, wq.block[1] * kd))
+    p = wq.expanded_param()
+    p = p.reshape(*([1] * (5 - p.dim())), *p.shape)
+    if p.shape[1] == 1 and p.shape[2] == 1:
+        return Coded(codes, p.reshape(p.shape[0], 1, *p.shape[3:]), wq.fmt)
+    p = p.expand(p.shape[0], Cin_g, kd, *p.shape[3:])
+    return Coded(codes, p.reshape(p.shape[0], Cin_g * kd, *p.shape[3:]), wq.fmt)
+
+
+def transpose_weight_as_conv(w, groups: int):
+    """A ConvTranspose weight (in, out/groups, *k) as the equivalent conv's (out, in/groups, *k), flipped.
+
+    Takes a float tensor (differentiably) or a ``Coded`` (codes and parameters alike).
+    """
+    if isinstance(w, Coded):
+        param = w.param if w.param.numel() == 1 else w.expanded_param().expand(w.codes.shape)
+        return Coded(transpose_weight_as_conv(w.codes, groups), param if param.numel() == 1
+                     else transpose_weight_as_conv(param, groups), w.fmt)
+    Cin, Cout_g, *k = w.shape
+    if Cin % groups:
+        raise ValueError(f"transposed conv weight has {Cin} input channels, not divisible by groups={groups}")
+    t = w.reshape(groups, Cin // groups, Cout_g, *k).transpose(1, 2).reshape(groups * Cout_g, Cin // groups, *k)
+    return t.flip(list(range(2, 2 + len(k))))
+
+
+def conv_weight_as_transpose(w: torch.Tensor, groups: int) -> torch.Tensor:
+    """The inverse of ``transpose_weight_as_conv``: PyTorch's ConvTranspose layout."""
+    Cout, Cin_g, *k = w.shape
+    t = w.flip(list(range(2, 2 + len(k))))
+    return t.reshape(groups, Cout // groups, Cin_g, *k).transpose(1, 2).reshape(groups * Cin_g, Cout // groups, *k)
+
+
+def _transpose_geometry(stride, padding, output_padding, dilation, kernel, n: int):
+    """Per dim: (stride, crop before, crop after, pad before, pad after) of the stuffed convolution."""
+    stride, dilation = ntuple(stride, n, "stride"), ntuple(dilation, n, "dilation")
+    padding, output_padding = ntuple(padding, n, "padding"), ntuple(output_padding, n, "output_padding")
+    out = []
+    for s, p, op, d, k in zip(stride, padding, output_padding, dilation, kernel):
+        if s < 1 or d < 1 or p < 0 or op < 0:
+            raise ValueError(f"transposed conv needs stride, dilation >= 1 and padding, output_padding >= 0; got "
+                             f"stride={stride}, padding={padding}, output_padding={output_padding}, dilation={dilation}")
+        if op >= max(s, d):
+            raise ValueError(f"output_padding must be smaller than either stride or dilation, got output_padding="
+                             f"{output_padding}, stride={stride}, dilation={dilation}")
+        lo, hi = d * (k - 1) - p, d * (k - 1) - p + op
+        out.append((s, max(-lo, 0), max(-hi, 0), max(lo, 0), max(hi, 0)))
+    return out, dilation
+
+
+def _stuff(t: torch.Tensor, geo, fill=0) -> torch.Tensor:
+    """(N, C, *L): ``stride-1`` fill values between elements, then the crops (differentiable for floats)."""
+    n = len(geo)
+    if any(s > 1 for s, *_ in geo):
+        sizes = [(L - 1) * g[0] + 1 for L, g in zip(t.shape[2:], geo)]
+        out = t.new_full((*t.shape[:2], *sizes), fill)
+        out[(slice(None), slice(None), *[slice(None, None, g[0]) for g in geo])] = t
+        t = out
+    for d, (_, c0, c1, _, _) in enumerate(geo):
+        if c0 or c1:
+            t = t.narrow(2 + d, c0, t.shape[2 + d] - c0 - c1)
+    if any(L < 1 for L in t.shape[2:2 + n]):
+        raise ValueError("transposed conv: padding crops away the whole input")
+    return t
+
+
+def conv_transpose(x, w, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1,
+                   mac: MACConfig = IDEAL_MAC, *, n: int, acc_lsb: Optional[int] = None,
+                   x_block_size: Optional[int] = None, fmt: Optional[Format] = None,
+                   x_param: Optional[torch.Tensor] = None, w_master: Optional[torch.Tensor] = None,
+                   weight_as_conv: bool = False) -> torch.Tensor:
+    """``lns_conv_transpose{n}d``; the layers pass their stored conv-layout weight with ``weight_as_conv``."""
+    name = f"lns_conv_transpose{n}d"
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    xq, wq, fmt = _operands(x, w, fmt, x_block_size, x_param)
+    wt = wq.codes if wq is not None else w
+    if not isinstance(wt, torch.Tensor) or wt.dim() != n + 2:
+        raise ValueError(f"{name} weight must be {n + 2}-D (in, out/groups, *kernel), got "
+                         f"{tuple(getattr(wt, 'shape', ()))}")
+    if not weight_as_conv:
+        w = transpose_weight_as_conv(wq if wq is not None else as_float32(w), groups)
+    geo, dilation = _transpose_geometry(stride, padding, output_padding, dilation, tuple(wt.shape[2:]), n)
+    xt = xq.codes if xq is not None else as_float32(x)
+    if xt.dim() not in (n + 1, n + 2):
+        raise ValueError(f"{name} input must be {n + 1}-D or {n + 2}-D, got {tuple(xt.shape)}")
+    unbatched = xt.dim() == n + 1
+    batch = (lambda t: t.unsqueeze(0)) if unbatched else (lambda t: t)  # noqa: E731
+    if xq is None and x_block_size is None and not needs_grad(x):
+        xq, x_param = _encode(x, fmt, "x", param=x_param), None  # stuff one-byte codes, not floats
+    if xq is not None:
+        param = xq.expanded_param()
+        if param.numel() != 1:
+            param = _stuff(batch(param.expand(xq.codes.shape)), geo, param.flatten()[0].item())
+        xs = Coded(_stuff(batch(xq.codes), geo, 0), param.reshape([1] * (n + 2)) if param.numel() == 1 else param,
+                   xq.fmt)
+    else:
+        xs = _stuff(batch(as_float32(x)), geo, 0.0)
+    y = conv(xs, w, bias, 1, [(g[3], g[4]) for g in geo], dilation, groups, mac, n=n, acc_lsb=acc_lsb,
+             x_block_size=x_block_size, fmt=fmt, x_param=x_param, w_master=w_master)
     return y.squeeze(0) if unbatched else y
 
 
@@ -380,9 +612,22 @@ def fake_conv(x, w: Coded, bias, stride, padding, dilation, groups, *, n: int, f
         xq = _encode(x, fmt, "x", param=x_param)
     else:
         xq = Coded.encode(x.detach(), fmt, "block", 1 if x.dim() == n + 2 else 0, x_block_size)
-    op = F.conv2d if n == 2 else F.conv1d
+    op = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[n]
     return op(_straight_through(x, xq.dequantize()), _straight_through(w_master, w.dequantize()), bias, stride,
               padding, dilation, groups)
+
+
+def fake_conv_transpose(x, w: Coded, bias, stride, padding, output_padding, groups, dilation, *, n: int, fmt: Format,
+                        x_param=None, x_block_size=None, w_master=None) -> torch.Tensor:
+    """``F.conv_transpose{n}d`` of the dequantized operands; ``w`` is the layers' conv-layout weight."""
+    x = as_float32(x)
+    if x_block_size is None:
+        xq = _encode(x, fmt, "x", param=x_param)
+    else:
+        xq = Coded.encode(x.detach(), fmt, "block", 1 if x.dim() == n + 2 else 0, x_block_size)
+    op = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[n]
+    wt = conv_weight_as_transpose(_straight_through(w_master, w.dequantize()), groups)
+    return op(_straight_through(x, xq.dequantize()), wt, bias, stride, padding, output_padding, groups, dilation)
 
 
 # ----------------------------------------------------------------------------------------

@@ -244,7 +244,9 @@ def test_convert_keep_float(env, capsys, tmp_path, keep):
     assert rc == 0, err
     got = torch.load(out, weights_only=False)
     assert type(got.conv2) is nn.Conv2d
-    assert "kept in float: " in stdout and "conv2" in stdout.split("kept in float: ")[1].splitlines()[0]
+    kept = [line.split()[0] for line in stdout.split("stayed float:")[1].splitlines()
+            if "kept float by overrides" in line]
+    assert sorted(kept) == sorted({"conv2", *(k for k in keep if "*" not in k)})
     ref = direct(env.net, ConvertConfig(overrides={k: None for k in keep}), env.x)
     assert torch.equal(run(got, env.x), run(ref, env.x))
 
@@ -282,11 +284,14 @@ def test_report_table_and_json(env, capsys, tmp_path):
     assert cli(capsys, "convert", env.sd, "--model-class", f"{HELPER}:make", "--calib", env.data, "-o", out)[0] == 0
     rc, stdout, err = cli(capsys, "report", out, "--trust-pickle")
     assert rc == 0, err
-    assert str(torchlns.size_report(torch.load(out, weights_only=False))) == stdout.rstrip("\n")
+    q = torch.load(out, weights_only=False)
+    assert stdout.rstrip("\n") == f"{torchlns.size_report(q)}\n\ncoverage:\n{q.conversion_report}"
 
     rc, stdout, err = cli(capsys, "report", out, "--trust-pickle", "--json")
     assert rc == 0, err
-    rows = json.loads(stdout)
+    got = json.loads(stdout)
+    assert got["coverage"]["coverage"] == 1.0 and got["coverage"]["chip_macs"] == q.conversion_report.total_macs
+    rows = got["size"]
     expected = torchlns.size_report(torch.load(out, weights_only=False))
     assert [r["layer"] for r in rows] == ["conv1", "conv2"]
     assert rows == json.loads(json.dumps(expected.to_dicts()))

@@ -80,13 +80,19 @@ def test_only_modules_register():
         register_swap(int)
 
 
-def test_swaps_match_exact_types():
-    class MyLinear(nn.Linear):
+def test_swaps_match_exact_types_and_convert_faithful_subclasses():
+    class MyLinear(nn.Linear):  # the base class's forward: converts
         pass
 
-    assert swap_for(MyLinear(2, 2)) is None
-    q = torchlns.convert(nn.Sequential(MyLinear(4, 4)), ConvertConfig(activation="dynamic"))
-    assert type(q[0]) is MyLinear
+    class Doubled(nn.Linear):  # another computation: stays float, reported
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    assert swap_for(MyLinear(2, 2)) is None  # the registry itself is by exact type
+    q = torchlns.convert(nn.Sequential(MyLinear(4, 4), Doubled(4, 4)), ConvertConfig(activation="dynamic"))
+    assert type(q[0]) is torchlns.LNSLinear and type(q[1]) is Doubled
+    assert [r["layer"] for r in q.conversion_report.float_layers] == ["1"]
+    assert "register_swap(Doubled)" in q.conversion_report.float_layers[0]["reason"]
 
 
 def test_clustered_layers_share_their_table_through_the_memo():

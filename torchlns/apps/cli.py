@@ -42,7 +42,8 @@ from ..config import CALIBRATORS, ClusterConfig, ConvertConfig
 from ..core.formats import CHIP_MAC, FP8_E4M3, FP8_E5M2, INT8, LNSFormat
 from ..nn.swap import swappable_types
 from ..tensor import CodedTensor
-from ..transforms.convert import convert
+from ..transforms.convert import Inputs, call_model, convert
+from ..transforms.sensitivity import sensitivity
 from ..transforms.size import size_report
 
 __all__ = ["CLIError", "FileError", "ModelError", "DataError", "FORMATS", "add_commands", "config_for",
@@ -237,12 +238,35 @@ def load_model(path: str, *, model_class: Optional[str] = None, trust_pickle: bo
 
 @dataclass
 class Data:
-    inputs: torch.Tensor
+    inputs: Any  # a tensor (N, ...), a list of tensors (positional inputs) or a dict (keyword inputs)
     targets: Optional[torch.Tensor] = None
+
+    @property
+    def samples(self) -> int:
+        return _first_tensor(self.inputs).shape[0]
+
+    def items(self, batch_size: int) -> list:
+        """Calibration items of ``batch_size`` samples: tensors, ``Inputs(...)`` or dicts of keyword inputs."""
+        if isinstance(self.inputs, torch.Tensor):
+            return list(self.inputs.split(batch_size))
+        if isinstance(self.inputs, Mapping):
+            keys = list(self.inputs)
+            return [dict(zip(keys, parts)) for parts in zip(*(self.inputs[k].split(batch_size) for k in keys))]
+        return [Inputs(*parts) for parts in zip(*(t.split(batch_size) for t in self.inputs))]
+
+
+def _first_tensor(inputs) -> torch.Tensor:
+    if isinstance(inputs, torch.Tensor):
+        return inputs
+    return next(iter(inputs.values())) if isinstance(inputs, Mapping) else inputs[0]
 
 
 def load_data(path: str) -> Data:
-    """A tensor ``(N, ...)`` of inputs, or a dict with ``"inputs"`` (and optionally ``"targets"``)."""
+    """A tensor ``(N, ...)`` of inputs, or a dict with ``"inputs"`` (and optionally ``"targets"``).
+
+    ``"inputs"`` may also be a list of tensors (a model with several positional inputs, such as
+    a stereo pair) or a dict of tensors (keyword inputs), each with the same N.
+    """
     try:
         obj = _safe_load(path, "DATA")
     except _Pickled as e:
@@ -258,32 +282,49 @@ def load_data(path: str) -> Data:
         inputs, targets = obj["inputs"], obj.get("targets")
     else:
         raise DataError(f"DATA {path} holds a {type(obj).__name__}, not a tensor or a dict with an 'inputs' tensor")
-    if not isinstance(inputs, torch.Tensor):
-        raise DataError(f"DATA {path}: 'inputs' is a {type(inputs).__name__}, not a tensor")
-    if inputs.dim() == 0 or inputs.shape[0] == 0:
-        raise DataError(f"DATA {path}: inputs of shape {tuple(inputs.shape)} hold no samples; expected (N, ...)")
-    if not inputs.is_floating_point() or isinstance(inputs, CodedTensor):
-        raise DataError(f"DATA {path}: inputs must be a float tensor, got {inputs.dtype}")
+    if isinstance(inputs, (list, tuple)) and inputs:
+        parts = [(f"inputs[{i}]", t) for i, t in enumerate(inputs)]
+        inputs = list(inputs)
+    elif isinstance(inputs, Mapping) and inputs:
+        parts = [(f"inputs[{k!r}]", t) for k, t in inputs.items()]
+        inputs = dict(inputs)
+    else:
+        parts = [("inputs", inputs)]
+    n = None
+    for what, t in parts:
+        if not isinstance(t, torch.Tensor):
+            raise DataError(f"DATA {path}: '{what}' is a {type(t).__name__}, not a tensor")
+        if t.dim() == 0 or t.shape[0] == 0:
+            raise DataError(f"DATA {path}: {what} of shape {tuple(t.shape)} hold no samples; expected (N, ...)")
+        if not t.is_floating_point() or isinstance(t, CodedTensor):
+            raise DataError(f"DATA {path}: {what} must be a float tensor, got {t.dtype}")
+        if n is not None and t.shape[0] != n:
+            raise DataError(f"DATA {path}: {what} has {t.shape[0]} samples, the other inputs {n}")
+        n = t.shape[0]
     if targets is not None:
         if not isinstance(targets, torch.Tensor):
             raise DataError(f"DATA {path}: 'targets' is a {type(targets).__name__}, not a tensor")
-        if targets.dim() == 0 or targets.shape[0] != inputs.shape[0]:
-            raise DataError(f"DATA {path}: {tuple(targets.shape)} targets for {inputs.shape[0]} inputs")
+        if targets.dim() == 0 or targets.shape[0] != n:
+            raise DataError(f"DATA {path}: {tuple(targets.shape)} targets for {n} inputs")
     return Data(inputs, targets)
 
 
 # ----------------------------------------------------------------------------------------
 # running
 # ----------------------------------------------------------------------------------------
-def _describe(x: torch.Tensor) -> str:
+def _describe(x) -> str:
+    if isinstance(x, Inputs):
+        return ", ".join(_describe(t) for t in x.args)
+    if isinstance(x, Mapping):
+        return ", ".join(f"{k}={_describe(t)}" for k, t in x.items())
     return f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}"
 
 
-def _forward(model: nn.Module, x: torch.Tensor, name: str, path: str, check: bool) -> torch.Tensor:
+def _forward(model: nn.Module, x, name: str, path: str, check: bool) -> torch.Tensor:
     if not check:
-        return model(x)
+        return call_model(model, x)
     try:
-        y = model(x)
+        y = call_model(model, x)
     except (RuntimeError, TypeError, ValueError, IndexError) as e:
         raise DataError(f"{name} {path} fails on a data batch of shape {_describe(x)} ({_first_line(e)})") from None
     if not isinstance(y, torch.Tensor):
@@ -291,7 +332,7 @@ def _forward(model: nn.Module, x: torch.Tensor, name: str, path: str, check: boo
     return y
 
 
-def _outputs(model: nn.Module, batches: Sequence[torch.Tensor], name: str, path: str) -> torch.Tensor:
+def _outputs(model: nn.Module, batches: Sequence, name: str, path: str) -> torch.Tensor:
     """The model's outputs on every batch, concatenated (eval mode, no grad); the first batch is checked."""
     model.eval()
     with torch.no_grad():
@@ -346,7 +387,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     model = load_model(args.model, model_class=args.model_class, trust_pickle=args.trust_pickle)
     data = load_data(args.calib)
-    batches = list(data.inputs.split(args.batch_size))
+    batches = data.items(args.batch_size)
     if args.max_batches is not None:
         batches = batches[:args.max_batches]
     names = [n for n, _ in model.named_modules()]
@@ -363,7 +404,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     except ValueError as e:  # convert's own user-facing checks (e.g. layers calibration never reached)
         raise CLIError(f"conversion failed: {' '.join(str(e).split())}") from None
 
-    n = sum(b.shape[0] for b in batches)
+    n = sum(_first_tensor(b.args if isinstance(b, Inputs) else b).shape[0] for b in batches)
     print(f"converted {args.model} ({type(model).__name__}) to {args.format}: {config.fmt}"
           + (f", {config.mac}" if config.fmt.mac_kind == "log" else "")
           + f"; calibrated on {n} inputs in {len(batches)} batches")
@@ -377,10 +418,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print()
     print("conversion:")
     print(_conversion_table(qmodel.conversion_report))
-    converted = {r["layer"] for r in qmodel.conversion_report}
-    kept = [n for n, m in model.named_modules() if isinstance(m, swappable_types()) and n not in converted]
-    if kept:
-        print(f"kept in float: {', '.join(n or '(root)' for n in kept)}")
+    print()
+    print("coverage:")
+    print(qmodel.conversion_report)
     print()
     print("size:")
     print(size_report(qmodel, reference=model))
@@ -406,9 +446,43 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     model = load_model(args.model, model_class=args.model_class, trust_pickle=args.trust_pickle)
     report = size_report(model)
+    coverage = getattr(model, "conversion_report", None)
     if args.json:
-        print(json.dumps(report.to_dicts(), indent=2))
+        out = {"size": report.to_dicts()}
+        if coverage is not None:
+            out["coverage"] = dict(total_macs=coverage.total_macs, chip_macs=coverage.chip_macs,
+                                   coverage=coverage.coverage, float_layers=coverage.float_layers)
+        out.setdefault("coverage", None)
+        print(json.dumps(out, indent=2))
     else:
+        print(report)
+        if coverage is not None:
+            print()
+            print("coverage:")
+            print(coverage)
+    return 0
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    model = load_model(args.model, model_class=args.model_class, trust_pickle=args.trust_pickle)
+    data = load_data(args.data)
+    batches = data.items(args.batch_size)
+    if args.max_batches is not None:
+        batches = batches[:args.max_batches]
+    with torch.no_grad():
+        _forward(model.eval(), batches[0], "MODEL", args.model, check=True)
+    config = config_for(args.format, calibrator=args.calibrator, activation=args.activation)
+    try:
+        report = sensitivity(model, config, batches, k=args.k, progress=not args.json and None)
+    except ValueError as e:
+        raise CLIError(f"sensitivity failed: {' '.join(str(e).split())}") from None
+    if args.json:
+        print(json.dumps(dict(full_db=report.full_db, layers=report.to_dicts(),
+                              suggestions=[dict(kept=list(s.kept), sqnr_db=s.sqnr_db, bytes=s.bytes, ratio=s.ratio,
+                                                overrides={n: None for n in s.kept}) for s in report.suggestions]),
+                         indent=2))
+    else:
+        print(f"{args.model} ({type(model).__name__}) in {args.format} on {data.samples} inputs:")
         print(report)
     return 0
 
@@ -454,7 +528,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     qmodel = load_model(args.converted_model, model_class=args.model_class, trust_pickle=args.trust_pickle,
                         what="CONVERTED_MODEL")
     data = load_data(args.data)
-    batches = list(data.inputs.split(args.batch_size))
+    batches = data.items(args.batch_size)
     ref = _outputs(fmodel, batches, "FLOAT_MODEL", args.float_model)
     out = _outputs(qmodel, batches, "CONVERTED_MODEL", args.converted_model)
     if ref.shape != out.shape:
@@ -545,3 +619,22 @@ def add_commands(sub) -> None:
     _loading_options(p)
     p.add_argument("--batch-size", type=_positive_int, default=16, metavar="B", help="batch size (default 16)")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "sensitivity", help="per-layer SQNR of a conversion, and what keeping the worst layers float buys",
+        description="Convert MODEL once, then score hybrids on DATA: for every chip layer the output SQNR with "
+                    "only that layer on the chip, and with it and every layer before it. Prints the layers worst "
+                    "first and, for k = 0..K, the SQNR and size of keeping the k worst layers float.")
+    p.add_argument("model", metavar="MODEL", help="a state_dict file (with --model-class) or a pickled nn.Module")
+    p.add_argument("--data", required=True, metavar="DATA",
+                   help="a .pt file: a float tensor (N, ...), or a dict with 'inputs' (a tensor, a list of tensors "
+                        "or a dict of tensors)")
+    p.add_argument("--format", choices=list(FORMATS), default="lns8", help="the format to analyse (default lns8)")
+    p.add_argument("--calibrator", choices=CALIBRATORS, default="max", help="static activation calibrator")
+    p.add_argument("--activation", choices=("static", "dynamic"), default="static", help="activation encoding")
+    p.add_argument("-k", type=int, default=3, metavar="K", help="suggest keeping up to K worst layers (default 3)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    _loading_options(p)
+    p.add_argument("--max-batches", type=_positive_int, metavar="N", help="use the first N batches only")
+    p.add_argument("--batch-size", type=_positive_int, default=16, metavar="B", help="batch size (default 16)")
+    p.set_defaults(func=cmd_sensitivity)

@@ -26,6 +26,8 @@ def conv_padding(padding, kernel: Sequence[int], dilation: Sequence[int], stride
     """(before, after) padding per spatial dim; 'same' pads the extra element after, as torch."""
     if padding == "valid":
         return [(0, 0)] * n
+    if isinstance(padding, list) and len(padding) == n and all(isinstance(p, tuple) and len(p) == 2 for p in padding):
+        return [(int(a), int(b)) for a, b in padding]  # explicit (before, after) pairs
     if padding == "same":
         if any(s != 1 for s in stride):
             raise ValueError("padding='same' is not supported for strided convolutions")

@@ -33,15 +33,18 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .. import functional
 from ..config import ConvertConfig
 from ..core.formats import IDEAL_MAC, Format, MACConfig
+from ..core.geometry import ntuple
 from ..core.layout import GRANULARITIES
 from ..tensor import Coded, CodedTensor
 from .swap import register_swap
 
-__all__ = ["LNSLinear", "LNSConv1d", "LNSConv2d", "TRAIN_FORWARDS"]
+__all__ = ["LNSLinear", "LNSConv1d", "LNSConv2d", "LNSConv3d", "LNSConvTranspose1d", "LNSConvTranspose2d",
+           "LNSConvTranspose3d", "TRAIN_FORWARDS"]
 
 TRAIN_FORWARDS = ("exact", "fake")
 
@@ -136,7 +139,7 @@ class _CodedLayer(nn.Module):
         return self
 
     # -- forward ---------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, **call) -> torch.Tensor:
         if isinstance(x, (CodedTensor, Coded)):
             raise TypeError(f"{type(self).__name__} takes float activations (the chip encodes each layer's input)")
         master = self._master() if self.training else None
@@ -146,8 +149,8 @@ class _CodedLayer(nn.Module):
             warnings.warn(f"{type(self).__name__} has no float master weight, so only its bias and input train; "
                           "convert with qat=True or call enable_qat() to train the weight", stacklevel=2)
         if self.training and self.train_forward == "fake":
-            return self._fake(x, self._coded_weight(), master)
-        return self._chip(x, self._coded_weight(), master)
+            return self._fake(x, self._coded_weight(), master, **call)
+        return self._chip(x, self._coded_weight(), master, **call)
 
     def _mac_kwargs(self) -> dict:
         """Arguments of the functional op: the format, acc_lsb, and how the input is encoded."""
@@ -320,14 +323,20 @@ class _LNSConvNd(_CodedLayer):
     _n = 2
     _float_type = nn.Conv2d
     _weight_axis = 1  # per-block weight parameters run along the input channels
+    padding_mode = "zeros"  # the chip pads with the zero code; other modes pad in float first
 
     def __init__(self, weight: CodedTensor, bias: Optional[torch.Tensor] = None, mac: MACConfig = IDEAL_MAC, *,
-                 stride=1, padding=0, dilation=1, groups: int = 1, **kw):
+                 stride=1, padding=0, dilation=1, groups: int = 1, padding_mode: str = "zeros", **kw):
         super().__init__(weight, bias, mac, **kw)
         n = self._n
         if weight.dim() != n + 2:
             raise ValueError(f"{type(self).__name__} weight must be {n + 2}-D, got shape {tuple(weight.shape)}")
+        if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+            raise ValueError(f"padding_mode must be 'zeros', 'reflect', 'replicate' or 'circular', got {padding_mode!r}")
+        if padding_mode != "zeros" and isinstance(padding, str):
+            raise ValueError(f"padding={padding!r} needs padding_mode='zeros'")
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.padding_mode = padding_mode
 
     @property
     def in_channels(self) -> int:
@@ -346,22 +355,40 @@ class _LNSConvNd(_CodedLayer):
         """Encode a float conv's weight per ``config``; see ``LNSLinear.from_float``."""
         if not isinstance(conv, cls._float_type):
             raise TypeError(f"{cls.__name__}.from_float needs an {cls._float_type.__name__}, got {type(conv).__name__}")
-        if conv.padding_mode != "zeros":
-            raise ValueError(f"the chip pads with the zero code; padding_mode={conv.padding_mode!r} is not supported")
         return cls._from_config(conv, conv.weight, config, input_param, acc_lsb, qat, stride=conv.stride,
-                                padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
+                                padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                                padding_mode=conv.padding_mode)
+
+    def _padded(self, x):
+        """(input, padding): a non-zero padding mode pads in float first, as torch does; the chip then
+        encodes the padded tensor, whose values (copies of the input's) encode as the input's do."""
+        if self.padding_mode == "zeros":
+            return x, self.padding
+        pads = [p for p in reversed(ntuple_padding(self.padding, self._n)) for _ in range(2)]
+        return F.pad(x, pads, mode=self.padding_mode), 0
 
     def _chip(self, x, w: Coded, master):
-        return functional.conv(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups, self.mac,
+        x, padding = self._padded(x)
+        return functional.conv(x, w, self.bias, self.stride, padding, self.dilation, self.groups, self.mac,
                                n=self._n, w_master=master, **self._mac_kwargs())
 
     def _fake(self, x, w: Coded, master):
-        return functional.fake_conv(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups, n=self._n,
+        x, padding = self._padded(x)
+        return functional.fake_conv(x, w, self.bias, self.stride, padding, self.dilation, self.groups, n=self._n,
                                     w_master=master, **self._fake_kwargs())
 
+    def get_extra_state(self):
+        return {**super().get_extra_state(), "padding_mode": self.padding_mode}
+
+    def set_extra_state(self, state) -> None:
+        super().set_extra_state(state)
+        self.padding_mode = state.get("padding_mode", "zeros")
+
     def extra_repr(self) -> str:
+        mode = f", padding_mode={self.padding_mode!r}" if self.padding_mode != "zeros" else ""
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, " + self._extra_repr_tail())
+                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}{mode}, "
+                + self._extra_repr_tail())
 
 
 @register_swap(nn.Conv1d)
@@ -378,3 +405,101 @@ class LNSConv2d(_LNSConvNd):
 
     _n = 2
     _float_type = nn.Conv2d
+
+
+@register_swap(nn.Conv3d)
+class LNSConv3d(_LNSConvNd):
+    """``nn.Conv3d`` on the chip (see Note: 3-D and transposed convolutions in functional.py)."""
+
+    _n = 3
+    _float_type = nn.Conv3d
+
+
+def ntuple_padding(padding, n: int) -> tuple:
+    return ntuple(padding, n, "padding")
+
+
+class _LNSConvTransposeNd(_LNSConvNd):
+    """A transposed conv on the chip. ``weight`` holds the equivalent convolution's kernel,
+    (out, in/groups, *k) flipped, so its per-channel parameters are per output channel (see
+    Note: 3-D and transposed convolutions in functional.py); ``transposed_weight()`` gives
+    PyTorch's (in, out/groups, *k) layout."""
+
+    _float_type = nn.modules.conv._ConvTransposeNd
+
+    def __init__(self, weight: CodedTensor, bias: Optional[torch.Tensor] = None, mac: MACConfig = IDEAL_MAC, *,
+                 stride=1, padding=0, output_padding=0, dilation=1, groups: int = 1, **kw):
+        super().__init__(weight, bias, mac, stride=stride, padding=padding, dilation=dilation, groups=groups, **kw)
+        self.output_padding = output_padding
+
+    @classmethod
+    def from_float(cls, conv, config=None, *, input_param=None, acc_lsb: Optional[int] = None, qat: bool = False):
+        """Encode a float transposed conv's weight per ``config``; see ``LNSLinear.from_float``."""
+        if not isinstance(conv, cls._float_type) or conv.weight.dim() != cls._n + 2:
+            raise TypeError(f"{cls.__name__}.from_float needs an nn.ConvTranspose{cls._n}d, got {type(conv).__name__}")
+        w = functional.transpose_weight_as_conv(conv.weight.detach().float(), conv.groups)
+        return cls._from_config(conv, w, config, input_param, acc_lsb, qat, stride=conv.stride, padding=conv.padding,
+                                output_padding=conv.output_padding, dilation=conv.dilation, groups=conv.groups)
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight.shape[1] * self.groups
+
+    def transposed_weight(self) -> torch.Tensor:
+        """The dequantized weight in PyTorch's ConvTranspose layout (in, out/groups, *k)."""
+        return functional.conv_weight_as_transpose(self.weight.dequantize(), self.groups)
+
+    def _output_padding(self, x, output_size):
+        if output_size is None:
+            return self.output_padding
+        return nn.modules.conv._ConvTransposeNd._output_padding(
+            self, x, list(output_size), list(ntuple(self.stride, self._n, "stride")),
+            list(ntuple(self.padding, self._n, "padding")), list(self.kernel_size), self._n,
+            list(ntuple(self.dilation, self._n, "dilation")))
+
+    def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
+        return super().forward(x, output_size=output_size)
+
+    def _chip(self, x, w: Coded, master, output_size=None):
+        op = self._output_padding(x, output_size)
+        return functional.conv_transpose(x, w, self.bias, self.stride, self.padding, op, self.groups, self.dilation,
+                                         self.mac, n=self._n, w_master=master, weight_as_conv=True,
+                                         **self._mac_kwargs())
+
+    def _fake(self, x, w: Coded, master, output_size=None):
+        op = self._output_padding(x, output_size)
+        return functional.fake_conv_transpose(x, w, self.bias, self.stride, self.padding, op, self.groups,
+                                              self.dilation, n=self._n, w_master=master, **self._fake_kwargs())
+
+    def get_extra_state(self):
+        return {**super().get_extra_state(), "output_padding": self.output_padding}
+
+    def set_extra_state(self, state) -> None:
+        super().set_extra_state(state)
+        self.output_padding = tuple(state.get("output_padding", self.output_padding))
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, output_padding={self.output_padding}, dilation={self.dilation}, "
+                f"groups={self.groups}, " + self._extra_repr_tail())
+
+
+@register_swap(nn.ConvTranspose1d)
+class LNSConvTranspose1d(_LNSConvTransposeNd):
+    """``nn.ConvTranspose1d`` on the chip."""
+
+    _n = 1
+
+
+@register_swap(nn.ConvTranspose2d)
+class LNSConvTranspose2d(_LNSConvTransposeNd):
+    """``nn.ConvTranspose2d`` on the chip."""
+
+    _n = 2
+
+
+@register_swap(nn.ConvTranspose3d)
+class LNSConvTranspose3d(_LNSConvTransposeNd):
+    """``nn.ConvTranspose3d`` on the chip."""
+
+    _n = 3

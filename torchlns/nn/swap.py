@@ -17,7 +17,7 @@ from typing import Callable, Dict, Optional
 
 import torch.nn as nn
 
-__all__ = ["register_swap", "swap_for", "swappable_types"]
+__all__ = ["register_swap", "swap_for", "swap_for_type", "swappable_types"]
 
 Swap = Callable[..., nn.Module]
 _SWAPS: Dict[type, Swap] = {}
@@ -48,8 +48,15 @@ def register_swap(*float_types: type, replace: bool = False) -> Callable:
 
 
 def swap_for(module: nn.Module) -> Optional[Swap]:
-    """The swap registered for ``type(module)`` (exact type), or None."""
+    """The swap registered for ``type(module)`` (exact type), or None. ``torchlns.convert`` also
+    converts subclasses that compute what their base class computes (see Note: subclasses of the
+    float layers in transforms/graph.py)."""
     return _SWAPS.get(type(module))
+
+
+def swap_for_type(t: type) -> Optional[Swap]:
+    """The swap registered for exactly the type ``t``, or None."""
+    return _SWAPS.get(t)
 
 
 def swappable_types() -> tuple:

@@ -3,11 +3,15 @@
 * ``fold.py``: ``fold_batchnorm``;
 * ``cluster.py``: ``cluster_kernels`` (k-means on normalised kernels);
 * ``calibration.py``: observers, calibrators and ``acc_lsb`` calibration;
-* ``convert.py``: ``convert`` (fold, cluster, calibrate, swap) and ``enable_qat``;
+* ``graph.py``: the fx tracer that keeps layers whole, and what a subclass's forward computes;
+* ``convert.py``: ``convert`` (fold, cluster, calibrate, swap), its ``ConversionReport``
+  (coverage in MACs), ``Inputs`` (multi-input calibration items) and ``enable_qat``;
+* ``sensitivity.py``: ``sensitivity`` (per-layer SQNR, and what keeping layers wider buys);
 * ``size.py``: ``size_report``.
 """
 
 from .cluster import cluster_kernels  # noqa: F401
-from .convert import convert, enable_qat  # noqa: F401
+from .convert import ConversionReport, Inputs, convert, enable_qat  # noqa: F401
 from .fold import FoldReport, TorchLNSFoldWarning, fold_batchnorm  # noqa: F401
 from .size import SizeReport, size_report  # noqa: F401
+from .sensitivity import LayerSensitivity, SensitivityReport, Suggestion, sensitivity  # noqa: F401

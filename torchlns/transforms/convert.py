@@ -15,37 +15,109 @@ activations differ from them only by the error of the layers before.
 
 from __future__ import annotations
 
+import collections.abc
 import copy
-from typing import Dict, Iterable, Mapping, Optional
+import inspect
+import typing
+import warnings
+from typing import Callable, Dict, Iterable, Mapping, Optional
 
 import torch
 import torch.nn as nn
 
 from ..config import ConvertConfig
-from ..nn.clustered import LNSClusteredConv2d
+from ..nn.clustered import ClusteredConv2d, LNSClusteredConv2d
 from ..nn.layers import _CodedLayer
-from ..nn.swap import swap_for
+from ..nn.swap import swap_for, swap_for_type, swappable_types
+from .graph import base_layer, forward_matches
 from .calibration import Observer, acc_lsb_for, choose_param
 from .cluster import _disabled, cluster_kernels
 from .fold import fold_batchnorm
 
-__all__ = ["convert", "enable_qat"]
+__all__ = ["convert", "enable_qat", "Inputs", "call_model"]
 
 
-def _inputs(batch):
-    """The model's positional and keyword inputs from one calibration item."""
+class Inputs:
+    """One calibration item of a model with several inputs: ``Inputs(left, right, K=calib)`` is fed as
+    ``model(left, right, K=calib)``. (A plain tuple is read as ``(input, target)``, as DataLoaders yield.)"""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+    def __repr__(self) -> str:
+        parts = [_brief(a) for a in self.args] + [f"{k}={_brief(v)}" for k, v in self.kwargs.items()]
+        return f"Inputs({', '.join(parts)})"
+
+
+def _brief(v) -> str:
+    return f"tensor{tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
+
+
+def _takes_list(model: nn.Module) -> bool:
+    """Whether the model's first input is annotated as a list (torchvision detectors: ``List[Tensor]``)."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    if not params:
+        return False
+    ann = params[0].annotation
+    if isinstance(ann, str):
+        return ann.replace("typing.", "").startswith(("List", "list", "Sequence"))
+    return typing.get_origin(ann) in (list, collections.abc.Sequence) or ann is list
+
+
+def _inputs(batch, model: Optional[nn.Module] = None):
+    """The model's positional and keyword inputs from one calibration item (see ``convert``)."""
+    if isinstance(batch, Inputs):
+        return tuple(batch.args), dict(batch.kwargs)
     if isinstance(batch, torch.Tensor):
         return (batch,), {}
     if isinstance(batch, Mapping):
         return (), dict(batch)
     if isinstance(batch, (tuple, list)) and batch:
+        if model is not None and _takes_list(model) and all(isinstance(t, torch.Tensor) for t in batch):
+            return (list(batch),), {}  # a list of images, for a model that takes one
         return (batch[0],), {}  # (inputs, targets) as DataLoaders yield them
-    raise TypeError(f"calibration items must be tensors, (input, target) pairs or dicts of inputs, "
-                    f"got {type(batch).__name__}")
+    raise TypeError(f"calibration items must be tensors, (input, target) pairs, dicts of keyword inputs or "
+                    f"torchlns.Inputs(...), got {type(batch).__name__}")
+
+
+def call_model(model: nn.Module, item, forward_fn: Optional[Callable] = None, device=None):
+    """Run ``model`` on one calibration item: ``forward_fn(model, item)`` if given, else by ``_inputs``.
+
+    A model that rejects the inputs gets an error that says how the item was read and how to
+    feed it otherwise, instead of its own message from deep inside.
+    """
+    if forward_fn is not None:
+        return forward_fn(model, item)
+    args, kwargs = _inputs(item, model)
+    if device is not None:
+        args, kwargs = _to(args, kwargs, device)
+    try:
+        return model(*args, **kwargs)
+    except (TypeError, ValueError, RuntimeError, IndexError) as e:
+        how = ", ".join([_brief(a) for a in args] + [f"{k}={_brief(v)}" for k, v in kwargs.items()])
+        note = ""
+        if isinstance(item, (tuple, list)) and not isinstance(item, Inputs):
+            note = (" (a tuple or list item is read as (input, target) and only its first element is fed; "
+                    "wrap several inputs as torchlns.Inputs(a, b), a dict of keyword inputs, or pass "
+                    "forward_fn=lambda model, item: model(*item))")
+        msg = (f"{type(model).__name__} failed on a calibration item fed as model({how}){note}: "
+               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        try:
+            err = type(e)(msg)
+        except Exception:  # noqa: BLE001 - an exception type with another constructor
+            err = RuntimeError(msg)
+        raise err from e
 
 
 def _to(args, kwargs, device):
     def move(t):  # float inputs in float32, as the converted (float32) model computes
+        if isinstance(t, (list, tuple)):
+            return type(t)(move(v) for v in t)
+        if isinstance(t, dict):
+            return {k: move(v) for k, v in t.items()}
         if not isinstance(t, torch.Tensor):
             return t
         return t.to(device, torch.float32) if t.is_floating_point() else t.to(device)
@@ -54,7 +126,7 @@ def _to(args, kwargs, device):
 
 
 def convert(model: nn.Module, config: Optional[ConvertConfig] = None,
-            calibration_data: Optional[Iterable] = None) -> nn.Module:
+            calibration_data: Optional[Iterable] = None, *, forward_fn: Optional[Callable] = None) -> nn.Module:
     """Fold BN, cluster (if ``config.cluster``), calibrate and swap in chip layers.
 
     ``calibration_data`` is a DataLoader or any iterable of inputs: tensors, ``(input,
@@ -75,7 +147,11 @@ def convert(model: nn.Module, config: Optional[ConvertConfig] = None,
         model = fold_batchnorm(model, inplace=True)
         fold_report = model.fold_report
     cluster_report = None
-    if config.cluster is not None:
+    already = [n for n, m in model.named_modules() if isinstance(m, (ClusteredConv2d, LNSClusteredConv2d))]
+    if config.cluster is not None and already:
+        warnings.warn(f"the model is already clustered ({len(already)} clustered layers); config.cluster is not "
+                      "applied again (k-means would re-cluster the remaining convs only)", stacklevel=2)
+    elif config.cluster is not None:
         c = config.cluster
         model = cluster_kernels(model, c.num_clusters, scope=c.scope, iterations=c.iterations, tol=c.tol, seed=c.seed,
                                 progress=config.progress, inplace=True,
@@ -83,11 +159,22 @@ def convert(model: nn.Module, config: Optional[ConvertConfig] = None,
         cluster_report = model.cluster_report
 
     targets: Dict[str, tuple] = {}
+    why_float: Dict[str, str] = {}
+    whole = []  # layers that stay float with everything inside them (attention)
     for fqn, m in model.named_modules():
-        swap = swap_for(m)
+        if any(fqn.startswith(t + ".") or not t for t in (*targets, *whole)):
+            continue  # inside a layer that is converted, or stays float, whole
+        swap, reason = resolve_swap(m)
         cfg = None if swap is None else _selected(config, m, fqn)
         if cfg is not None:
             targets[fqn] = (m, cfg, swap)
+        elif swap is not None:
+            why_float[fqn] = "kept float by module_filter_fn" if config.module_filter_fn is not None and \
+                not config.module_filter_fn(m, fqn) else "kept float by overrides"
+        elif reason is not None:
+            why_float[fqn] = reason
+            if isinstance(m, nn.MultiheadAttention):
+                whole.append(fqn)
     static = [f for f, (_, c, _) in targets.items() if c.activation == "static"]
     fixed = [f for f, (_, c, _) in targets.items() if c.fmt.needs_acc_lsb(c.mac)]
     inputs_seen: Dict[str, Observer] = {f: Observer() for f in static}
@@ -98,9 +185,14 @@ def convert(model: nn.Module, config: Optional[ConvertConfig] = None,
             raise ValueError(f"calibration_data is required to calibrate {need} (layers: "
                              f"{', '.join(static or fixed)}); pass a DataLoader or an iterable of inputs, or use "
                              "activation='dynamic' with a float32 accumulator")
-        _calibrate(model, targets, inputs_seen, outputs_seen, calibration_data, config.progress)
+        first = _calibrate(model, targets, inputs_seen, outputs_seen, calibration_data, config.progress, forward_fn)
+    elif calibration_data is not None:
+        first = _first(calibration_data)
+    else:
+        first = None
+    macs = count_macs(model, first, forward_fn)
 
-    report = []
+    report = ConversionReport()
     memo: dict = {}  # shared by the swaps of one conversion (see Note: swap registry)
     for fqn, (m, cfg, swap) in targets.items():
         input_param = choose_param(inputs_seen[fqn], cfg.fmt, cfg.calibrator, cfg.percentile) \
@@ -116,8 +208,154 @@ def convert(model: nn.Module, config: Optional[ConvertConfig] = None,
         report.append(dict(layer=fqn, kind=type(new).__name__, fmt=str(cfg.fmt),
                            mac=str(cfg.fmt.layer_mac(cfg.mac)) if cfg.fmt.mac_kind == "log" else "-",
                            input=None if input_param is None else input_param.item(), acc_lsb=acc_lsb))
+    report.finish(model, targets, why_float, macs)
     model.fold_report, model.cluster_report, model.conversion_report = fold_report, cluster_report, report
     return model
+
+
+def _first(data):
+    for item in data:
+        return item
+    return None
+
+
+def resolve_swap(m: nn.Module):
+    """(swap, None) for a module that converts; (None, why not) for a layer that has MACs but no
+    swap; (None, None) for anything else (see Note: subclasses of the float layers)."""
+    swap = swap_for(m)
+    if swap is not None:
+        return swap, None
+    base = base_layer(m, swappable_types())
+    if base is not None:
+        if forward_matches(m, base):
+            return swap_for_type(base), None
+        return None, (f"{type(m).__name__} subclasses {base.__name__} but its forward computes something else; "
+                      f"register a swap for it with torchlns.register_swap({type(m).__name__})")
+    if isinstance(m, nn.MultiheadAttention):
+        return None, ("attention: its in-projection is a raw parameter and its matmuls have no chip layer; "
+                      "it stays float")
+    return None, None
+
+
+def count_macs(model: nn.Module, item, forward_fn=None) -> Optional[Dict[str, int]]:
+    """Multiply-accumulates per module name on one input (torch's FlopCounterMode; ``""``: the whole
+    model), each module counting what its own forward and its children's compute."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if item is None:
+        return None
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    counter = FlopCounterMode(display=False)
+    extra: Dict[str, int] = {}  # attention's fused kernels have no flop formula: counted from the shapes
+
+    def attention(fqn):
+        def hook(mod, args, kwargs):
+            q, k = (list(args) + [kwargs.get("query"), kwargs.get("key")])[:2]
+            if q is None or k is None:
+                return
+            L, S = (q.shape[-2], k.shape[-2]) if mod.batch_first or q.dim() == 2 else (q.shape[0], k.shape[0])
+            N = q.numel() // (L * mod.embed_dim)
+            E = mod.embed_dim
+            extra[fqn] = extra.get(fqn, 0) + N * (2 * L * E * E + S * (mod.kdim + mod.vdim) * E + 2 * L * S * E)
+        return hook
+
+    hooks = [m.register_forward_pre_hook(attention(f), with_kwargs=True) for f, m in model.named_modules()
+             if isinstance(m, nn.MultiheadAttention)]
+    try:
+        with torch.no_grad(), counter:
+            call_model(model, item, forward_fn, device)
+    finally:
+        for h in hooks:
+            h.remove()
+    root = type(model).__name__
+    out: Dict[str, int] = {}
+    for name, ops in counter.get_flop_counts().items():
+        if name == "Global":
+            continue
+        fqn = "" if name == root else name[len(root) + 1:] if name.startswith(root + ".") else None
+        if fqn is not None:
+            out[fqn] = sum(ops.values()) // 2
+    for fqn, n in extra.items():
+        counted = out.get(fqn, 0)
+        for p in {fqn, *(".".join(fqn.split(".")[:i]) for i in range(len(fqn.split("."))))}:
+            out[p] = out.get(p, 0) + max(n - counted, 0)
+    return out
+
+
+class ConversionReport(list):
+    """The converted layers (one dict each, in model order) and the coverage of the conversion.
+
+    * ``float_layers``: dicts ``layer, kind, macs, reason`` for every module whose own code
+      computes multiply-accumulates that do not run on the chip; ``"(model code)"`` is MACs of
+      functional calls outside any module;
+    * ``total_macs``, ``chip_macs``, ``coverage`` (a fraction): counted on the first
+      calibration item (None without calibration data).
+
+    ``print(report)`` shows the coverage line and the float layers.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.float_layers: list = []
+        self.total_macs: Optional[int] = None
+        self.chip_macs: Optional[int] = None
+
+    @property
+    def coverage(self) -> Optional[float]:
+        if not self.total_macs:
+            return None
+        return self.chip_macs / self.total_macs
+
+    def finish(self, model, targets, why_float: Dict[str, str], macs: Optional[Dict[str, int]]) -> None:
+        chip = set(targets)
+        for row in self:
+            row["macs"] = None if macs is None else macs.get(row["layer"], 0)
+        rows = {}
+        if macs is not None:
+            self.total_macs = macs.get("", 0)
+            self.chip_macs = sum(macs.get(f, 0) for f in chip)
+            own = dict(macs)
+            for fqn, total in macs.items():  # subtract each counted module from its nearest counted ancestor
+                if fqn:
+                    parts = fqn.split(".")
+                    parent = next((p for p in (".".join(parts[:i]) for i in range(len(parts) - 1, -1, -1))
+                                   if p in macs), None)
+                    if parent is not None:
+                        own[parent] -= total
+            for fqn, n in own.items():
+                if n > 0 and not (fqn in chip or any(fqn.startswith(c + ".") for c in chip if c)):
+                    rows[fqn] = n
+        for fqn in why_float:
+            rows.setdefault(fqn, None if macs is None else 0)
+        kinds = dict(model.named_modules())
+        for fqn, own in rows.items():
+            reason = why_float.get(fqn)
+            if reason is None:
+                reason = ("functional calls in the model's own forward" if not fqn else
+                          f"no chip layer for {type(kinds[fqn]).__name__}" if fqn in kinds else "")
+            self.float_layers.append(dict(layer=fqn or "(model code)", kind=type(kinds.get(fqn, model)).__name__,
+                                          macs=own, reason=reason))
+
+    def __str__(self) -> str:
+        from .._text import format_table
+
+        if self.total_macs is None:
+            head = f"{len(self)} layers on the chip (MACs not counted: no calibration data)"
+        else:
+            head = (f"{len(self)} layers on the chip: {_macs(self.chip_macs)} of {_macs(self.total_macs)} MACs "
+                    f"({100 * (self.coverage or 0):.1f}%) on the first calibration item")
+        if not self.float_layers:
+            return head + "; nothing else computes MACs" if self.total_macs is not None else head
+        rows = [(r["layer"], r["kind"], "-" if r["macs"] is None else _macs(r["macs"]), r["reason"])
+                for r in self.float_layers]
+        return head + "\nstayed float:\n" + format_table(("layer", "kind", "MACs", "why"), rows, right=(2,))
+
+
+def _macs(n: int) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
 
 
 def _selected(config: ConvertConfig, m: nn.Module, fqn: str) -> Optional[ConvertConfig]:
@@ -126,7 +364,7 @@ def _selected(config: ConvertConfig, m: nn.Module, fqn: str) -> Optional[Convert
     return config.for_layer(fqn)
 
 
-def _calibrate(model, targets, inputs_seen, outputs_seen, data, progress) -> None:
+def _calibrate(model, targets, inputs_seen, outputs_seen, data, progress, forward_fn=None) -> None:
     from tqdm.auto import tqdm
 
     hooks = []
@@ -136,12 +374,12 @@ def _calibrate(model, targets, inputs_seen, outputs_seen, data, progress) -> Non
         if fqn in outputs_seen:
             hooks.append(m.register_forward_hook(lambda mod, args, out, o=outputs_seen[fqn]: o.update(out)))
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    batches = 0
+    batches, first = 0, None
     try:
         with torch.no_grad():
             for batch in tqdm(data, desc="calibrating", disable=_disabled(progress)):
-                args, kwargs = _to(*_inputs(batch), device)
-                model(*args, **kwargs)
+                call_model(model, batch, forward_fn, device)
+                first = batch if batches == 0 else first
                 batches += 1
     finally:
         for h in hooks:
@@ -152,6 +390,7 @@ def _calibrate(model, targets, inputs_seen, outputs_seen, data, progress) -> Non
     if unseen:
         raise ValueError(f"calibration never reached (or saw only NaN/inf at) layers {sorted(set(unseen))}; "
                          "keep them in float with overrides={name: None} or use dynamic activations")
+    return first
 
 
 def enable_qat(model: nn.Module, train_forward: Optional[str] = None) -> nn.Module:
