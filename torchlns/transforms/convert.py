@@ -54,7 +54,8 @@ def _brief(v) -> str:
 
 
 def _takes_list(model: nn.Module) -> bool:
-    """Whether the model's first input is annotated as a list (torchvision detectors: ``List[Tensor]``)."""
+    """Whether the model's first input is a list of images: annotated as a list, or named ``images``
+    (torchvision's detectors, some of which leave it unannotated)."""
     try:
         params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
@@ -62,6 +63,8 @@ def _takes_list(model: nn.Module) -> bool:
     if not params:
         return False
     ann = params[0].annotation
+    if params[0].name in ("images", "imgs"):
+        return True
     if isinstance(ann, str):
         return ann.replace("typing.", "").startswith(("List", "list", "Sequence"))
     return typing.get_origin(ann) in (list, collections.abc.Sequence) or ann is list

@@ -124,8 +124,9 @@ def fold_batchnorm(model: nn.Module, inplace: bool = False, example_inputs: Opti
         report.traced = False
         report.fallback_reason = "; ".join(fallbacks)
         warnings.warn(
-            f"torch.fx could not trace {report.fallback_reason}; folded what traced submodules and adjacent "
-            "(producer, BN) pairs inside nn.Sequential show. Check the report (model.fold_report).",
+            f"torch.fx could not trace {report.fallback_reason}; each of their submodules was traced on its own "
+            "(and adjacent (producer, BN) pairs folded inside an nn.Sequential that does not trace). Code that "
+            "calls a submodule's layers directly is not seen: check the report (model.fold_report).",
             TorchLNSFoldWarning, stacklevel=2,
         )
     reported = {e.bn for e in report.entries}
