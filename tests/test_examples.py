@@ -17,6 +17,7 @@ SMOKE = {
     "encode_layer.py": ([], r"SQNR"),
     "classify_digits.py": (["--smoke"], r"LNS8 chip\s+\d+\.\d+"),
     "segmentation.py": (["--smoke"], r"\| LNS8 \+ cluster C=4 \|"),
+    "detection.py": (["--smoke"], r"\| LNS8 \+ cluster C=4 \|"),
 }
 
 
@@ -38,6 +39,8 @@ def test_example_runs(script, tmp_path):
     assert re.search(expected, out), out[-2000:]
     if script == "segmentation.py":
         assert (tmp_path / "difference_map.png").stat().st_size > 1000
+    if script == "detection.py":
+        assert (tmp_path / "boxes.png").stat().st_size > 1000
         assert "| float32 |" in (tmp_path / "report.md").read_text()
     if script == "classify_digits.py":
         assert (tmp_path / "digits_difference_map.png").stat().st_size > 1000

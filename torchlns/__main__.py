@@ -1,6 +1,6 @@
 """Command line: ``python -m torchlns <command>`` (or the ``torchlns`` console script).
 
-Commands: ``demo`` (the main job, ``apps/demo.py``), ``bench`` (``apps/bench.py``), ``formats``
+Commands: ``demo`` (the main job, ``apps/demo.py``), ``detect-demo`` (``apps/detection.py``), ``bench`` (``apps/bench.py``), ``formats``
 (``apps/formats_table.py``), and ``convert``, ``report``, ``compare`` and ``sensitivity`` (``apps/cli.py``). User errors print one ``torchlns: error: ...`` line and exit with 2.
 """
 
@@ -30,6 +30,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def _cmd_detect_demo(args: argparse.Namespace) -> int:
+    from .apps.detection import run_from_args
+
+    return run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="torchlns",
@@ -47,6 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_arguments(demo)
     demo.set_defaults(func=_cmd_demo)
+
+    from .apps.detection import __doc__ as detect_doc, add_arguments as detect_arguments
+
+    detect = sub.add_parser(
+        "detect-demo",
+        help="train a 2-D/3-D box detector on rendered driving scenes, convert it to every format, compare AP",
+        description=detect_doc.split("\n\n")[1],
+    )
+    detect_arguments(detect)
+    detect.set_defaults(func=_cmd_detect_demo)
 
     from .apps.bench import __doc__ as bench_doc, add_arguments as bench_arguments
 

@@ -25,6 +25,31 @@
 * Sizes must be non-negative. A pair whose union is empty (degenerate boxes) has IoU 0.
   Results are ``(N, M)`` in the inputs' floating dtype (the default dtype for integer boxes).
 
+# Note: detection conventions
+* One image's detections are a dict of ``scores`` (m,), ``labels`` (m,) integer classes,
+  ``boxes2d`` (m, 4) and/or ``boxes3d`` (m, 7) (Note: box conventions); its ground truth is
+  the same without ``scores``. A metric reads only the box kind it needs: ``"2d"``
+  (``box_iou`` on ``boxes2d``), ``"bev"`` (``bev_iou``) or ``"3d"`` (``box3d_iou``) on ``boxes3d``.
+* Matching is greedy by score, image by image and class by class (KITTI, PASCAL VOC): in
+  descending score (ties in input order), each detection takes the unmatched ground-truth
+  box of its class with the highest IoU (ties: the first), if that IoU is at least the
+  threshold; otherwise it is a false positive. A duplicate of a matched box is a false
+  positive too.
+* Average precision is all-point interpolated (VOC 2010 onwards): the area under the
+  precision-recall curve after each precision is replaced by the highest precision at any
+  recall at least as large; the detections of all images are ranked together by score
+  (ties: image order, then rank within the image). A class with ground truth and no
+  detection has AP 0; a class without ground truth has AP NaN, and the mean AP averages the
+  others (NaN if none has any).
+* Box errors are over the detections of at least ``min_score`` matched to ground truth at
+  2-D IoU >= 0.5 by default: mean |depth error| (the x of the box centre: forward distance),
+  also relative to the true depth; mean |size error| over the three dimensions; mean
+  |yaw error|, wrapped into [0, pi].
+* Box agreement between a reference model (float) and a test model (converted): the fraction
+  of the reference's detections of at least ``min_score`` matched, by the same greedy rule,
+  by a test detection of the same class at IoU >= 0.9 (any test score: a box whose score
+  moved across the threshold is still the same box). NaN if the reference has none.
+
 # Note: rotated intersection
 The BEV intersection is exact up to rounding: box 1 is moved into box 2's frame, where box 2
 is the axis-aligned rectangle ``|u| <= dx/2, |v| <= dy/2``, and clipped by its four sides
@@ -39,7 +64,7 @@ pairs whose axis-aligned bounding boxes overlap are clipped, in chunks of bounde
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -56,6 +81,10 @@ __all__ = [
     "box3d_iou",
     "sqnr",
     "agreement",
+    "DetectionEval",
+    "average_precision",
+    "box_errors",
+    "box_agreement",
 ]
 
 _MAX_VERTICES = 8
@@ -490,3 +519,243 @@ def box3d_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     inter = area * (hi - lo).clamp_min(0)
     vol1, vol2 = b1[:, 3:6].prod(-1), b2[:, 3:6].prod(-1)
     return _ratio(inter, vol1[:, None] + vol2[None, :] - inter).to(dt)
+
+
+# ---------------------------------------------------------------------------------------
+# detection (see Note: detection conventions)
+
+_IOU_KINDS = {"2d": ("boxes2d", 4), "bev": ("boxes3d", 7), "3d": ("boxes3d", 7)}
+
+
+def _iou(kind: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if len(a) == 0 or len(b) == 0:
+        return torch.zeros(len(a), len(b), dtype=torch.float64)
+    fn = {"2d": box_iou, "bev": bev_iou, "3d": box3d_iou}[kind]
+    return fn(a.double(), b.double())
+
+
+def _check_kind(kind: str) -> str:
+    if kind not in _IOU_KINDS:
+        raise ValueError(f"kind must be one of {sorted(_IOU_KINDS)}, got {kind!r}")
+    return kind
+
+
+def _check_threshold(t: float, name: str = "threshold") -> float:
+    if not (isinstance(t, (int, float)) and 0 <= t <= 1):
+        raise ValueError(f"{name} must be a number in [0, 1], got {t!r}")
+    return float(t)
+
+
+def _image(item, name: str, scored: bool) -> Dict[str, torch.Tensor]:
+    """One image's detections or ground truth, checked and moved to the CPU."""
+    if not isinstance(item, dict):
+        raise TypeError(f"{name} must be a dict of tensors (labels, boxes2d and/or boxes3d"
+                        f"{', scores' if scored else ''}), got {type(item).__name__}")
+    keys = ("labels", "scores") if scored else ("labels",)
+    for key in keys:
+        if key not in item:
+            raise ValueError(f"{name} has no {key!r}")
+    out = {}
+    labels = item["labels"]
+    _check_tensor(labels, f"{name}['labels']")
+    if labels.dim() != 1 or not _is_integer(labels):
+        raise ValueError(f"{name}['labels'] must be integer classes of shape (m,), got {labels.dtype} "
+                         f"{tuple(labels.shape)}")
+    out["labels"] = labels.cpu().long()
+    m = len(labels)
+    if scored:
+        scores = item["scores"]
+        _check_tensor(scores, f"{name}['scores']")
+        if not scores.dtype.is_floating_point or scores.shape != (m,):
+            raise ValueError(f"{name}['scores'] must be float of shape ({m},), got {scores.dtype} {tuple(scores.shape)}")
+        out["scores"] = scores.detach().cpu().double()
+    for key, cols in (("boxes2d", 4), ("boxes3d", 7)):
+        if key in item:
+            b = _boxes(item[key], f"{name}['{key}']", (cols,))
+            if len(b) != m:
+                raise ValueError(f"{name}['{key}'] has {len(b)} boxes but {name}['labels'] has {m}")
+            out[key] = b.detach().cpu().double()
+    return out
+
+
+def _images(items, name: str, scored: bool, kinds=()) -> List[Dict[str, torch.Tensor]]:
+    if isinstance(items, dict) or not isinstance(items, Sequence):
+        raise TypeError(f"{name} must be a list with one dict per image, got {type(items).__name__}")
+    out = [_image(x, f"{name}[{i}]", scored) for i, x in enumerate(items)]
+    for kind in kinds:
+        key = _IOU_KINDS[kind][0]
+        for i, x in enumerate(out):
+            if key not in x:
+                raise ValueError(f"{name}[{i}] has no {key!r}, which kind={kind!r} needs")
+    return out
+
+
+def _greedy(scores: torch.Tensor, iou: torch.Tensor, threshold: float) -> torch.Tensor:
+    """For detections in the given order of ``scores`` (descending, ties in input order), the matched
+    ground-truth index or -1 (see Note: detection conventions)."""
+    order = torch.sort(scores, descending=True, stable=True).indices
+    match = torch.full((len(scores),), -1, dtype=torch.long)
+    if iou.shape[1] == 0:
+        return match
+    free = torch.ones(iou.shape[1], dtype=torch.bool)
+    for d in order.tolist():
+        cand = torch.where(free, iou[d], torch.full_like(iou[d], -1.0))
+        best = int(cand.argmax())  # the first of equal maxima
+        if cand[best] >= threshold:
+            match[d] = best
+            free[best] = False
+    return match
+
+
+def _match_class(det: dict, gt: dict, cls: int, kind: str, threshold: float, min_score: float = -math.inf):
+    """(detection indices, their matched ground-truth indices or -1, ground-truth indices) of one class."""
+    key = _IOU_KINDS[kind][0]
+    d_idx = ((det["labels"] == cls) & (det["scores"] >= min_score)).nonzero()[:, 0]
+    g_idx = (gt["labels"] == cls).nonzero()[:, 0]
+    iou = _iou(kind, det[key][d_idx], gt[key][g_idx])
+    m = _greedy(det["scores"][d_idx], iou, threshold)
+    return d_idx, torch.where(m >= 0, g_idx[m.clamp_min(0)] if len(g_idx) else m, m), g_idx
+
+
+def _ap(scores: torch.Tensor, tp: torch.Tensor, n_gt: int) -> float:
+    if n_gt == 0:
+        return math.nan
+    if len(scores) == 0:
+        return 0.0
+    order = torch.sort(scores, descending=True, stable=True).indices
+    hits = tp[order].double()
+    tps, fps = hits.cumsum(0), (1 - hits).cumsum(0)
+    recall = torch.cat([torch.zeros(1, dtype=torch.float64), tps / n_gt])
+    precision = torch.cat([torch.ones(1, dtype=torch.float64), tps / (tps + fps)])
+    envelope = precision.flip(0).cummax(0).values.flip(0)
+    return float(((recall[1:] - recall[:-1]) * envelope[1:]).sum())
+
+
+class DetectionEval:
+    """Accumulates detections and ground truth image by image; computes AP and box errors
+    (see Note: detection conventions).
+
+        ev = DetectionEval(num_classes=3)
+        for images, targets in data:
+            ev.update(decode(model(images)), targets)
+        ev.average_precision("bev", 0.5), ev.errors()
+    """
+
+    def __init__(self, num_classes: int):
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        self.num_classes = num_classes
+        self.detections: List[Dict[str, torch.Tensor]] = []
+        self.targets: List[Dict[str, torch.Tensor]] = []
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __repr__(self) -> str:
+        return f"DetectionEval(num_classes={self.num_classes}, images={len(self)})"
+
+    def update(self, detections: Sequence[dict], targets: Sequence[dict]) -> "DetectionEval":
+        dets, gts = _images(detections, "detections", True), _images(targets, "targets", False)
+        if len(dets) != len(gts):
+            raise ValueError(f"{len(dets)} images of detections but {len(gts)} of targets")
+        for x, name in [(d, "detections") for d in dets] + [(g, "targets") for g in gts]:
+            bad = (x["labels"] < 0) | (x["labels"] >= self.num_classes)
+            if bad.any():
+                raise ValueError(f"{name} hold class {int(x['labels'][bad][0])}, outside [0, {self.num_classes})")
+        self.detections += dets
+        self.targets += gts
+        return self
+
+    def _require(self, kind: str) -> None:
+        key = _IOU_KINDS[_check_kind(kind)][0]
+        for name, items in (("detections", self.detections), ("targets", self.targets)):
+            for i, x in enumerate(items):
+                if key not in x:
+                    raise ValueError(f"{name} of image {i} have no {key!r}, which kind={kind!r} needs")
+
+    def average_precision(self, kind: str = "2d", threshold: float = 0.5, per_class: bool = False):
+        """Mean AP over the classes with ground truth (a float; NaN if none), or with ``per_class``
+        a float64 tensor (num_classes,) with NaN for classes without ground truth."""
+        self._require(kind)
+        threshold = _check_threshold(threshold)
+        aps = []
+        for c in range(self.num_classes):
+            scores, tp, n_gt = [], [], 0
+            for det, gt in zip(self.detections, self.targets):
+                d_idx, m, g_idx = _match_class(det, gt, c, kind, threshold)
+                scores.append(det["scores"][d_idx])
+                tp.append(m >= 0)
+                n_gt += len(g_idx)
+            aps.append(_ap(torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float64),
+                           torch.cat(tp) if tp else torch.zeros(0, dtype=torch.bool), n_gt))
+        ap = torch.tensor(aps, dtype=torch.float64)
+        if per_class:
+            return ap
+        known = ap[~ap.isnan()]
+        return float(known.mean()) if len(known) else math.nan
+
+    def errors(self, min_score: float = 0.3, kind: str = "2d", threshold: float = 0.5) -> Dict[str, float]:
+        """Mean absolute errors of matched boxes: ``depth`` (m), ``depth_rel``, ``size`` (m), ``yaw``
+        (radians), and ``matched`` (how many); NaN errors if none matched."""
+        self._require(kind)
+        self._require("3d")
+        threshold = _check_threshold(threshold)
+        pred, true = [], []
+        for det, gt in zip(self.detections, self.targets):
+            for c in range(self.num_classes):
+                d_idx, m, _ = _match_class(det, gt, c, kind, threshold, min_score)
+                ok = m >= 0
+                pred.append(det["boxes3d"][d_idx[ok]])
+                true.append(gt["boxes3d"][m[ok]])
+        p = torch.cat(pred) if pred else torch.zeros(0, 7, dtype=torch.float64)
+        t = torch.cat(true) if true else torch.zeros(0, 7, dtype=torch.float64)
+        if len(p) == 0:
+            return {"depth": math.nan, "depth_rel": math.nan, "size": math.nan, "yaw": math.nan, "matched": 0}
+        dyaw = torch.remainder(p[:, 6] - t[:, 6] + math.pi, 2 * math.pi) - math.pi
+        depth = (p[:, 0] - t[:, 0]).abs()
+        return {"depth": float(depth.mean()), "depth_rel": float((depth / t[:, 0].abs()).mean()),
+                "size": float((p[:, 3:6] - t[:, 3:6]).abs().mean()), "yaw": float(dyaw.abs().mean()),
+                "matched": len(p)}
+
+
+def _num_classes(*groups) -> int:
+    top = [int(x["labels"].max()) for g in groups for x in g if len(x["labels"])]
+    return max(top, default=0) + 1
+
+
+def average_precision(detections: Sequence[dict], targets: Sequence[dict], kind: str = "2d",
+                      threshold: float = 0.5, num_classes: Optional[int] = None, per_class: bool = False):
+    """AP of per-image ``detections`` against ``targets`` (see Note: detection conventions);
+    ``num_classes`` defaults to one more than the largest label seen."""
+    _check_kind(kind)
+    dets, gts = _images(detections, "detections", True, (kind,)), _images(targets, "targets", False, (kind,))
+    ev = DetectionEval(num_classes or _num_classes(dets, gts))
+    return ev.update(dets, gts).average_precision(kind, threshold, per_class)
+
+
+def box_errors(detections: Sequence[dict], targets: Sequence[dict], min_score: float = 0.3, kind: str = "2d",
+               threshold: float = 0.5) -> Dict[str, float]:
+    """``DetectionEval.errors`` of per-image ``detections`` against ``targets``."""
+    dets, gts = _images(detections, "detections", True, (kind, "3d")), _images(targets, "targets", False)
+    return DetectionEval(_num_classes(dets, gts)).update(dets, gts).errors(min_score, kind, threshold)
+
+
+def box_agreement(reference: Sequence[dict], test: Sequence[dict], threshold: float = 0.9, kind: str = "2d",
+                  min_score: float = 0.3) -> float:
+    """Fraction of the reference model's detections (score >= ``min_score``) that a test detection of
+    the same class matches at IoU >= ``threshold`` (see Note: detection conventions)."""
+    _check_kind(kind)
+    threshold = _check_threshold(threshold)
+    ref, tst = _images(reference, "reference", True, (kind,)), _images(test, "test", True, (kind,))
+    if len(ref) != len(tst):
+        raise ValueError(f"{len(ref)} images of reference detections but {len(tst)} of test detections")
+    key = _IOU_KINDS[kind][0]
+    found = total = 0
+    for r, t in zip(ref, tst):
+        for c in r["labels"][r["scores"] >= min_score].unique().tolist():
+            r_idx = ((r["labels"] == c) & (r["scores"] >= min_score)).nonzero()[:, 0]
+            t_idx = (t["labels"] == c).nonzero()[:, 0]
+            m = _greedy(r["scores"][r_idx], _iou(kind, r[key][r_idx], t[key][t_idx]), threshold)
+            found += int((m >= 0).sum())
+            total += len(r_idx)
+    return found / total if total else math.nan

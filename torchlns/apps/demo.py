@@ -35,7 +35,7 @@ from ..metrics import agreement
 from .scenes import CLASSES, IGNORE_INDEX, PALETTE, SceneDataset
 
 __all__ = ["SegNet", "DemoConfig", "Row", "batches", "train", "evaluate", "cluster", "finetune", "float_model", "run",
-           "scene_data", "main"]
+           "scene_data", "main", "add_arguments", "config_from_args", "cached_model"]
 
 
 class SegNet(nn.Module):
@@ -108,9 +108,14 @@ def _progress(iterable, desc: str, total=None):
     return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
 
 
+def _segmentation_loss(model, x, y):
+    return F.cross_entropy(model(x), y, ignore_index=IGNORE_INDEX)
+
+
 def train(model: nn.Module, ds: SceneDataset, steps: int, batch_size: int, lr: float, device, seed: int,
-          params=None, desc: str = "training") -> nn.Module:
-    """Adam with a cosine schedule, cross entropy ignoring IGNORE_INDEX."""
+          params=None, desc: str = "training", loss=_segmentation_loss) -> nn.Module:
+    """Adam with a cosine schedule on ``loss(model, x, y)`` (default: cross entropy ignoring
+    IGNORE_INDEX) over shuffled ``batches`` of ``ds``."""
     model.train().to(device)
     opt = torch.optim.Adam(params if params is not None else model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
@@ -121,14 +126,14 @@ def train(model: nn.Module, ds: SceneDataset, steps: int, batch_size: int, lr: f
         for x, y in batches(ds, batch_size, shuffle_seed=seed * 1000 + epoch):
             if done == steps:
                 break
-            loss = F.cross_entropy(model(x.to(device)), y.to(device), ignore_index=IGNORE_INDEX)
+            value = loss(model, x.to(device), y.to(device))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            value.backward()
             opt.step()
             sched.step()
             done += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{value.item():.3f}")
         epoch += 1
     bar.close()
     return model.eval()
@@ -166,24 +171,31 @@ def cluster(model: nn.Module, cfg: DemoConfig) -> nn.Module:
                                     filter_fn=lambda m, fqn: m.in_channels > 3, seed=cfg.seed)
 
 
-def float_model(cfg: DemoConfig, train_ds: SceneDataset, log) -> nn.Module:
-    """The trained float SegNet: loaded from ``cfg.out`` if trained with these settings, else trained and saved."""
-    path = cfg.out / "segnet_float.pt"
-    torch.manual_seed(cfg.seed)
-    model = SegNet(width=cfg.net_width)
-    key = dict(height=cfg.height, width=cfg.width, n_train=len(train_ds), steps=cfg.train_steps,
-               net_width=cfg.net_width, seed=cfg.seed, data=float(train_ds.images[:4].sum()))
-    if path.is_file() and not cfg.retrain:
+def cached_model(path: Path, model: nn.Module, key: dict, fit, log, what: str, retrain: bool = False) -> nn.Module:
+    """``model`` with the weights saved at ``path`` if they were trained with settings ``key`` (and
+    not ``retrain``); else ``fit(model)`` trains it, and it is saved with ``key``."""
+    if path.is_file() and not retrain:
         saved = torch.load(path, weights_only=True)
         if saved.get("key") == key:
             model.load_state_dict(saved["state_dict"])
-            log(f"loaded the trained float model from {path}")
-            return model.to(cfg.device).eval()
+            log(f"loaded the trained {what} from {path}")
+            return model.eval()
     t = time.time()
-    train(model, train_ds, cfg.train_steps, cfg.batch_size, 3e-3, cfg.device, cfg.seed)
-    log(f"trained the float model: {cfg.train_steps} steps in {time.time() - t:.0f} s")
+    fit(model)
+    log(f"trained the {what}: {key['steps']} steps in {time.time() - t:.0f} s")
     torch.save({"key": key, "state_dict": model.state_dict()}, path)
     return model.eval()
+
+
+def float_model(cfg: DemoConfig, train_ds: SceneDataset, log) -> nn.Module:
+    """The trained float SegNet: loaded from ``cfg.out`` if trained with these settings, else trained and saved."""
+    torch.manual_seed(cfg.seed)
+    model = SegNet(width=cfg.net_width).to(cfg.device)
+    key = dict(height=cfg.height, width=cfg.width, n_train=len(train_ds), steps=cfg.train_steps,
+               net_width=cfg.net_width, seed=cfg.seed, data=float(train_ds.images[:4].sum()))
+    return cached_model(cfg.out / "segnet_float.pt", model, key,
+                        lambda m: train(m, train_ds, cfg.train_steps, cfg.batch_size, 3e-3, cfg.device, cfg.seed),
+                        log, "float model", cfg.retrain)
 
 
 def scene_data(cfg: DemoConfig):
@@ -336,8 +348,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return run_from_args(p.parse_args(argv))
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = DemoConfig()
+def add_arguments(p: argparse.ArgumentParser, d: Optional[DemoConfig] = None) -> None:
+    """The job's flags, with defaults from ``d`` (a ``DemoConfig`` or a subclass)."""
+    d = d or DemoConfig()
     p.add_argument("--out", type=Path, default=d.out, help=f"output folder (default {d.out})")
     p.add_argument("--device", default=d.device, help="cpu or cuda")
     p.add_argument("--size", type=int, nargs=2, default=(d.height, d.width), metavar=("H", "W"))
@@ -351,12 +364,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retrain", action="store_true", help="train even if a trained model is in --out")
 
 
+def config_from_args(args: argparse.Namespace, cls=DemoConfig) -> DemoConfig:
+    return cls(out=args.out, height=args.size[0], width=args.size[1], n_train=args.n_train, n_eval=args.n_eval,
+               train_steps=args.train_steps, batch_size=cls.batch_size, net_width=args.net_width,
+               clusters=args.clusters, finetune_steps=args.finetune_steps, device=args.device, seed=args.seed,
+               retrain=args.retrain)
+
+
 def run_from_args(args: argparse.Namespace, data=None) -> int:
     """Run the demo from parsed ``add_arguments`` flags; ``data`` as in ``run``."""
-    cfg = DemoConfig(out=args.out, height=args.size[0], width=args.size[1], n_train=args.n_train,
-                     n_eval=args.n_eval, train_steps=args.train_steps, batch_size=DemoConfig.batch_size,
-                     net_width=args.net_width, clusters=args.clusters, finetune_steps=args.finetune_steps,
-                     device=args.device, seed=args.seed, retrain=args.retrain)
+    cfg = config_from_args(args)
     t = time.time()
     rows = run(cfg, data=data)
     print()
