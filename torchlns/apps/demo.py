@@ -113,9 +113,9 @@ def _segmentation_loss(model, x, y):
 
 
 def train(model: nn.Module, ds: SceneDataset, steps: int, batch_size: int, lr: float, device, seed: int,
-          params=None, desc: str = "training", loss=_segmentation_loss) -> nn.Module:
+          params=None, desc: str = "training", loss=_segmentation_loss, clip: Optional[float] = None) -> nn.Module:
     """Adam with a cosine schedule on ``loss(model, x, y)`` (default: cross entropy ignoring
-    IGNORE_INDEX) over shuffled ``batches`` of ``ds``."""
+    IGNORE_INDEX) over shuffled ``batches`` of ``ds``; ``clip`` bounds the gradient's norm."""
     model.train().to(device)
     opt = torch.optim.Adam(params if params is not None else model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
@@ -129,6 +129,8 @@ def train(model: nn.Module, ds: SceneDataset, steps: int, batch_size: int, lr: f
             value = loss(model, x.to(device), y.to(device))
             opt.zero_grad(set_to_none=True)
             value.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(params if params is not None else model.parameters(), clip)
             opt.step()
             sched.step()
             done += 1
