@@ -2,8 +2,9 @@
 
 ``python -m torchlns detect-demo`` trains (or loads from ``--out``) a small monocular 3-D
 detector on generated box scenes (``torchlns.apps.scenes``), converts it with batch-norm
-folding and calibration to LNS8 (ideal and chip MACs), FP8 e4m3 and INT8, and to LNS8 with
-cluster compression plus centroid fine-tuning, and evaluates each on held-out scenes. It
+folding and calibration to LNS8 (ideal and chip MACs; and chip with the first layer and the
+box layer in LNS12), FP8 e4m3 and INT8, and to LNS8 with cluster compression plus centroid
+fine-tuning, and evaluates each on held-out scenes. It
 prints one row per format (2-D AP@0.5/0.7, BEV and 3-D AP@0.5, box agreement with float,
 depth error, model bytes, compression ratio) and writes the Figure-2-style picture
 (``boxes.png``) and a markdown report (``report.md``) to the output folder.
