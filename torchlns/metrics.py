@@ -655,7 +655,10 @@ class DetectionEval:
         return f"DetectionEval(num_classes={self.num_classes}, images={len(self)})"
 
     def update(self, detections: Sequence[dict], targets: Sequence[dict]) -> "DetectionEval":
-        dets, gts = _images(detections, "detections", True), _images(targets, "targets", False)
+        return self._extend(_images(detections, "detections", True), _images(targets, "targets", False))
+
+    def _extend(self, dets: List[Dict[str, torch.Tensor]], gts: List[Dict[str, torch.Tensor]]) -> "DetectionEval":
+        """``update`` on images already checked by ``_images``."""
         if len(dets) != len(gts):
             raise ValueError(f"{len(dets)} images of detections but {len(gts)} of targets")
         for x, name in [(d, "detections") for d in dets] + [(g, "targets") for g in gts]:
@@ -728,16 +731,16 @@ def average_precision(detections: Sequence[dict], targets: Sequence[dict], kind:
     """AP of per-image ``detections`` against ``targets`` (see Note: detection conventions);
     ``num_classes`` defaults to one more than the largest label seen."""
     _check_kind(kind)
-    dets, gts = _images(detections, "detections", True, (kind,)), _images(targets, "targets", False, (kind,))
+    dets, gts = _images(detections, "detections", True), _images(targets, "targets", False)
     ev = DetectionEval(num_classes or _num_classes(dets, gts))
-    return ev.update(dets, gts).average_precision(kind, threshold, per_class)
+    return ev._extend(dets, gts).average_precision(kind, threshold, per_class)
 
 
 def box_errors(detections: Sequence[dict], targets: Sequence[dict], min_score: float = 0.3, kind: str = "2d",
                threshold: float = 0.5) -> Dict[str, float]:
     """``DetectionEval.errors`` of per-image ``detections`` against ``targets``."""
-    dets, gts = _images(detections, "detections", True, (kind, "3d")), _images(targets, "targets", False)
-    return DetectionEval(_num_classes(dets, gts)).update(dets, gts).errors(min_score, kind, threshold)
+    dets, gts = _images(detections, "detections", True), _images(targets, "targets", False)
+    return DetectionEval(_num_classes(dets, gts))._extend(dets, gts).errors(min_score, kind, threshold)
 
 
 def box_agreement(reference: Sequence[dict], test: Sequence[dict], threshold: float = 0.9, kind: str = "2d",

@@ -368,7 +368,7 @@ def add_arguments(p: argparse.ArgumentParser, d: Optional[DemoConfig] = None) ->
 
 def config_from_args(args: argparse.Namespace, cls=DemoConfig) -> DemoConfig:
     return cls(out=args.out, height=args.size[0], width=args.size[1], n_train=args.n_train, n_eval=args.n_eval,
-               train_steps=args.train_steps, batch_size=cls.batch_size, net_width=args.net_width,
+               train_steps=args.train_steps, net_width=args.net_width,
                clusters=args.clusters, finetune_steps=args.finetune_steps, device=args.device, seed=args.seed,
                retrain=args.retrain)
 

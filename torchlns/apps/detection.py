@@ -108,6 +108,14 @@ def with_coordinates(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, cols, rows], 1)
 
 
+def _block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+def _block3d(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv3d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm3d(cout), nn.ReLU(inplace=True))
+
+
 class CenterNet(nn.Module):
     """A small CenterNet-style monocular 3-D detector (see Note: the detector): a stride-16 encoder
     of 3x3 conv + BN + ReLU blocks, a decoder back to stride 4 with skips, and two heads
@@ -117,19 +125,14 @@ class CenterNet(nn.Module):
         super().__init__()
         w = width
         self.num_classes = num_classes
-
-        def block(cin, cout, stride=1):
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout),
-                                 nn.ReLU(inplace=True))
-
-        self.stem = nn.Sequential(block(5, w, 2), block(w, w))
-        self.down4 = nn.Sequential(block(w, 2 * w, 2), block(2 * w, 2 * w))
-        self.down8 = nn.Sequential(block(2 * w, 4 * w, 2), block(4 * w, 4 * w))
-        self.down16 = nn.Sequential(block(4 * w, 6 * w, 2), block(6 * w, 6 * w))
-        self.up8 = block(10 * w, 4 * w)
-        self.up4 = block(6 * w, 3 * w)
-        self.heat = nn.Sequential(block(3 * w, 2 * w), nn.Conv2d(2 * w, num_classes, 1))
-        self.box = nn.Sequential(block(3 * w, 2 * w), nn.Conv2d(2 * w, REG, 1))
+        self.stem = nn.Sequential(_block(5, w, 2), _block(w, w))
+        self.down4 = nn.Sequential(_block(w, 2 * w, 2), _block(2 * w, 2 * w))
+        self.down8 = nn.Sequential(_block(2 * w, 4 * w, 2), _block(4 * w, 4 * w))
+        self.down16 = nn.Sequential(_block(4 * w, 6 * w, 2), _block(6 * w, 6 * w))
+        self.up8 = _block(10 * w, 4 * w)
+        self.up4 = _block(6 * w, 3 * w)
+        self.heat = nn.Sequential(_block(3 * w, 2 * w), nn.Conv2d(2 * w, num_classes, 1))
+        self.box = nn.Sequential(_block(3 * w, 2 * w), nn.Conv2d(2 * w, REG, 1))
         nn.init.constant_(self.heat[-1].bias, -2.19)  # a prior of 0.1 on every cell, as in CenterNet
 
     def forward(self, x):
@@ -166,17 +169,9 @@ class StereoCenterNet(CenterNet):
             raise ValueError(f"width {width} must be a multiple of groups {groups}")
         w = width
         self.disparities, self.groups = disparities, groups
-
-        def block3d(cin, cout):
-            return nn.Sequential(nn.Conv3d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm3d(cout), nn.ReLU(inplace=True))
-
-        def block(cin, cout, stride=1):
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout),
-                                 nn.ReLU(inplace=True))
-
-        self.volume = nn.Sequential(block3d(groups, 8), block3d(8, 8))
-        self.fuse = block(8 * disparities, 2 * w, 2)  # disparity folded into channels, down to stride 4
-        self.merge = block(4 * w, 2 * w)
+        self.volume = nn.Sequential(_block3d(groups, 8), _block3d(8, 8))
+        self.fuse = _block(8 * disparities, 2 * w, 2)  # disparity folded into channels, down to stride 4
+        self.merge = _block(4 * w, 2 * w)
 
     def forward(self, left, right):
         s2_left, s2_right = self.stem(with_coordinates(left)), self.stem(with_coordinates(right))
