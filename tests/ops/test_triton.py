@@ -1,4 +1,6 @@
-"""Triton kernels against the reference: on a GPU compiled, in CI under TRITON_INTERPRET=1.
+"""Triton codec kernels against the reference, on a GPU compiled, in CI under TRITON_INTERPRET=1.
+
+The MAC kernels are tested in test_triton_mac.py.
 
 tests/conftest.py sets TRITON_INTERPRET=1 when no GPU is present, before this module imports
 the kernels. Shapes stay small: the interpreter runs every program in Python.
@@ -10,7 +12,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from test_kernels import MACS, assert_mm_matches, assert_same, mm_args, mm_case, random_floats  # noqa: E402
+from test_kernels import assert_same, random_floats  # noqa: E402
 
 from torchlns import ops  # noqa: E402
 from torchlns.core import tables  # noqa: E402
@@ -73,28 +75,6 @@ def test_int_codec(bits):
         check("int_encode", (x, scale, qmax, bits), f"int{bits}")
         codes = ops.REFERENCE["int_encode"](x, scale, qmax, bits)
         check("int_decode", (codes, scale), f"int{bits}")
-
-
-@pytest.mark.parametrize("config", tk._mm_configs(), ids=lambda c: "x".join(str(v) for v in c.kwargs.values()))
-@pytest.mark.parametrize("mac,acc_lsb", MACS, ids=lambda v: repr(v))
-def test_lns_mm_every_config(config, mac, acc_lsb):
-    fmt = LNSFormat(8, 3)
-    for M, N, K, offsets in [(1, 1, 1, "tensor"), (7, 5, 13, "row"), (17, 9, 37, "element"), (0, 3, 4, "tensor"),
-                             (3, 2, 0, "column")]:
-        args = on_device(mm_args(mm_case(M, N, K, fmt, seed=K, p_nan=0.03 if K > 5 else 0.0, offsets=offsets),
-                                 fmt, mac, acc_lsb))
-        got = tk.lns_mm(*args, config=config)
-        want = ops.REFERENCE["lns_mm"](*args)
-        assert_mm_matches(got.cpu(), want.cpu(), tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in args),
-                          f"triton lns_mm {mac} {M}x{N}x{K}")
-
-
-@pytest.mark.parametrize("fmt", [LNSFormat(6, 2), LNSFormat(16, 10)], ids=str)
-def test_lns_mm_wide_formats(fmt):
-    from torchlns.core.formats import MACConfig
-
-    args = on_device(mm_args(mm_case(5, 6, 21, fmt, seed=3), fmt, MACConfig.chip(), -10))
-    assert_same(tk.lns_mm(*args).cpu(), ops.REFERENCE["lns_mm"](*args).cpu(), f"triton lns_mm {fmt}")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the CUDA registration is exercised there")

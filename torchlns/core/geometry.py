@@ -72,4 +72,4 @@ def im2col(t: torch.Tensor, idx: torch.Tensor, pad_value) -> torch.Tensor:
 
 def cols_to_image(y: torch.Tensor, N: int, Ho: int, Wo: int) -> torch.Tensor:
     """(N*L, Cout) rows of an im2col product -> a contiguous (N, Cout, Ho, Wo) image."""
-    return y.reshape(N, Ho * Wo, -1).permute(0, 2, 1).reshape(N, -1, Ho, Wo).contiguous()
+    return y.reshape(N, Ho * Wo, y.shape[-1]).permute(0, 2, 1).reshape(N, y.shape[-1], Ho, Wo).contiguous()

@@ -8,12 +8,7 @@ Note: op registration in library.py). CI runs these kernels on the CPU under
 ``TRITON_INTERPRET=1`` (set by tests/conftest.py before this module is imported); on a GPU
 they run compiled.
 
-``lns_mm`` tiles the output into BLOCK_M x BLOCK_N programs and walks K in BLOCK_K steps,
-forming each product from its log sum exactly as the reference does (C[r] * 2^q is an exact
-float64). The float32 accumulator sums in float64 (rounded once, on the host side); the
-fixed accumulator sums int64 exactly. Pre- and post-processing (log values, NaN rows, bias,
-saturation) reuse the Python pieces of core/fields.py and reference.py, so only the O(MNK)
-core is a kernel.
+The MAC kernels (``lns_mm``, ``lns_conv``) live in triton_mac.py.
 """
 
 from __future__ import annotations
@@ -22,8 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..core.fields import log_fields
-from .reference import mm_epilogue
+from . import triton_mac
 
 BLOCK = 1024
 
@@ -208,75 +202,6 @@ def int_decode(codes, scale):
     return _elementwise(_int_decode_kernel, codes, scale.to(torch.float32), torch.float32)
 
 
-# ----------------------------------------------------------------------------------------
-# lns_mm
-# ----------------------------------------------------------------------------------------
-def _mm_configs():
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
-            for bm, bn, bk, w in [(16, 16, 16, 4), (32, 32, 8, 4), (16, 32, 16, 4)]]
-
-
-@triton.jit
-def _lns_mm_kernel(gx_ptr, sx_ptr, gw_ptr, sw_ptr, table_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-                   SHIFT, T, F: tl.constexpr, FIXED: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if FIXED:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int64)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mx = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-        mw = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-        gx = tl.load(gx_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mx, other=0)
-        sx = tl.load(sx_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mx, other=0.0)
-        gw = tl.load(gw_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mw, other=0)
-        sw = tl.load(sw_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mw, other=0.0)
-        G = gx[:, None, :] + gw[None, :, :]
-        c = tl.load(table_ptr + (G & ((1 << F) - 1)))
-        pow2 = (((G >> F).to(tl.int64) - SHIFT + 1023) << 52).to(tl.float64, bitcast=True)  # exact 2^q
-        p = c * pow2
-        sign = sx[:, None, :] * sw[None, :, :]  # +-1, or 0 for a zero code
-        if FIXED:
-            p = tl.minimum(tl.floor(p), T.to(tl.float64))  # T < 2^47: exact in float64
-            acc += tl.sum((sign * p).to(tl.int64), axis=2)
-        else:
-            acc += tl.sum(sign * p, axis=2)
-    mo = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc, mask=mo)
-
-
-_lns_mm_autotuned = triton.autotune(configs=_mm_configs(), key=["M", "N", "K", "FIXED"])(_lns_mm_kernel)
-
-
-def lns_mm(x, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits, acc_lsb, config=None):
-    """``torchlns::lns_mm``. ``config`` pins one tile config (tests sweep every one of
-    ``_mm_configs()``); by default CUDA autotunes and the interpreter takes the first."""
-    M, K = x.shape
-    N = w.shape[0]
-    gx, nx, zx, nanx = log_fields(x, x_offset, x_bits)
-    gw, nw, zw, nanw = log_fields(w, w_offset, w_bits)
-    sign = lambda neg, zero: torch.where(zero, 0.0, torch.where(neg, -1.0, 1.0)).to(torch.float64)  # noqa: E731
-    sx, sw = sign(nx, zx).contiguous(), sign(nw, zw).contiguous()
-    gx, gw = gx.to(torch.int32).contiguous(), gw.to(torch.int32).contiguous()
-    out = torch.empty(M, N, dtype=torch.int64 if fixed else torch.float64, device=x.device)
-    if M and N:
-        T = 2 ** (acc_bits - 1) - 1
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
-        args = (gx, sx, gw, sw, table, out, M, N, K, gx.stride(0), gw.stride(0), out.stride(0), acc_lsb if fixed else 0,
-                T)
-        if config is None and x.is_cuda:
-            _lns_mm_autotuned[grid](*args, F=frac_bits, FIXED=fixed)
-        else:
-            config = config or _mm_configs()[0]
-            _lns_mm_kernel[grid](*args, F=frac_bits, FIXED=fixed, num_warps=config.num_warps, **config.kwargs)
-    return mm_epilogue(out, nanx.any(1), nanw.any(1), bias, fixed, acc_bits, acc_lsb)
-
-
 KERNELS = {
     "lns_encode": lns_encode,
     "lns_decode": lns_decode,
@@ -284,5 +209,5 @@ KERNELS = {
     "fp8_decode": fp8_decode,
     "int_encode": int_encode,
     "int_decode": int_decode,
-    "lns_mm": lns_mm,
+    **triton_mac.KERNELS,  # lns_mm, lns_conv
 }
