@@ -1,6 +1,6 @@
 """Command line: ``python -m torchlns <command>`` (or the ``torchlns`` console script).
 
-Commands: ``demo`` (the main job, ``apps/demo.py``), ``detect-demo`` (``apps/detection.py``), ``bench`` (``apps/bench.py``), ``formats``
+Commands: ``demo`` (the main job, ``apps/demo.py``), ``detect-demo`` (``apps/detection.py``), ``bench`` (``apps/bench.py``), ``gpu-check`` (``apps/gpu_check.py``), ``formats``
 (``apps/formats_table.py``), and ``convert``, ``report``, ``compare`` and ``sensitivity`` (``apps/cli.py``). User errors print one ``torchlns: error: ...`` line and exit with 2.
 """
 
@@ -26,6 +26,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .apps.demo import run_from_args
+
+    return run_from_args(args)
+
+
+def _cmd_gpu_check(args: argparse.Namespace) -> int:
+    from .apps.gpu_check import run_from_args
 
     return run_from_args(args)
 
@@ -73,6 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_arguments(bench)
     bench.set_defaults(func=_cmd_bench)
+
+    from .apps.gpu_check import __doc__ as gpu_doc, add_arguments as gpu_arguments
+
+    gpu = sub.add_parser(
+        "gpu-check",
+        help="on a CUDA machine: the CUDA tests, the GPU kernel benchmarks and a converted ResNet-50, in one table",
+        description=gpu_doc.split("\n\n")[1],
+    )
+    gpu_arguments(gpu)
+    gpu.set_defaults(func=_cmd_gpu_check)
 
     formats = sub.add_parser(
         "formats",

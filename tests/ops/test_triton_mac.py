@@ -6,6 +6,7 @@ fixed accumulator must give the reference's bits; the float32 accumulator must s
 the spec's bound (see Note: bf16 pieces of the remainder classes in torchlns/ops/mac_tables.py).
 """
 
+import copy
 import math
 
 import pytest
@@ -325,3 +326,63 @@ def test_conv_empty_and_non_contiguous():
     assert_same(tm.lns_conv(*on_device((xt,) + args[1:])).cpu(), reference_conv(args), "strided input")
     empty = (x[:0],) + args[1:]
     assert tm.lns_conv(*on_device(empty)).shape == reference_conv(empty).shape
+
+
+# ----------------------------------------------------------------------------------------
+# a whole converted model through the GPU path (on the CPU, under the interpreter)
+# ----------------------------------------------------------------------------------------
+class _Net(torch.nn.Module):
+    """Every layer kind the GPU path serves: conv, depthwise, Conv3d, ConvTranspose2d, Linear."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.dw = nn.Sequential(nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8), nn.ReLU())
+        self.vol = nn.Conv3d(2, 4, (2, 3, 3), padding=(0, 1, 1))
+        self.up = nn.ConvTranspose2d(16, 4, 3, stride=2, padding=1, output_padding=1)
+        self.head = nn.Linear(4 * 8 * 8, 5)
+
+    def forward(self, x):
+        x = self.dw(self.stem(x))  # (N, 8, 4, 4)
+        v = self.vol(x.reshape(x.shape[0], 2, 4, 4, 4)).relu()  # (N, 4, 3, 4, 4)
+        x = self.up(torch.cat([x, v.flatten(1, 2)[:, :8]], 1))  # (N, 4, 8, 8)
+        return self.head(x.flatten(1))
+
+
+@pytest.mark.parametrize("mac", [MACConfig.chip(), MACConfig()], ids=repr)
+def test_converted_model_through_the_gpu_kernels(mac, monkeypatch):
+    import torchlns
+    from torchlns.config import ConvertConfig
+
+    torch.manual_seed(0)
+    model = _Net().eval()
+    data = [torch.randn(2, 3, 8, 8) for _ in range(2)]
+    q = torchlns.convert(model, ConvertConfig(mac=mac), data)
+    x = torch.randn(3, 3, 8, 8)
+    launches = []
+    real = tm._mac
+    monkeypatch.setattr(tm, "_mac", lambda *a: launches.append(a[-3]) or real(*a))
+    with torch.no_grad():
+        want = q(x)
+        assert not launches
+        if DEVICE == "cuda":  # compiled kernels on the GPU
+            got = copy.deepcopy(q).cuda()(x.cuda()).cpu()
+        else:  # the same kernels in the interpreter, on CPU tensors
+            with ops.cuda_kernels_on_cpu():
+                got = q(x)
+    assert launches.count(True) == 4 and launches.count(False) == 1  # four convs (Conv3d too), one linear
+    assert torch.isfinite(want).all()
+    if mac.fixed:  # exact sums: the CPU kernels' bits
+        assert_same(got, want, "converted model, GPU kernels vs CPU kernels")
+    else:  # float32 sums in another order, then re-encoded by the next layer
+        assert torch.allclose(got, want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
+
+
+def test_packed_table_holds_the_chip_lut():
+    L, _ = mac_tables.integer_table(conversion(3, MACConfig(conversion="lut", lut_bits=8)))
+    L0, w0, w1 = mac_tables.packed_table(L)
+    unpacked = [L0 + (((w0 if r < 4 else w1) >> (8 * (r & 3))) & 255) for r in range(8)]
+    assert unpacked == L.tolist()
+    assert mac_tables.packed_table(mac_tables.integer_table(conversion(3, MACConfig()))[0]) is None  # 2^23..2^24
+    assert mac_tables.packed_table(torch.arange(16, dtype=torch.int32)) is None  # more than 8 entries

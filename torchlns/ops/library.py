@@ -188,6 +188,28 @@ def register_triton() -> str | None:
 TRITON_ERROR = register_triton()
 
 
+def _cuda_kernels() -> dict:
+    from . import dense, triton_kernels
+
+    return {**triton_kernels.KERNELS, "scaled_mm": dense.scaled_mm_dense, "scaled_conv": dense.scaled_conv_dense}
+
+
+@contextlib.contextmanager
+def cuda_kernels_on_cpu():
+    """Run every torchlns op on CPU tensors through the kernels CUDA uses (Triton, dense) inside the block.
+
+    With ``TRITON_INTERPRET=1`` set before torchlns is imported, this runs the GPU path of a
+    whole model on a machine without a GPU: how CI tests it. The CPU kernels come back on exit.
+    """
+    kernels = _cuda_kernels()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Oo]verrid.*")
+        with torch.library._scoped_library("torchlns", "IMPL") as lib:
+            for name, kernel in kernels.items():
+                lib.impl(name, kernel, "CPU")
+            yield
+
+
 @contextlib.contextmanager
 def reference_kernels():
     """Run every torchlns op on its pure-PyTorch reference inside the block, on every device.

@@ -51,7 +51,7 @@ from typing import Tuple
 
 import torch
 
-__all__ = ["extended_table", "bf16_pieces", "integer_table", "class_terms_in_range", "octave_bounds",
+__all__ = ["extended_table", "bf16_pieces", "integer_table", "packed_table", "class_terms_in_range", "octave_bounds",
            "class_operands", "MAX_CLASS_BITS", "PIECE_MIN_EXP"]
 
 MAX_CLASS_BITS = 4  # tensor-core route for F <= 4 (at most 16 classes); wider F runs the direct kernel
@@ -111,6 +111,17 @@ def octave_bounds(offset: torch.Tensor, bits: int, frac_bits: int) -> Tuple[int,
     e_max = (1 << (bits - 1)) - 1
     lo, hi = int(lo), int(hi)  # one synchronisation for both
     return (1 + lo) >> frac_bits, (e_max + hi) >> frac_bits
+
+
+def packed_table(L: torch.Tensor):
+    """``(L[0], word0, word1)``: up to 8 entries within 255 of ``L[0]`` as bytes of two int32
+    words, byte ``r & 3`` of word ``r >> 2`` holding ``L[r] - L[0]``; None if they do not fit."""
+    values = [int(v) for v in L.tolist()]
+    if len(values) > 8 or max(values) - values[0] > 255 or min(values) < values[0]:
+        return None
+    deltas = [v - values[0] for v in values] + [0] * (8 - len(values))
+    words = [sum(d << (8 * i) for i, d in enumerate(deltas[j:j + 4])) for j in (0, 4)]
+    return values[0], *(w - (1 << 32) if w >= 1 << 31 else w for w in words)
 
 
 def class_terms_in_range(qx: Tuple[int, int], qw: Tuple[int, int]) -> bool:

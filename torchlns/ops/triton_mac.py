@@ -69,13 +69,12 @@ def _autotune_enabled() -> bool:
 def _classes_configs():
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": CLASSES_BLOCK_K, "GROUP_M": 8}, num_warps=w,
                           num_stages=s)
-            for bm, bn, w, s in [(128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 2), (32, 64, 4, 2),
-                                 (16, 32, 2, 2)]]
+            for bm, bn, w, s in [(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 2), (16, 32, 2, 2)]]
 
 
 def _direct_configs():
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w)
-            for bm, bn, w in [(64, 64, 4), (128, 64, 8), (64, 128, 8), (32, 64, 4), (32, 32, 2), (16, 16, 1)]]
+            for bm, bn, w in [(64, 64, 4), (128, 64, 8), (32, 32, 2), (16, 16, 1)]]
 
 
 # ----------------------------------------------------------------------------------------
@@ -249,13 +248,12 @@ def _lns_mac_classes_kernel(
 # every product from its log sum: the fixed accumulator, and the float64 fallback
 # ----------------------------------------------------------------------------------------
 @triton.jit
-def _lut(tab_ptr, r, R: tl.constexpr):
-    """L[r]: a select chain over the table in registers for a few classes, else a gather."""
-    if R <= 16:
-        out = tl.zeros(r.shape, dtype=tl.int32) + tl.load(tab_ptr)
-        for j in tl.static_range(1, R):
-            out = tl.where(r == j, tl.load(tab_ptr + j), out)
-        return out
+def _lut(tab_ptr, r, L0, W0, W1, PACKED: tl.constexpr):
+    """L[r]. PACKED: at most 8 entries within 255 of L[0], held as bytes of two int32 words in
+    registers (the chip's LUT8: {256..470}); else a gather from the table."""
+    if PACKED:
+        word = tl.where(r < 4, W0, W1)
+        return L0 + ((word >> ((r & 3) * 8)) & 255)
     return tl.load(tab_ptr + r)
 
 
@@ -263,9 +261,9 @@ def _lut(tab_ptr, r, R: tl.constexpr):
 def _lns_mac_direct_kernel(
         x_ptr, xo_ptr, w_ptr, wo_ptr, tab_ptr, bias_ptr, y_ptr, M, N, K,
         sx0, sx1, sx2, sx3, so0, so1, so2, so3, swn, swk, son, sok, sy0, sy1, sy2, sy3,
-        H, W, Ho, Wo, KH, KW, STH, STW, PH, PW, DH, DW, C_G, T, LSB, W_SHIFT,
-        X_BITS: tl.constexpr, W_BITS: tl.constexpr, F: tl.constexpr, FIXED: tl.constexpr, SHIFT_CAP: tl.constexpr,
-        HAS_BIAS: tl.constexpr, CONV: tl.constexpr,
+        H, W, Ho, Wo, KH, KW, STH, STW, PH, PW, DH, DW, C_G, T, LSB, W_SHIFT, L0, W0, W1,
+        X_BITS: tl.constexpr, W_BITS: tl.constexpr, F: tl.constexpr, FIXED: tl.constexpr, B: tl.constexpr,
+        PACKED: tl.constexpr, HAS_BIAS: tl.constexpr, CONV: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     R: tl.constexpr = 1 << F
     g = tl.program_id(1)
@@ -293,14 +291,14 @@ def _lns_mac_direct_kernel(
         nan_n |= (nw & zw).to(tl.int32)
         sign = tl.where(zx, 0, tl.where(nx, -1, 1)) * tl.where(zw, 0, tl.where(nw, -1, 1))
         if FIXED:
-            # W_SHIFT = (Λ + S) 2^F, so e = G >> F = q - Λ - S and r = G mod 2^F.
+            # W_SHIFT = (Λ + S) 2^F, so e = G >> F = q - Λ - S and r = G mod 2^F. With
+            # L[r] < 2^(62 - B), floor(L 2^e) = (L 2^B) >> (B - e) for e <= B (an arithmetic
+            # shift of a positive value floors), and for e > B the product is >= 2^61 > T.
             G = gx + (gw - W_SHIFT)
             e = G >> F
-            L = _lut(tab_ptr, G & (R - 1), R)
-            up = L.to(tl.int64) << tl.minimum(tl.maximum(e, 0), SHIFT_CAP).to(tl.int64)
-            up = tl.where(e > SHIFT_CAP, T, tl.minimum(up, T))  # beyond the cap the product is > 2^61 > T
-            down = (L >> tl.minimum(tl.maximum(-e, 0), 31)).to(tl.int64)  # floor: L > 0
-            acc += tl.where(e >= 0, up, down) * sign.to(tl.int64)
+            L = _lut(tab_ptr, G & (R - 1), L0, W0, W1, PACKED).to(tl.int64) << B
+            p = L >> tl.minimum(tl.maximum(B - e, 0), 63).to(tl.int64)
+            acc += tl.where(e > B, T, tl.minimum(p, T)) * sign.to(tl.int64)
         else:
             G = gx + gw
             p = tl.load(tab_ptr + (G & (R - 1))) * _pow2_f64(G >> F)  # exact: C[r] has <= 25 bits
@@ -380,9 +378,10 @@ def class_pieces(table: torch.Tensor) -> torch.Tensor:
 
 
 def _integer(table: torch.Tensor):
+    """(L on the device, S, bit length of max L, the packed form (L[0], word0, word1) or None)."""
     def make(t):
         L, S = mac_tables.integer_table(t)
-        return L.to(t.device).contiguous(), S, int(L.max()).bit_length()
+        return L.to(t.device).contiguous(), S, int(L.max()).bit_length(), mac_tables.packed_table(L)
     return _cached(_integer_cache, table, make)
 
 
@@ -436,15 +435,17 @@ def _mac(x, xo, x_strides, w2, wo2, table, bias, y, y_strides, M, N, K, groups, 
         _pick(config, _classes_autotuned, _lns_mac_classes_kernel, (x, xo, w2, wo2, pieces, b, y, *common), meta, grid,
               y.device)
         return y
+    packed = None
     if fixed:
-        tab, S, lbits = _integer(table)
-        T, lsb, w_shift, cap = 2 ** (acc_bits - 1) - 1, acc_lsb, (acc_lsb + S) << frac_bits, 62 - lbits
+        tab, S, lbits, packed = _integer(table)
+        T, lsb, w_shift, shift_base = 2 ** (acc_bits - 1) - 1, acc_lsb, (acc_lsb + S) << frac_bits, 62 - lbits
     else:
-        tab, T, lsb, w_shift, cap = table.to(torch.float64).contiguous(), 0, 0, 0, 0
-    meta = dict(X_BITS=x_bits, W_BITS=w_bits, F=frac_bits, FIXED=fixed, SHIFT_CAP=cap, HAS_BIAS=has_bias, CONV=conv)
+        tab, T, lsb, w_shift, shift_base = table.to(torch.float64).contiguous(), 0, 0, 0, 0
+    meta = dict(X_BITS=x_bits, W_BITS=w_bits, F=frac_bits, FIXED=fixed, B=shift_base, PACKED=packed is not None,
+                HAS_BIAS=has_bias, CONV=conv)
     grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]), groups)  # noqa: E731
-    _pick(config, _direct_autotuned, _lns_mac_direct_kernel, (x, xo, w2, wo2, tab, b, y, *common, T, lsb, w_shift),
-          meta, grid, y.device)
+    _pick(config, _direct_autotuned, _lns_mac_direct_kernel,
+          (x, xo, w2, wo2, tab, b, y, *common, T, lsb, w_shift, *(packed or (0, 0, 0))), meta, grid, y.device)
     return y
 
 
