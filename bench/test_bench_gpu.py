@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import torchlns
 from torchlns import CHIP_MAC, IDEAL_MAC, LNS8, MACConfig
-from torchlns.apps.gpu_check import _ieee_float32
+from torchlns.ops.dense import _ieee_float32
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmarks: run them on a CUDA machine")
 LUT_FLOAT = MACConfig(conversion="lut", lut_bits=8)

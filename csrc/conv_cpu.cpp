@@ -89,11 +89,42 @@ at::Tensor signed_powers(const LogFields& f, int frac_bits) {
   return out;
 }
 
+// (N, C, D, H, W) -> (N*Do, C*kd, H, W): each output depth's kd taps as channels, in the weight's
+// (c, a) order, so that a Conv3d is a 2-D convolution with the same products (the rule of
+// stack_depth in torchlns/core/geometry.py). Depth padding is the zero code.
+at::Tensor stack_depth(const at::Tensor& t, int64_t kd, int64_t p0, int64_t p1, int64_t stride, int64_t dilation,
+                       int64_t* Do) {
+  const auto u = (p0 || p1) ? at::constant_pad_nd(t, {0, 0, 0, 0, p0, p1}, 0) : t;
+  const int64_t span = dilation * (kd - 1) + 1;
+  TORCH_CHECK(u.size(2) >= span, "lns_conv: the input depth is smaller than the dilated kernel after padding");
+  const auto taps = u.unfold(2, span, stride).slice(-1, 0, span, dilation);  // (N, C, Do, H, W, kd)
+  *Do = taps.size(2);
+  return taps.permute({0, 2, 1, 5, 3, 4}).reshape({taps.size(0) * taps.size(2), taps.size(1) * kd, taps.size(3),
+                                                   taps.size(4)});
+}
+
 at::Tensor lns_conv_cpu(const at::Tensor& x, const at::Tensor& x_offset, const at::Tensor& w,
                         const at::Tensor& w_offset, const at::Tensor& table, const std::optional<at::Tensor>& bias,
                         int64_t x_bits, int64_t w_bits, int64_t frac_bits, bool fixed, int64_t acc_bits,
                         int64_t acc_lsb, IntArrayRef stride, IntArrayRef pad_before, IntArrayRef pad_after,
                         IntArrayRef dilation, int64_t groups) {
+  if (x.dim() == 5) {  // Conv3d: the depth taps stacked as channels (see stack_depth)
+    TORCH_CHECK(w.dim() == 5 && stride.size() == 3 && pad_before.size() == 3 && pad_after.size() == 3 &&
+                    dilation.size() == 3,
+                "lns_conv: 3-D codes take a 5-D weight and three strides, paddings and dilations");
+    const int64_t N = x.size(0), Cout = w.size(0), kd = w.size(2);
+    int64_t Do = 0, unused = 0;
+    const auto xs = stack_depth(x, kd, pad_before[0], pad_after[0], stride[0], dilation[0], &Do);
+    const auto xo = x_offset.numel() == 1 ? x_offset.reshape({1, 1, 1, 1})
+                                          : stack_depth(x_offset.expand(x.sizes()), kd, pad_before[0], pad_after[0],
+                                                        stride[0], dilation[0], &unused);
+    const auto ws = w.reshape({Cout, -1, w.size(3), w.size(4)});
+    const bool per_channel = w_offset.dim() == 0 || w_offset.numel() == w_offset.size(0);
+    const auto wo = per_channel ? w_offset.reshape({-1, 1, 1, 1}) : w_offset.expand(w.sizes()).reshape(ws.sizes());
+    const auto y = lns_conv_cpu(xs, xo, ws, wo, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits, acc_lsb,
+                                stride.slice(1), pad_before.slice(1), pad_after.slice(1), dilation.slice(1), groups);
+    return y.reshape({N, Do, Cout, y.size(2), y.size(3)}).transpose(1, 2).contiguous();
+  }
   TORCH_CHECK(x.dim() == 4 && w.dim() == 4, "lns_conv: (N, C, H, W) and (Cout, C/groups, kh, kw) codes");
   TORCH_CHECK(stride.size() == 2 && pad_before.size() == 2 && pad_after.size() == 2 && dilation.size() == 2,
               "lns_conv: stride, padding and dilation take two values");

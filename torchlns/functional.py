@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from .core.checks import as_float32
 from .core.formats import IDEAL_MAC, LNS8, Format, MACConfig
-from .core.geometry import cols_to_image, conv_output_shape, conv_padding, im2col, im2col_index, ntuple
+from .core.geometry import (cols_to_image, conv_output_shape, conv_output_size, conv_padding, im2col, im2col_index,
+                            ntuple, stack_depth)
 from .ops import library as _library  # noqa: F401  (declares the ops called here)
 from .tensor import Coded, CodedTensor, as_coded, implements_torch_function
 
@@ -229,13 +230,16 @@ def _ste_conv(y, x, xq: Optional[Coded], wq: Coded, w, w_master, bias, stride, p
 
 
 # Note: 3-D and transposed convolutions
-# The chip's Conv3d is the MAC over each (c, kd, kh, kw) receptive field. It runs on the
-# 2-D kernels: the kd depth taps of every output depth are stacked as channels, (c, dz) in
-# PyTorch's c-major order, so that an output depth is a 2-D convolution over Cin·kd
-# channels with the weight viewed as (Cout, Cin/groups·kd, kh, kw), and the output depths
-# become the batch. Each output sees the same products, so the fixed accumulator's exact sum
-# is bit-equal, the float32 one is within the spec's bound, and per-block parameters (runs
-# of Cin/groups·kd·kh·kw) keep their order. The stacking moves codes (one byte each).
+# The chip's Conv3d is the MAC over each (c, kd, kh, kw) receptive field. LNS codes go to
+# ``torchlns::lns_conv`` as they are, 5-D: the CUDA kernel is a 3-D implicit GEMM, and the
+# CPU kernel and the reference stack the kd depth taps of every output depth as channels,
+# (c, dz) in PyTorch's c-major order (``core.geometry.stack_depth``), so that an output
+# depth is a 2-D convolution over Cin·kd channels with the weight viewed as
+# (Cout, Cin/groups·kd, kh, kw), and the output depths become the batch. FP8/INT and dynamic
+# per-block activations stack here, before their 2-D MAC. Each output sees the same
+# products, so the fixed accumulator's exact sum is bit-equal, the float32 one is within the
+# spec's bound, and per-block parameters (runs of Cin/groups·kd·kh·kw) keep their order.
+# The stacking moves codes (one byte each).
 #
 # A transposed convolution is, by the spec's definition, the convolution of the
 # zero-stuffed input (stride−1 zero codes between elements) with the flipped kernel: pad
@@ -268,15 +272,19 @@ def _conv3d(x, w, bias, stride, padding, dilation, groups, mac, *, acc_lsb, x_bl
         raise ValueError(f"lns_conv3d: input has {C} channels, weight expects {wq.codes.shape[1]}x{groups} groups and "
                          f"{Cout} outputs")
 
-    def stack(t, fill):  # (N, C, D, H, W) -> (N*Do, C*kd, H, W), the depth taps as channels
-        t = t.unsqueeze(0) if t.dim() == 4 else t
-        (p0, p1), span = pads[0], dilation[0] * (kd - 1) + 1
-        t = F.pad(t, (0, 0, 0, 0, p0, p1), value=fill) if p0 or p1 else t
-        if t.shape[2] < span:
-            raise ValueError(f"lns_conv3d: input depth {xt.shape[-3]} is smaller than the dilated kernel after padding")
-        t = t.unfold(2, span, stride[0])[..., ::dilation[0]]  # (N, C, Do, H, W, kd)
-        N, C, Do, H, W_ = t.shape[:5]
-        return t.permute(0, 2, 1, 5, 3, 4).reshape(N * Do, C * kd, H, W_), Do
+    batch = (lambda t: t.unsqueeze(0)) if unbatched else (lambda t: t)  # noqa: E731
+    sizes = [conv_output_size(batch(xt).shape[2 + d], wq.codes.shape[2 + d], stride[d], *pads[d], dilation[d])
+             for d in range(3)]
+    if min(sizes) < 1:
+        raise ValueError(f"lns_conv3d: input {tuple(xt.shape[-3:])} is smaller than the dilated kernel after padding")
+    if xq is not None and xq.fmt.mac_kind == "log":  # one lns_conv call on the 5-D codes
+        y = _lns_conv(xq, wq, batch, _check_bias(bias, Cout, xt.device), mac, acc_lsb,
+                      _Geometry(stride, pads, dilation, groups), wq.codes[0].numel(), 3)
+        y = _ste_conv(y, x, xq, wq, w, w_master, bias, stride, pads, dilation, groups, unbatched)
+        return y.squeeze(0) if unbatched else y
+
+    def stack(t, fill):
+        return stack_depth(batch(t), kd, pads[0], stride[0], dilation[0], fill)
 
     if xq is not None:
         codes, Do = stack(xq.codes, 0)

@@ -263,6 +263,10 @@ def opcheck_samples():
         fixed = mac.accumulator == "fixed"
         yield "lns_conv", (xc, off.reshape(1, 1, 1, 1), wc, w_off, table, torch.randn(6), 8, 8, 3, fixed, 32,
                            lsb or 0, [1, 2], [1, 0], [1, 1], [1, 1], 2)
+        x3 = OPS.lns_encode(torch.randn(2, 4, 5, 4, 6), off.reshape(1, 1, 1, 1, 1), thr, 8, 3, False)
+        w3 = OPS.lns_encode(torch.randn(6, 2, 2, 3, 3), off.reshape(1, 1, 1, 1, 1), thr, 8, 3, False)
+        yield "lns_conv", (x3, off.reshape(1, 1, 1, 1, 1), w3, w_off.unsqueeze(-1), table, torch.randn(6), 8, 8, 3,
+                           fixed, 32, lsb or 0, [2, 1, 2], [1, 1, 0], [0, 1, 1], [1, 1, 1], 2)
 
 
 @pytest.mark.parametrize("name,args", list(opcheck_samples()), ids=lambda v: v if isinstance(v, str) else "")
@@ -313,3 +317,28 @@ def test_lns_conv_same_bits_for_any_thread_count_and_layout(kw):
         assert_same(torchlns.lns_conv2d(x.contiguous(memory_format=torch.channels_last), w, **kw), one, "channels_last")
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("mac,lsb", [(MACConfig.chip(), -14), (MACConfig(), 0)], ids=repr)
+def test_lns_conv_3d_native_equals_reference(mac, lsb):
+    """5-D codes (a Conv3d): the C++ kernel stacks the depth taps as the reference does; bits (fixed) or the bound."""
+    thr = tables.buckets_tensor(3, "cpu")
+    table = tables.conversion_tensor_f64(3, mac.conversion, mac.lut_bits, torch.device("cpu"))
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 4, 6, 5, 7, generator=g)
+    w = torch.randn(6, 2, 3, 2, 3, generator=g)
+    for x_off, w_off in [(torch.tensor(-100, dtype=torch.int32).reshape(1, 1, 1, 1, 1),
+                          torch.randint(-110, -90, (6, 1, 1, 1, 1), generator=g, dtype=torch.int32)),
+                         (torch.randint(-110, -90, x.shape, generator=g, dtype=torch.int32),
+                          torch.randint(-110, -90, w.shape, generator=g, dtype=torch.int32))]:
+        xc, wc = OPS.lns_encode(x, x_off, thr, 8, 3, False), OPS.lns_encode(w, w_off, thr, 8, 3, False)
+        args = (xc, x_off, wc, w_off, table, torch.randn(6, generator=g), 8, 8, 3, mac.fixed, 32, lsb, [1, 2, 1],
+                [1, 0, 1], [1, 1, 0], [2, 1, 1], 2)
+        got = OPS.lns_conv(*args)
+        with ops.reference_kernels():
+            want = OPS.lns_conv(*args)
+        assert got.shape == (2, 6, 4, 3, 6)
+        if mac.fixed:
+            assert_same(got, want, "lns_conv 3-D")
+        else:
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))

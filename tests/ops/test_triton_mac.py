@@ -386,3 +386,39 @@ def test_packed_table_holds_the_chip_lut():
     assert unpacked == L.tolist()
     assert mac_tables.packed_table(mac_tables.integer_table(conversion(3, MACConfig()))[0]) is None  # 2^23..2^24
     assert mac_tables.packed_table(torch.arange(16, dtype=torch.int32)) is None  # more than 8 entries
+
+
+CONVS3D = [  # N, C, D, H, W, Cout, groups, kernel, stride, pad_before, pad_after, dilation
+    (2, 4, 5, 6, 5, 6, 2, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), (1, 1, 1)),
+    (1, 3, 7, 5, 6, 4, 1, (2, 3, 2), (2, 1, 2), (0, 1, 1), (1, 0, 0), (2, 1, 1)),
+    (1, 4, 4, 4, 4, 4, 4, (3, 1, 3), (1, 1, 1), (1, 0, 1), (1, 0, 1), (1, 1, 1)),
+]
+
+
+@pytest.mark.parametrize("spec", CONVS3D, ids=lambda s: "x".join(map(str, s[:7])))
+@pytest.mark.parametrize("mac,acc_lsb", [(MACConfig.chip(), -14), (MACConfig(), None)], ids=repr)
+def test_implicit_gemm_conv3d(spec, mac, acc_lsb):
+    """A Conv3d as one 3-D implicit GEMM against the reference (which stacks the depth taps as channels)."""
+    fmt = LNSFormat(8, 3)
+    N, C, D, H, W, Cout, groups, k, st, pb, pa, d = spec
+    g = torch.Generator().manual_seed(sum(k))
+
+    def codes(shape):  # no NaN code: every output is a number to compare
+        c = torch.randint(1, 128, shape, generator=g) + 128 * torch.randint(0, 2, shape, generator=g)
+        return torch.where(torch.rand(shape, generator=g) < 0.2, 0, c).to(torch.uint8)
+
+    x, w = codes((N, C, D, H, W)), codes((Cout, C // groups, *k))
+    for xo, wo in [(torch.tensor(-110, dtype=torch.int32).reshape(1, 1, 1, 1, 1),
+                    torch.randint(-140, -100, (Cout, 1, 1, 1, 1), generator=g, dtype=torch.int32)),
+                   (torch.randint(-140, -100, x.shape, generator=g, dtype=torch.int32),
+                    torch.randint(-140, -100, w.shape, generator=g, dtype=torch.int32))]:
+        b = torch.randn(Cout, generator=g)
+        args = (x, xo, w, wo, conversion(3, mac), b, 8, 8, 3, mac.fixed, mac.acc_bits, acc_lsb if mac.fixed else 0,
+                list(st), list(pb), list(pa), list(d), groups)
+        want = reference_conv(args)
+        for route in routes(mac):
+            got = tm.lns_conv(*on_device(args), route=route).cpu()
+            if mac.fixed:
+                assert_same(got, want, f"conv3d {spec}")
+            else:
+                assert torch.allclose(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item()), f"conv3d {spec} {route}"

@@ -42,6 +42,8 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn.functional as F
 
+from ..ops.dense import _ieee_float32  # float32 products without TF32: the baseline the targets name
+
 __all__ = ["Check", "run", "add_arguments", "run_from_args", "to_markdown"]
 
 TEST_FILES = ("tests/ops/test_triton.py", "tests/ops/test_triton_mac.py")
@@ -57,17 +59,6 @@ class Check:
     target: str = ""
     met: Optional[bool] = None
     timed: bool = False  # a speed figure: judged on a GPU only
-
-
-@contextlib.contextmanager
-def _ieee_float32():
-    """float32 matmul and convolution without TF32: the baseline the targets name."""
-    mm, conv = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
-    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "ieee"
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = mm, conv
 
 
 def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:

@@ -73,3 +73,20 @@ def im2col(t: torch.Tensor, idx: torch.Tensor, pad_value) -> torch.Tensor:
 def cols_to_image(y: torch.Tensor, N: int, Ho: int, Wo: int) -> torch.Tensor:
     """(N*L, Cout) rows of an im2col product -> a contiguous (N, Cout, Ho, Wo) image."""
     return y.reshape(N, Ho * Wo, y.shape[-1]).permute(0, 2, 1).reshape(N, y.shape[-1], Ho, Wo).contiguous()
+
+
+def stack_depth(t: torch.Tensor, kd: int, pad: Tuple[int, int], stride: int, dilation: int, fill) -> tuple:
+    """(N, C, D, H, W) -> ((N*Do, C*kd, H, W), Do): each output depth's kd taps as channels.
+
+    The taps of channel ``c`` are channels ``c*kd .. c*kd + kd - 1``, PyTorch's (c, a) order of
+    a Conv3d weight, so the weight viewed as (Cout, Cin/groups*kd, kh, kw) convolves the
+    stack in 2-D with the same products. Depth padding is ``fill``.
+    """
+    p0, p1 = pad
+    span = dilation * (kd - 1) + 1
+    t = torch.nn.functional.pad(t, (0, 0, 0, 0, p0, p1), value=fill) if p0 or p1 else t
+    if t.shape[2] < span:
+        raise ValueError(f"input depth {t.shape[2] - p0 - p1} is smaller than the dilated kernel after padding")
+    t = t.unfold(2, span, stride)[..., ::dilation]  # (N, C, Do, H, W, kd)
+    N, C, Do, H, W = t.shape[:5]
+    return t.permute(0, 2, 1, 5, 3, 4).reshape(N * Do, C * kd, H, W), Do

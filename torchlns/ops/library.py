@@ -41,7 +41,8 @@ SCHEMAS = {
         "lns_mm(Tensor x, Tensor x_offset, Tensor w, Tensor w_offset, Tensor table, Tensor? bias, int x_bits, "
         "int w_bits, int frac_bits, bool fixed, int acc_bits, int acc_lsb) -> Tensor"
     ),
-    # Reference and CUDA: im2col + lns_mm per group; CPU: remainder-class convolutions (C++).
+    # 2-D (4-D codes) or 3-D (5-D codes). Reference: im2col + lns_mm per group (3-D: the depth
+    # taps stacked as channels first); CPU: the direct kernels (C++); CUDA: an implicit GEMM.
     "lns_conv": (
         "lns_conv(Tensor x, Tensor x_offset, Tensor w, Tensor w_offset, Tensor table, Tensor? bias, int x_bits, "
         "int w_bits, int frac_bits, bool fixed, int acc_bits, int acc_lsb, int[] stride, int[] pad_before, "
@@ -140,9 +141,10 @@ def _(x, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, fixed, a
 @torch.library.register_fake("torchlns::lns_conv")
 def _(x, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits, acc_lsb, stride, pad_before,
       pad_after, dilation, groups):
-    torch._check(x.dim() == 4 and w.dim() == 4, lambda: "lns_conv takes (N, C, H, W) and (Cout, C/groups, kh, kw) codes")
+    torch._check(x.dim() in (4, 5) and w.dim() == x.dim(),
+                 lambda: "lns_conv takes (N, C, [D,] H, W) and (Cout, C/groups, [kd,] kh, kw) codes")
     sizes = [conv_output_size(x.shape[2 + d], w.shape[2 + d], stride[d], pad_before[d], pad_after[d], dilation[d])
-             for d in range(2)]
+             for d in range(x.dim() - 2)]
     return x.new_empty((x.shape[0], w.shape[0], *sizes), dtype=torch.float32)
 
 

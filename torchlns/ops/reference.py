@@ -43,7 +43,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..core.fields import ABS_MASK, INF_BITS, MANT_BITS, exp2_f64, float32_fields, integer_log, log_fields
-from ..core.geometry import cols_to_image, im2col, im2col_index
+from ..core.geometry import cols_to_image, im2col, im2col_index, stack_depth
 
 BIAS_CLAMP = float(2**63 - 1024)  # see Note: reference MAC arithmetic
 _I64_MAX = 2**63 - 1
@@ -194,8 +194,12 @@ def lns_conv_reference(x: torch.Tensor, x_offset: torch.Tensor, w: torch.Tensor,
 
     im2col of the codes (padding is the zero code) and of the offsets, then ``lns_mm`` per
     group, so every backend's MAC kernel does the arithmetic. Offsets broadcast against their
-    codes.
+    codes. 5-D codes (a Conv3d) stack each output depth's taps as channels first
+    (``core.geometry.stack_depth``): the same products, as a 2-D convolution.
     """
+    if x.dim() == 5:
+        return _conv3d_by_stacking(x, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits,
+                                   acc_lsb, stride, pad_before, pad_after, dilation, groups)
     N, Cout = x.shape[0], w.shape[0]
     cols, idx, Ho, Wo, Kg = _conv_columns(x, w, stride, pad_before, pad_after, dilation)
     col_off = x_offset.reshape(1, 1) if x_offset.numel() == 1 else im2col(x_offset.expand(x.shape), idx, 0)
@@ -214,6 +218,24 @@ def lns_conv_reference(x: torch.Tensor, x_offset: torch.Tensor, w: torch.Tensor,
             x_bits, w_bits, frac_bits, fixed, acc_bits, acc_lsb))
     # Contiguous, as the fake kernel promises (strides are part of an op's contract).
     return cols_to_image(torch.cat(outs, dim=1), N, Ho, Wo)
+
+
+def _conv3d_by_stacking(x, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits, acc_lsb,
+                        stride, pad_before, pad_after, dilation, groups):
+    N, Cout, kd = x.shape[0], w.shape[0], w.shape[2]
+    depth = ((pad_before[0], pad_after[0]), stride[0], dilation[0])
+    xs, Do = stack_depth(x, kd, *depth, 0)
+    if x_offset.numel() == 1:
+        xo = x_offset.reshape(1, 1, 1, 1)
+    else:  # one offset per element, stacked like the codes (padding never reads it)
+        xo, _ = stack_depth(x_offset.expand(x.shape), kd, *depth, 0)
+    ws = w.reshape(Cout, -1, *w.shape[3:])
+    per_channel = w_offset.dim() == 0 or w_offset.numel() == w_offset.shape[0]
+    wo = w_offset.reshape(-1, 1, 1, 1) if per_channel else w_offset.expand(w.shape).reshape(ws.shape)
+    y = torch.ops.torchlns.lns_conv(xs, xo, ws, wo, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits, acc_lsb,
+                                    list(stride[1:]), list(pad_before[1:]), list(pad_after[1:]), list(dilation[1:]),
+                                    groups)
+    return y.reshape(N, Do, *y.shape[1:]).transpose(1, 2).contiguous()
 
 
 # ----------------------------------------------------------------------------------------

@@ -93,39 +93,56 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
 
 
 @triton.jit
-def _rows(offs_m, M, sx0, sx2, sx3, so0, so2, so3, Ho, Wo, STH, STW, PH, PW, CONV: tl.constexpr):
-    """Per output row: code and offset address parts, and the receptive field's corner."""
-    if CONV:
-        n = offs_m // (Ho * Wo)
-        rem = offs_m % (Ho * Wo)
-        ih0 = (rem // Wo) * STH - PH
-        iw0 = (rem % Wo) * STW - PW
-        n = n.to(tl.int64)
-        row_x = n * sx0 + ih0 * sx2 + iw0 * sx3
-        row_o = n * so0 + ih0 * so2 + iw0 * so3
-    else:
-        ih0 = offs_m * 0
-        iw0 = offs_m * 0
-        row_x = offs_m.to(tl.int64) * sx0
-        row_o = offs_m.to(tl.int64) * so0
-    return row_x, row_o, ih0, iw0
+def _tile(M, N, g, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's output rows and columns, their masks, and its weight rows (group g)."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n, offs_m < M, offs_n < N, g * N + offs_n
 
 
 @triton.jit
-def _x_tile(x_ptr, xo_ptr, row_x, row_o, ih0, iw0, m_ok, offs_k, K, c0, sx1, sx2, sx3, so1, so2, so3, H, W, KH, KW,
-            DH, DW, CONV: tl.constexpr):
+def _rows(offs_m, M, sx0, sx2, sx3, sx4, so0, so2, so3, so4, Do, Ho, Wo, STD, STH, STW, PD, PH, PW,
+          CONV: tl.constexpr):
+    """Per output row: code and offset address parts, and the receptive field's corner (d, h, w)."""
+    if CONV:
+        n = offs_m // (Do * Ho * Wo)
+        rem = offs_m % (Do * Ho * Wo)
+        id0 = (rem // (Ho * Wo)) * STD - PD
+        rem = rem % (Ho * Wo)
+        ih0 = (rem // Wo) * STH - PH
+        iw0 = (rem % Wo) * STW - PW
+        n = n.to(tl.int64)
+        row_x = n * sx0 + id0 * sx2 + ih0 * sx3 + iw0 * sx4
+        row_o = n * so0 + id0 * so2 + ih0 * so3 + iw0 * so4
+    else:
+        id0 = offs_m * 0
+        ih0 = id0
+        iw0 = id0
+        row_x = offs_m.to(tl.int64) * sx0
+        row_o = offs_m.to(tl.int64) * so0
+    return row_x, row_o, id0, ih0, iw0
+
+
+@triton.jit
+def _x_tile(x_ptr, xo_ptr, row_x, row_o, id0, ih0, iw0, m_ok, offs_k, K, c0, sx1, sx2, sx3, sx4, so1, so2, so3, so4,
+            D, H, W, KD, KH, KW, DD, DH, DW, CONV: tl.constexpr):
     """Codes and offsets of x at rows x reduction indices (int32); outside the input: the zero code."""
     k_ok = offs_k < K
-    if CONV:
-        c = c0 + offs_k // (KH * KW)
-        tap = offs_k % (KH * KW)
+    if CONV:  # k = ((c * KD + a) * KH + i) * KW + j, the weight's own order
+        c = c0 + offs_k // (KD * KH * KW)
+        tap = offs_k % (KD * KH * KW)
+        dd = (tap // (KH * KW)) * DD
+        tap = tap % (KH * KW)
         dh = (tap // KW) * DH
         dw = (tap % KW) * DW
-        col_x = c * sx1 + dh * sx2 + dw * sx3
-        col_o = c * so1 + dh * so2 + dw * so3
+        col_x = c * sx1 + dd * sx2 + dh * sx3 + dw * sx4
+        col_o = c * so1 + dd * so2 + dh * so3 + dw * so4
+        id_ = id0[:, None] + dd[None, :]
         ih = ih0[:, None] + dh[None, :]
         iw = iw0[:, None] + dw[None, :]
-        mask = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        mask = (m_ok[:, None] & k_ok[None, :] & (id_ >= 0) & (id_ < D) & (ih >= 0) & (ih < H) & (iw >= 0)
+                & (iw < W))
     else:
         col_x = offs_k * sx1
         col_o = offs_k * so1
@@ -163,16 +180,17 @@ def _signed_pow2(g, negative, zero, F: tl.constexpr):
 
 
 @triton.jit
-def _store(y_ptr, y, offs_m, offs_n, n0, m_ok, n_ok, sy0, sy1, sy2, sy3, Ho, Wo, CONV: tl.constexpr):
-    """Write an output tile: (M, N) rows, or NCHW for a convolution (channel n0 + n)."""
+def _store(y_ptr, y, offs_m, offs_n, n0, m_ok, n_ok, sy0, sy1, sy2, sy3, sy4, Do, Ho, Wo, CONV: tl.constexpr):
+    """Write an output tile: (M, N) rows, or NC(D)HW for a convolution (channel n0 + n)."""
     if CONV:
-        n = (offs_m // (Ho * Wo)).to(tl.int64)
-        rem = offs_m % (Ho * Wo)
-        row = n * sy0 + (rem // Wo) * sy2 + (rem % Wo) * sy3
-        col = (n0 + offs_n).to(tl.int64) * sy1
+        n = (offs_m // (Do * Ho * Wo)).to(tl.int64)
+        rem = offs_m % (Do * Ho * Wo)
+        row = n * sy0 + (rem // (Ho * Wo)) * sy2
+        rem = rem % (Ho * Wo)
+        row += (rem // Wo) * sy3 + (rem % Wo) * sy4
     else:
         row = offs_m.to(tl.int64) * sy0
-        col = (n0 + offs_n).to(tl.int64) * sy1
+    col = (n0 + offs_n).to(tl.int64) * sy1
     tl.store(y_ptr + row[:, None] + col[None, :], y, mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -195,28 +213,24 @@ def _class_dot(a, v, acc, BF16_DOT: tl.constexpr):
 @triton.jit
 def _lns_mac_classes_kernel(
         x_ptr, xo_ptr, w_ptr, wo_ptr, pieces_ptr, bias_ptr, y_ptr, M, N, K,
-        sx0, sx1, sx2, sx3, so0, so1, so2, so3, swn, swk, son, sok, sy0, sy1, sy2, sy3,
-        H, W, Ho, Wo, KH, KW, STH, STW, PH, PW, DH, DW, C_G,
+        sx0, sx1, sx2, sx3, sx4, so0, so1, so2, so3, so4, swn, swk, son, sok, sy0, sy1, sy2, sy3, sy4,
+        D, H, W, Do, Ho, Wo, KD, KH, KW, STD, STH, STW, PD, PH, PW, DD, DH, DW, C_G,
         X_BITS: tl.constexpr, W_BITS: tl.constexpr, F: tl.constexpr, P: tl.constexpr, HAS_BIAS: tl.constexpr,
         CONV: tl.constexpr, BF16_DOT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     R: tl.constexpr = 1 << F
     g = tl.program_id(1)
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
-    row_x, row_o, ih0, iw0 = _rows(offs_m, M, sx0, sx2, sx3, so0, so2, so3, Ho, Wo, STH, STW, PH, PW, CONV)
-    w_rows = g * N + offs_n
+    offs_m, offs_n, m_ok, n_ok, w_rows = _tile(M, N, g, BLOCK_M, BLOCK_N, GROUP_M)
+    row_x, row_o, id0, ih0, iw0 = _rows(offs_m, M, sx0, sx2, sx3, sx4, so0, so2, so3, so4, Do, Ho, Wo, STD, STH, STW,
+                                        PD, PH, PW, CONV)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # first pieces
     acc_lo = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # the other pieces (see Note: bf16 pieces)
     nan_m = tl.zeros((BLOCK_M,), dtype=tl.int32)
     nan_n = tl.zeros((BLOCK_N,), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        xc, xo = _x_tile(x_ptr, xo_ptr, row_x, row_o, ih0, iw0, m_ok, offs_k, K, g * C_G, sx1, sx2, sx3, so1, so2,
-                         so3, H, W, KH, KW, DH, DW, CONV)
+        xc, xo = _x_tile(x_ptr, xo_ptr, row_x, row_o, id0, ih0, iw0, m_ok, offs_k, K, g * C_G, sx1, sx2, sx3, sx4,
+                         so1, so2, so3, so4, D, H, W, KD, KH, KW, DD, DH, DW, CONV)
         gx, nx, zx = _fields(xc, xo, X_BITS)
         nan_m |= tl.max((nx & zx).to(tl.int32), axis=1)
         ax = _signed_pow2(gx, nx, zx, F)
@@ -241,7 +255,7 @@ def _lns_mac_classes_kernel(
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + w_rows, mask=n_ok, other=0.0)[None, :]
     y = tl.where((nan_m[:, None] | nan_n[None, :]) != 0, float("nan"), y)
-    _store(y_ptr, y, offs_m, offs_n, g * N, m_ok, n_ok, sy0, sy1, sy2, sy3, Ho, Wo, CONV)
+    _store(y_ptr, y, offs_m, offs_n, g * N, m_ok, n_ok, sy0, sy1, sy2, sy3, sy4, Do, Ho, Wo, CONV)
 
 
 # ----------------------------------------------------------------------------------------
@@ -260,20 +274,16 @@ def _lut(tab_ptr, r, L0, W0, W1, PACKED: tl.constexpr):
 @triton.jit
 def _lns_mac_direct_kernel(
         x_ptr, xo_ptr, w_ptr, wo_ptr, tab_ptr, bias_ptr, y_ptr, M, N, K,
-        sx0, sx1, sx2, sx3, so0, so1, so2, so3, swn, swk, son, sok, sy0, sy1, sy2, sy3,
-        H, W, Ho, Wo, KH, KW, STH, STW, PH, PW, DH, DW, C_G, T, LSB, W_SHIFT, L0, W0, W1,
+        sx0, sx1, sx2, sx3, sx4, so0, so1, so2, so3, so4, swn, swk, son, sok, sy0, sy1, sy2, sy3, sy4,
+        D, H, W, Do, Ho, Wo, KD, KH, KW, STD, STH, STW, PD, PH, PW, DD, DH, DW, C_G, T, LSB, W_SHIFT, L0, W0, W1,
         X_BITS: tl.constexpr, W_BITS: tl.constexpr, F: tl.constexpr, FIXED: tl.constexpr, B: tl.constexpr,
         PACKED: tl.constexpr, HAS_BIAS: tl.constexpr, CONV: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     R: tl.constexpr = 1 << F
     g = tl.program_id(1)
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
-    row_x, row_o, ih0, iw0 = _rows(offs_m, M, sx0, sx2, sx3, so0, so2, so3, Ho, Wo, STH, STW, PH, PW, CONV)
-    w_rows = g * N + offs_n
+    offs_m, offs_n, m_ok, n_ok, w_rows = _tile(M, N, g, BLOCK_M, BLOCK_N, GROUP_M)
+    row_x, row_o, id0, ih0, iw0 = _rows(offs_m, M, sx0, sx2, sx3, sx4, so0, so2, so3, so4, Do, Ho, Wo, STD, STH, STW,
+                                        PD, PH, PW, CONV)
     if FIXED:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int64)
     else:
@@ -282,8 +292,8 @@ def _lns_mac_direct_kernel(
     nan_n = tl.zeros((1, BLOCK_N), dtype=tl.int32)
     for k in range(0, K):
         offs_k = k + tl.arange(0, 1)
-        xc, xo = _x_tile(x_ptr, xo_ptr, row_x, row_o, ih0, iw0, m_ok, offs_k, K, g * C_G, sx1, sx2, sx3, so1, so2,
-                         so3, H, W, KH, KW, DH, DW, CONV)  # (BLOCK_M, 1)
+        xc, xo = _x_tile(x_ptr, xo_ptr, row_x, row_o, id0, ih0, iw0, m_ok, offs_k, K, g * C_G, sx1, sx2, sx3, sx4,
+                         so1, so2, so3, so4, D, H, W, KD, KH, KW, DD, DH, DW, CONV)  # (BLOCK_M, 1)
         gx, nx, zx = _fields(xc, xo, X_BITS)
         wc, wo = _w_tile(w_ptr, wo_ptr, w_rows, n_ok, offs_k, K, swn, swk, son, sok)  # (1, BLOCK_N)
         gw, nw, zw = _fields(wc, wo, W_BITS)
@@ -325,7 +335,7 @@ def _lns_mac_direct_kernel(
         if HAS_BIAS:
             y = y + tl.load(bias_ptr + w_rows, mask=n_ok, other=0.0)[None, :]
     y = tl.where((nan_m | nan_n) != 0, float("nan"), y)
-    _store(y_ptr, y, offs_m, offs_n, g * N, m_ok, n_ok, sy0, sy1, sy2, sy3, Ho, Wo, CONV)
+    _store(y_ptr, y, offs_m, offs_n, g * N, m_ok, n_ok, sy0, sy1, sy2, sy3, sy4, Do, Ho, Wo, CONV)
 
 
 _classes_autotuned = triton.autotune(configs=_classes_configs(), key=["M", "N", "K", "F", "P", "CONV"])(
@@ -338,17 +348,23 @@ _direct_autotuned = triton.autotune(configs=_direct_configs(), key=["M", "N", "K
 # host side
 # ----------------------------------------------------------------------------------------
 class _Geometry(NamedTuple):
-    """A convolution's geometry for the kernels (a matrix product: all ones and zeros)."""
+    """A convolution's geometry for the kernels, depth first (2-D: depth 1; a matrix product: all ones)."""
+    D: int = 1
     H: int = 1
     W: int = 1
+    Do: int = 1
     Ho: int = 1
     Wo: int = 1
+    KD: int = 1
     KH: int = 1
     KW: int = 1
+    STD: int = 1
     STH: int = 1
     STW: int = 1
+    PD: int = 0
     PH: int = 0
     PW: int = 0
+    DD: int = 1
     DH: int = 1
     DW: int = 1
 
@@ -462,29 +478,37 @@ def lns_mm(x, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, fix
     xo = _int32(x_offset).expand(M, K)
     wo = _int32(w_offset).expand(N, K)
     y = torch.empty(M, N, dtype=torch.float32, device=x.device)
-    return _mac(x, xo, ((x.stride(0), x.stride(1), 0, 0), (xo.stride(0), xo.stride(1), 0, 0)), w, wo, table, bias, y,
-                (y.stride(0), y.stride(1), 0, 0), M, N, K, 1, 0, _Geometry(), x_bits, w_bits, frac_bits, fixed,
-                acc_bits, acc_lsb, False, config, route)
+    return _mac(x, xo, ((x.stride(0), x.stride(1), 0, 0, 0), (xo.stride(0), xo.stride(1), 0, 0, 0)), w, wo, table,
+                bias, y, (y.stride(0), y.stride(1), 0, 0, 0), M, N, K, 1, 0, _Geometry(), x_bits, w_bits, frac_bits,
+                fixed, acc_bits, acc_lsb, False, config, route)
+
+
+def _strides5(t: torch.Tensor) -> tuple:
+    """(n, c, d, h, w) strides of a 4-D (depth 1) or 5-D tensor."""
+    st = t.stride()
+    return st if t.dim() == 5 else (st[0], st[1], 0, st[2], st[3])
 
 
 def lns_conv(x, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits, acc_lsb,
              stride: Sequence[int], pad_before: Sequence[int], pad_after: Sequence[int], dilation: Sequence[int],
              groups: int, config=None, route=None):
-    """``torchlns::lns_conv`` on the GPU: an implicit GEMM (see the module docstring)."""
-    Nb, C, H, W = x.shape
-    Cout, C_G, KH, KW = w.shape
-    Ho, Wo = (conv_output_size(s, k, st, pb, pa, d)
-              for s, k, st, pb, pa, d in zip((H, W), (KH, KW), stride, pad_before, pad_after, dilation))
-    y = torch.empty(Nb, Cout, max(Ho, 0), max(Wo, 0), dtype=torch.float32, device=x.device)
-    K = C_G * KH * KW
+    """``torchlns::lns_conv`` on the GPU, 2-D or 3-D: an implicit GEMM (see the module docstring)."""
+    n = x.dim() - 2
+    Nb, C = x.shape[:2]
+    Cout, C_G = w.shape[:2]
+    out = [max(conv_output_size(s, k, st, pb, pa, d), 0)
+           for s, k, st, pb, pa, d in zip(x.shape[2:], w.shape[2:], stride, pad_before, pad_after, dilation)]
+    y = torch.empty(Nb, Cout, *out, dtype=torch.float32, device=x.device)
+    K = w[0].numel()
     xo = _int32(x_offset).expand(x.shape)
     w2 = w.reshape(Cout, K)
     wo2 = _int32(w_offset).expand(w.shape).reshape(Cout, K)
-    geo = _Geometry(H, W, max(Ho, 0), max(Wo, 0), KH, KW, stride[0], stride[1], pad_before[0], pad_before[1],
-                    dilation[0], dilation[1])
-    return _mac(x, xo, (tuple(x.stride()), tuple(xo.stride())), w2, wo2, table, bias, y, tuple(y.stride()),
-                Nb * geo.Ho * geo.Wo, Cout // groups, K, groups, C_G, geo, x_bits, w_bits, frac_bits, fixed, acc_bits,
-                acc_lsb, True, config, route)
+    pad3 = lambda v, one: ([one] if n == 2 else []) + list(v)  # noqa: E731  (depth first, 1 for 2-D)
+    geo = _Geometry(*pad3(x.shape[2:], 1), *pad3(out, 1), *pad3(w.shape[2:], 1), *pad3(stride, 1),
+                    *pad3(pad_before, 0), *pad3(dilation, 1))
+    return _mac(x, xo, (_strides5(x), _strides5(xo)), w2, wo2, table, bias, y, _strides5(y),
+                Nb * geo.Do * geo.Ho * geo.Wo, Cout // groups, K, groups, C_G, geo, x_bits, w_bits, frac_bits, fixed,
+                acc_bits, acc_lsb, True, config, route)
 
 
 KERNELS = {"lns_mm": lns_mm, "lns_conv": lns_conv}
