@@ -1,12 +1,14 @@
 """The op library and its kernels: every ``torchlns::`` op, declared once, with a kernel per backend.
 
-* ``library.py``: the schemas, the reference and fake kernels, backend registration and
-  ``reference_kernels()`` (see Note: op registration there);
+* ``library.py``: the schemas, the reference and fake kernels, backend registration,
+  ``reference_kernels()`` and ``cuda_kernels_on_cpu()`` (see Note: op registration there);
 * ``reference.py``: the pure-PyTorch reference kernels, the oracle of every backend;
 * ``autograd.py``: the straight-through estimator's backward;
 * ``backend.py``: loading the C++ CPU kernels (``torchlns._C``, built from ``csrc/``) and
   ``backend_info()``;
-* ``triton_kernels.py``: the CUDA kernels.
+* ``triton_kernels.py``, ``triton_mac.py``: the CUDA kernels (codecs; the LNS MAC), and
+  ``mac_tables.py``, the MAC's operand algebra in plain PyTorch;
+* ``dense.py``: the FP8/INT MAC as float32 products, CUDA's kernel for it.
 
 Kernels depend on ``torchlns.core`` and on this package only, never on the public API.
 """

@@ -271,7 +271,8 @@ def _lut(tab_ptr, r, L0, W0, W1, PACKED: tl.constexpr):
     return tl.load(tab_ptr + r)
 
 
-@triton.jit
+# Scalars that meet .to() or a bit operation stay runtime values (Triton would make a 1 a constant).
+@triton.jit(do_not_specialize=["T", "LSB", "W_SHIFT", "L0", "W0", "W1"])
 def _lns_mac_direct_kernel(
         x_ptr, xo_ptr, w_ptr, wo_ptr, tab_ptr, bias_ptr, y_ptr, M, N, K,
         sx0, sx1, sx2, sx3, sx4, so0, so1, so2, so3, so4, swn, swk, son, sok, sy0, sy1, sy2, sy3, sy4,
