@@ -43,10 +43,14 @@ def _cmd_detect_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .apps.cli import nonnegative_int, plain, positive_int
+
     parser = argparse.ArgumentParser(
         prog="torchlns",
         description="Bit-exact emulation of a logarithmic-number-system (LNS) inference chip.",
     )
+    parser.add_argument("--version", action="version", version=f"torchlns {__version__}")
     sub = parser.add_subparsers(dest="command", title="commands")
     sub.required = True
 
@@ -55,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         help="the main job: train a segmentation CNN on driving scenes, convert it to every format, compare",
-        description=demo_doc.split("\n\n")[1],
+        description=plain(demo_doc.split("\n\n")[1]),
     )
     add_arguments(demo)
     demo.set_defaults(func=_cmd_demo)
@@ -65,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     detect = sub.add_parser(
         "detect-demo",
         help="train a 2-D/3-D box detector on rendered driving scenes, convert it to every format, compare AP",
-        description=detect_doc.split("\n\n")[1],
+        description=plain(detect_doc.split("\n\n")[1]),
     )
     detect_arguments(detect)
     detect.set_defaults(func=_cmd_detect_demo)
@@ -75,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench",
         help="time converted networks and the MAC kernels against torch on this machine",
-        description=bench_doc.split("\n\n")[1],
+        description=plain(bench_doc.split("\n\n")[1]),
     )
     bench_arguments(bench)
     bench.set_defaults(func=_cmd_bench)
@@ -85,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     gpu = sub.add_parser(
         "gpu-check",
         help="on a CUDA machine: the CUDA tests, the GPU kernel benchmarks and a converted ResNet-50, in one table",
-        description=gpu_doc.split("\n\n")[1],
+        description=plain(gpu_doc.split("\n\n")[1]),
     )
     gpu_arguments(gpu)
     gpu.set_defaults(func=_cmd_gpu_check)
@@ -97,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
         "and INT8, run a Linear and a Conv2d layer under the ideal and chip MACs, and print "
         "the errors against float32.",
     )
-    formats.add_argument("--n", type=int, default=1 << 20, help="elements in the encoded tensor (default 2^20)")
-    formats.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    formats.add_argument("--n", type=positive_int, default=1 << 20, help="elements in the encoded tensor (default 2^20)")
+    formats.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default 0)")
     formats.set_defaults(func=_cmd_formats)
 
     from .apps.cli import add_commands

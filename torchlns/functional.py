@@ -186,7 +186,7 @@ def conv(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1, mac: MACCon
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
     unbatched = xt.dim() == n + 1
-    stride, dilation = ntuple(stride, n, "stride"), ntuple(dilation, n, "dilation")
+    stride, dilation = ntuple(stride, n, "stride", minimum=1), ntuple(dilation, n, "dilation", minimum=1)
     pads = conv_padding(padding, tuple(wq.codes.shape[2:]), dilation, stride, n)
     geometry = _Geometry(stride, pads, dilation, groups)
     if n == 1:  # conv1d is conv2d with a height-1 kernel
@@ -262,7 +262,7 @@ def _conv3d(x, w, bias, stride, padding, dilation, groups, mac, *, acc_lsb, x_bl
     if xt.dim() not in (4, 5):
         raise ValueError(f"lns_conv3d input must be 4-D or 5-D, got {tuple(xt.shape)}")
     unbatched = xt.dim() == 4
-    stride, dilation = ntuple(stride, 3, "stride"), ntuple(dilation, 3, "dilation")
+    stride, dilation = ntuple(stride, 3, "stride", minimum=1), ntuple(dilation, 3, "dilation", minimum=1)
     pads = conv_padding(padding, tuple(wq.codes.shape[2:]), dilation, stride, 3)
     kd = wq.codes.shape[2]
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:

@@ -550,14 +550,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------
 # parser
 # ----------------------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
+def _int_at_least(minimum: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {v}")
+        return v
+    return parse
+
+
+positive_int = _positive_int = _int_at_least(1, "a positive integer")
+nonnegative_int = _int_at_least(0, "an integer >= 0")
+
+
+def plain(doc: str) -> str:
+    """A docstring paragraph for --help: reStructuredText's double backticks dropped."""
+    return doc.replace("``", "")
 
 
 def _loading_options(p: argparse.ArgumentParser) -> None:
@@ -611,7 +622,8 @@ def add_commands(sub) -> None:
         description="Run both models on DATA (batched, eval mode, no grad) and print the output SQNR, the "
                     "largest absolute difference, argmax agreement over dim 1 and, when DATA has 'targets', "
                     "each model's top-1 (or pixel) accuracy.")
-    p.add_argument("float_model", metavar="FLOAT_MODEL")
+    p.add_argument("float_model", metavar="FLOAT_MODEL",
+                   help="the float model: a state_dict file (with --model-class) or a pickled nn.Module")
     p.add_argument("converted_model", metavar="CONVERTED_MODEL",
                    help="usually convert's OUT file, a pickled module: pass --trust-pickle")
     p.add_argument("--data", required=True, metavar="DATA",

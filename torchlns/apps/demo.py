@@ -353,16 +353,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def add_arguments(p: argparse.ArgumentParser, d: Optional[DemoConfig] = None) -> None:
     """The job's flags, with defaults from ``d`` (a ``DemoConfig`` or a subclass)."""
     d = d or DemoConfig()
+    from .cli import nonnegative_int, positive_int
+
     p.add_argument("--out", type=Path, default=d.out, help=f"output folder (default {d.out})")
-    p.add_argument("--device", default=d.device, help="cpu or cuda")
-    p.add_argument("--size", type=int, nargs=2, default=(d.height, d.width), metavar=("H", "W"))
-    p.add_argument("--n-train", type=int, default=d.n_train)
-    p.add_argument("--n-eval", type=int, default=d.n_eval)
-    p.add_argument("--train-steps", type=int, default=d.train_steps)
-    p.add_argument("--finetune-steps", type=int, default=d.finetune_steps)
-    p.add_argument("--clusters", type=int, default=d.clusters)
-    p.add_argument("--net-width", type=int, default=d.net_width)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device, help=f"cpu or cuda (default {d.device})")
+    p.add_argument("--size", type=positive_int, nargs=2, default=(d.height, d.width), metavar=("H", "W"),
+                   help=f"image height and width (default {d.height} {d.width})")
+    p.add_argument("--n-train", type=positive_int, default=d.n_train,
+                   help=f"generated training images (default {d.n_train})")
+    p.add_argument("--n-eval", type=positive_int, default=d.n_eval,
+                   help=f"generated evaluation images (default {d.n_eval})")
+    p.add_argument("--train-steps", type=nonnegative_int, default=d.train_steps,
+                   help=f"float training steps (default {d.train_steps})")
+    p.add_argument("--finetune-steps", type=nonnegative_int, default=d.finetune_steps,
+                   help=f"fine-tuning steps of the clustered model through the chip (default {d.finetune_steps})")
+    p.add_argument("--clusters", type=positive_int, default=d.clusters,
+                   help=f"centroids per layer for cluster compression (default {d.clusters})")
+    p.add_argument("--net-width", type=positive_int, default=d.net_width,
+                   help=f"channels of the network's first stage (default {d.net_width})")
+    p.add_argument("--seed", type=nonnegative_int, default=d.seed, help=f"random seed (default {d.seed})")
     p.add_argument("--retrain", action="store_true", help="train even if a trained model is in --out")
 
 

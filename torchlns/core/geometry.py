@@ -12,13 +12,17 @@ from typing import List, Sequence, Tuple
 import torch
 
 
-def ntuple(v, n: int, what: str) -> tuple:
-    """An int or a sequence of ``n`` ints as an ``n``-tuple, with an error naming ``what``."""
+def ntuple(v, n: int, what: str, minimum: int | None = None) -> tuple:
+    """An int or a sequence of ``n`` ints as an ``n``-tuple, each at least ``minimum``, with an error naming ``what``."""
     if isinstance(v, int) and not isinstance(v, bool):
-        return (v,) * n
-    if isinstance(v, (tuple, list)) and len(v) == n and all(isinstance(i, int) and not isinstance(i, bool) for i in v):
-        return tuple(v)
-    raise ValueError(f"{what} must be an int or a tuple of {n} ints, got {v!r}")
+        t = (v,) * n
+    elif isinstance(v, (tuple, list)) and len(v) == n and all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+        t = tuple(v)
+    else:
+        raise ValueError(f"{what} must be an int or a tuple of {n} ints, got {v!r}")
+    if minimum is not None and min(t) < minimum:
+        raise ValueError(f"{what} must be >= {minimum}, got {v!r}")
+    return t
 
 
 def conv_padding(padding, kernel: Sequence[int], dilation: Sequence[int], stride: Sequence[int],
@@ -27,13 +31,16 @@ def conv_padding(padding, kernel: Sequence[int], dilation: Sequence[int], stride
     if padding == "valid":
         return [(0, 0)] * n
     if isinstance(padding, list) and len(padding) == n and all(isinstance(p, tuple) and len(p) == 2 for p in padding):
-        return [(int(a), int(b)) for a, b in padding]  # explicit (before, after) pairs
+        pairs = [(int(a), int(b)) for a, b in padding]  # explicit (before, after) pairs
+        if min(min(p) for p in pairs) < 0:
+            raise ValueError(f"padding must be >= 0, got {padding!r}")
+        return pairs
     if padding == "same":
         if any(s != 1 for s in stride):
             raise ValueError("padding='same' is not supported for strided convolutions")
         total = [d * (k - 1) for k, d in zip(kernel, dilation)]
         return [(t // 2, t - t // 2) for t in total]
-    return [(p, p) for p in ntuple(padding, n, "padding")]
+    return [(p, p) for p in ntuple(padding, n, "padding", minimum=0)]
 
 
 def conv_output_size(size: int, kernel: int, stride: int, pad_before: int, pad_after: int, dilation: int) -> int:
