@@ -40,3 +40,53 @@ def test_every_option_has_help_and_no_rst():
                 continue
             assert action.help, f"{name} {action.option_strings or action.dest} has no help text"
             assert "``" not in action.help, f"{name} {action.dest}"
+
+
+def _one_line_error(capsys, argv, *needles):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("torchlns: error: "), err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+def test_truncated_torch_file_is_one_line(tmp_path, capsys):
+    import torch
+
+    good = tmp_path / "good.pt"
+    torch.save({"a": torch.randn(1000), "b": torch.randn(10)}, good)
+    data = good.read_bytes()
+    for cut in (10, len(data) // 2, len(data) - 30):  # a bad header, a cut archive, a cut directory
+        bad = tmp_path / f"cut{cut}.pt"
+        bad.write_bytes(data[:cut])
+        _one_line_error(capsys, ["report", str(bad)], "not a readable torch file")
+        _one_line_error(capsys, ["report", str(bad), "--trust-pickle"], "not a readable torch file")
+
+
+def test_model_class_must_be_a_module_path(tmp_path, capsys):
+    import torch
+
+    sd = tmp_path / "sd.pt"
+    torch.save({"w": torch.randn(2)}, sd)
+    for spec in ["../etc:passwd", "/etc/passwd:x", "os:system()", ".relative:Net"]:
+        _one_line_error(capsys, ["compare", str(sd), str(sd), "--model-class", spec, "--data", str(sd)],
+                        "--model-class", "not a dotted module path")
+
+
+class _RunsACommand:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo this must never run",))
+
+
+def test_a_pickle_that_runs_commands_is_named_and_refused(tmp_path, capsys):
+    import pickle
+
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps(_RunsACommand(), protocol=2))
+    for extra in ([], ["--trust-pickle"]):
+        err = _one_line_error(capsys, ["report", str(evil), *extra], "system", "runs commands")
+        assert "not a readable torch file" not in err
+    assert "this must never run" not in capsys.readouterr().out

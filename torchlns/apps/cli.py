@@ -81,11 +81,16 @@ FORMATS: Mapping[str, Mapping[str, Any]] = {
 # loading files
 # ----------------------------------------------------------------------------------------
 class _Pickled(Exception):
-    """The file holds pickled Python objects that ``weights_only=True`` refuses (``name``: the first)."""
+    """The file holds pickled Python objects that ``weights_only=True`` refuses (``name``: the first).
 
-    def __init__(self, name: str):
+    ``blocked``: torch names the global's module as one it always blocks (``os``, ``posix``,
+    ``subprocess``, ...): code that runs commands, never a model's.
+    """
+
+    def __init__(self, name: str, blocked: bool = False):
         super().__init__(name)
         self.name = name
+        self.blocked = blocked
 
 
 def _first_line(e: BaseException) -> str:
@@ -111,7 +116,13 @@ def _check_readable(path: str, what: str) -> Path:
     return p
 
 
-_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_UNSAFE_GLOBAL = re.compile(r"unsupported (?:global: )?GLOBAL ([\w.]+)", re.IGNORECASE)
+_BLOCKED = re.compile(r"whose module [\w.]+ is blocked")
+# Damaged files (truncated, corrupted): the weights-only unpickler runs no code from the
+# file, so these are all a file that torch cannot read. A truncated archive can fail in a
+# seek (OSError: [Errno 22]).
+_DAMAGED = (EOFError, RuntimeError, KeyError, ValueError, IndexError, TypeError, UnicodeDecodeError, OSError,
+            zipfile.BadZipFile)
 
 
 def _safe_load(path: str, what: str) -> Any:
@@ -122,12 +133,11 @@ def _safe_load(path: str, what: str) -> Any:
     except pickle.UnpicklingError as e:
         found = _UNSAFE_GLOBAL.search(str(e))
         if found:
-            raise _Pickled(found.group(1)) from None
+            raise _Pickled(found.group(1), blocked=bool(_BLOCKED.search(str(e)))) from None
         raise FileError(f"{what} {path} is not a readable torch file ({_first_line(e)})") from None
-    except (EOFError, RuntimeError, KeyError, ValueError, IndexError, TypeError, UnicodeDecodeError,
-            zipfile.BadZipFile) as e:
-        # The weights-only unpickler runs no code from the file, so these are damaged files.
-        raise FileError(f"{what} {path} is not a readable torch file ({_first_line(e)})") from None
+    except _DAMAGED as e:
+        raise FileError(f"{what} {path} is not a readable torch file, damaged or truncated ({_first_line(e)})") \
+            from None
 
 
 def _unsafe_load(path: str, what: str) -> Any:
@@ -138,6 +148,9 @@ def _unsafe_load(path: str, what: str) -> Any:
     except (ImportError, AttributeError) as e:
         raise FileError(f"cannot load {what} {path}: it refers to code that cannot be imported ({_first_line(e)}); "
                         "put the module that defines the model on PYTHONPATH") from None
+    except (pickle.UnpicklingError, *_DAMAGED) as e:
+        raise FileError(f"{what} {path} is not a readable torch file, damaged or truncated ({_first_line(e)})") \
+            from None
 
 
 def _ensure_cwd_on_path() -> None:
@@ -152,6 +165,10 @@ def _import_callable(spec: str) -> Callable[[], Any]:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ModelError(f"--model-class must look like pkg.module:callable, got {spec!r}")
+    if not all(part.isidentifier() for part in module_name.split(".")) or \
+            not all(part.isidentifier() for part in attr.split(".")):
+        raise ModelError(f"--model-class {spec}: {module_name!r}:{attr!r} is not a dotted module path and a name "
+                         "(relative imports and file paths are not accepted)")
     _ensure_cwd_on_path()
     try:
         obj = importlib.import_module(module_name)
@@ -217,6 +234,10 @@ def load_model(path: str, *, model_class: Optional[str] = None, trust_pickle: bo
     try:
         obj = _safe_load(path, what)
     except _Pickled as e:
+        if e.blocked:  # refused whatever the flags say
+            raise ModelError(f"{what} {path} is a pickle whose first global is {e.name}, from a module that runs "
+                             "commands, not model code; torchlns refuses to load it, even with --trust-pickle") \
+                from None
         if not trust_pickle:
             raise ModelError(
                 f"{what} {path} is a pickled Python object ({e.name}), and loading it would run code from the file; "
