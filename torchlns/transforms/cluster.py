@@ -13,6 +13,8 @@ scale 0 and takes no part in the clustering.
 from __future__ import annotations
 
 import copy
+import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
@@ -127,6 +129,28 @@ def _eligible(m: nn.Module) -> bool:
     return type(m) is nn.Conv2d and m.kernel_size[0] * m.kernel_size[1] > 1 and m.padding_mode == "zeros"
 
 
+def _warn_if_no_saving(fqns: List[str], asked: int, live: int, kernels: int, taps: int) -> None:
+    """Warn when the centroids asked for are capped, or the clustered layer is no smaller.
+
+    Sizes as ``size_report`` counts them, with 8-bit weights: per kernel an index of
+    ceil(log2 C) bits and an 8-bit scale, plus C centroids of ``taps`` 8-bit values; against
+    ``taps`` 8-bit values per kernel.
+    """
+    where = f"layer {fqns[0]!r}" if len(fqns) == 1 else f"{len(fqns)} layers ({fqns[0]!r}, ...)"
+    C = max(1, min(asked, live))
+    if asked > live:
+        warnings.warn(f"cluster_kernels: {where} has {live} kernels, fewer than the {asked} centroids asked for; "
+                      f"it gets {C} (one per kernel)", stacklevel=3)
+    index_bits = math.ceil(math.log2(C))
+    clustered = kernels * (index_bits + 8) + C * taps * 8
+    plain = kernels * taps * 8
+    if clustered >= plain:
+        even = kernels * (taps * 8 - index_bits - 8) // (taps * 8)
+        warnings.warn(f"cluster_kernels: {where} with {C} centroids takes {clustered / 8:,.0f} bytes against "
+                      f"{plain / 8:,.0f} for its plain 8-bit weights, because the centroid table outweighs what "
+                      f"the indices save; fewer than about {even:,} centroids make it smaller", stacklevel=3)
+
+
 def cluster_kernels(model: nn.Module, num_clusters: Union[int, Mapping[str, int]], *, scope: str = "layer",
                     filter_fn: Optional[Callable[[nn.Module, str], bool]] = None, iterations: int = 50,
                     tol: float = 1e-4, seed: int = 0, progress=None, inplace: bool = False) -> nn.Module:
@@ -183,6 +207,7 @@ def cluster_kernels(model: nn.Module, num_clusters: Union[int, Mapping[str, int]
         if assign_live is not None:
             assign[live] = assign_live
         kh, kw = layers[fqns[0]].kernel_size
+        _warn_if_no_saving(fqns, count, int(live.sum()), points.shape[0], kh * kw)
         shared = nn.Parameter(centroids.reshape(-1, kh, kw).to(layers[fqns[0]].weight.dtype))
         start = 0
         for fqn, s in zip(fqns, scales):

@@ -133,12 +133,15 @@ def convert(model: nn.Module, config: Optional[ConvertConfig] = None,
     """Fold BN, cluster (if ``config.cluster``), calibrate and swap in chip layers.
 
     ``calibration_data`` is a DataLoader or any iterable of inputs: tensors, ``(input,
-    target)`` pairs (the first element is fed) or dicts of keyword inputs. It is needed
+    target)`` pairs (the first element is fed) or dicts of keyword inputs. A single tensor is
+    taken as one batch (not iterated sample by sample). It is needed
     for static activations and for the fixed accumulator. Returns a new model in eval mode
     (the input is untouched; its float layers become float32, the chip's output dtype) with
     ``fold_report``, ``cluster_report`` and ``conversion_report`` attributes.
     """
     config = ConvertConfig() if config is None else config
+    if isinstance(calibration_data, torch.Tensor):  # one batch, not an iterable of samples
+        calibration_data = [calibration_data]
     if not isinstance(config, ConvertConfig):
         raise TypeError(f"config must be a ConvertConfig, got {type(config).__name__}")
     if not isinstance(model, nn.Module):
@@ -197,9 +200,12 @@ def convert(model: nn.Module, config: Optional[ConvertConfig] = None,
 
     report = ConversionReport()
     memo: dict = {}  # shared by the swaps of one conversion (see Note: swap registry)
+    params = {}
     for fqn, (m, cfg, swap) in targets.items():
         input_param = choose_param(inputs_seen[fqn], cfg.fmt, cfg.calibrator, cfg.percentile) \
             if fqn in inputs_seen else None
+        if input_param is not None:
+            params[fqn] = (cfg.fmt, input_param)
         acc_lsb = acc_lsb_for(outputs_seen[fqn].max, cfg.mac, cfg.acc_headroom_bits) if fqn in outputs_seen else None
         new = swap(m, cfg, input_param=input_param, acc_lsb=acc_lsb, qat=cfg.qat, memo=memo)
         if isinstance(new, _CodedLayer):
@@ -211,6 +217,7 @@ def convert(model: nn.Module, config: Optional[ConvertConfig] = None,
         report.append(dict(layer=fqn, kind=type(new).__name__, fmt=str(cfg.fmt),
                            mac=str(cfg.fmt.layer_mac(cfg.mac)) if cfg.fmt.mac_kind == "log" else "-",
                            input=None if input_param is None else input_param.item(), acc_lsb=acc_lsb))
+    _warn_about_calibration(inputs_seen, params)
     report.finish(model, targets, why_float, macs)
     model.fold_report, model.cluster_report, model.conversion_report = fold_report, cluster_report, report
     return model
@@ -365,6 +372,43 @@ def _selected(config: ConvertConfig, m: nn.Module, fqn: str) -> Optional[Convert
     if config.module_filter_fn is not None and not config.module_filter_fn(m, fqn):
         return None
     return config.for_layer(fqn)
+
+
+# Note: calibration sanity
+# Calibration cannot know the data a model will see later, but it can tell when its own data
+# cannot be what the model expects, and ``convert`` warns then: a layer whose inputs were all
+# zero (no signal: its parameter is a guess), a layer whose chosen parameter saturates more
+# than half of what it saw (a clamped offset or scale), and inputs whose largest magnitude
+# is beyond 2^50 (about 1e15; trained networks see nothing near it, so the data is almost
+# certainly scaled wrongly, and ordinary inputs would then flush to zero).
+SATURATED_SHARE = 0.5
+IMPLAUSIBLE_AMAX = 2.0**50
+
+
+def _warn_about_calibration(inputs_seen: Dict[str, Observer], params: dict) -> None:
+    from ..codec import decode, encode
+
+    silent = [f for f, o in inputs_seen.items() if o.count and o.max == 0]
+    if silent:
+        warnings.warn(f"calibration saw no signal at layers {silent}: every input value was 0, so their activation "
+                      "parameters are a guess; calibrate on real data", stacklevel=3)
+    huge = {f: o.max for f, o in inputs_seen.items() if o.max > IMPLAUSIBLE_AMAX}
+    if huge:
+        first = next(iter(huge))
+        warnings.warn(f"calibration inputs peak at {huge[first]:.3g} at layer {first!r} ({len(huge)} layers beyond "
+                      f"{IMPLAUSIBLE_AMAX:.0e}); is the calibration data scaled as the model expects? Inputs of an "
+                      "ordinary size would flush to zero (Note: calibration sanity)", stacklevel=3)
+    saturated = []
+    for f, (fmt, param) in params.items():
+        sample = inputs_seen[f].sample
+        if sample.numel():
+            top = decode(encode(torch.tensor(torch.finfo(torch.float32).max), fmt, param), fmt, param).item()
+            share = (sample > top).float().mean().item()
+            if share > SATURATED_SHARE:
+                saturated.append(f"{f} ({share:.0%})")
+    if saturated:
+        warnings.warn(f"calibration saturates most values at layers {saturated}: their activation parameters were "
+                      "clamped to the format's range", stacklevel=3)
 
 
 def _calibrate(model, targets, inputs_seen, outputs_seen, data, progress, forward_fn=None) -> None:
