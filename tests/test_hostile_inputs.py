@@ -83,3 +83,104 @@ def test_ordinary_calibration_does_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         torchlns.convert(net, torchlns.ConvertConfig(progress=False), [x])
+
+
+# ----------------------------------------------------------------------------------------
+# validated loading (Note: validated loading in torchlns/nn/layers.py)
+# ----------------------------------------------------------------------------------------
+def _converted(mac=None):
+    net = _net()
+    x = torch.rand(4, 3, 16, 16)
+    net(x)
+    cfg = torchlns.ConvertConfig(progress=False) if mac is None else torchlns.ConvertConfig(mac=mac, progress=False)
+    return torchlns.convert(net, cfg, [x]), x
+
+
+def _crafted(sd, key, **change):
+    t = sd[key]
+    fields = {**dict(codes=t.codes, param=t.param, fmt=t.fmt, block=t.block), **change}
+    return {**sd, key: type(t)(fields["codes"], fields["param"], fields["fmt"], fields["block"])}
+
+
+def _snapshot(model):
+    out = {}
+    for k, v in model.state_dict().items():
+        if isinstance(v, torchlns.CodedTensor):
+            out[k] = (v.codes.clone(), v.param.clone(), v.block)
+        elif isinstance(v, torch.Tensor):
+            out[k] = v.clone()
+        else:
+            out[k] = repr(v)
+    return out
+
+
+def _same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], tuple):
+            assert torch.equal(a[k][0], b[k][0]) and torch.equal(a[k][1], b[k][1]) and a[k][2] == b[k][2], k
+        elif isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), k
+        else:
+            assert a[k] == b[k], k
+
+
+CRAFTS = {
+    "offset out of range": lambda sd, k: _crafted(sd, k, param=sd[k].param + 10**6),
+    "bogus block": lambda sd, k: _crafted(sd, k, block=(7, 0)),
+    "codes of another dtype": lambda sd, k: _crafted(sd, k, codes=sd[k].codes.to(torch.int16)),
+    "float offsets": lambda sd, k: _crafted(sd, k, param=sd[k].param.float()),
+    "offsets of the wrong layout": lambda sd, k: _crafted(sd, k, param=sd[k].param.reshape(-1)[:1].expand(5).clone()),
+}
+
+
+@pytest.mark.parametrize("craft", list(CRAFTS), ids=str)
+def test_a_crafted_state_dict_is_refused_whole_and_names_the_key(craft, tmp_path):
+    q, x = _converted()
+    sd = q.state_dict()
+    key = next(k for k, v in sd.items() if isinstance(v, torchlns.CodedTensor) and k.startswith("2."))
+    bad = CRAFTS[craft](sd, key)
+    torch.save(bad, tmp_path / "bad.pt")
+    bad = torch.load(tmp_path / "bad.pt", weights_only=True)  # a file: safe to unpickle, not yet to use
+    before, y = _snapshot(q), q(x)
+    bad["0.bias"] = torch.zeros_like(sd["0.bias"])  # an earlier module's change must not land either
+    with pytest.raises(RuntimeError, match=key.replace(".", r"\.")):
+        q.load_state_dict(bad)
+    _same(before, _snapshot(q))
+    assert torch.equal(q(x), y)
+
+
+@pytest.mark.parametrize("field,value,match", [("acc_lsb", 10**6, "acc_lsb"),
+                                               ("input_block_size", 0, "input_block_size"),
+                                               ("weight_granularity", ("diagonal", None), "granularity")])
+def test_crafted_extra_state_is_refused(field, value, match):
+    q, x = _converted(torchlns.CHIP_MAC)
+    sd = q.state_dict()
+    key = "2._extra_state"
+    bad = {**sd, key: {**sd[key], field: value}}
+    before = _snapshot(q)
+    with pytest.raises(RuntimeError, match=match):
+        q.load_state_dict(bad)
+    _same(before, _snapshot(q))
+
+
+def test_a_crafted_activation_offset_is_refused():
+    q, _ = _converted()
+    sd = q.state_dict()
+    bad = {**sd, "0.input_param": sd["0.input_param"] + 10**6}
+    with pytest.raises(RuntimeError, match=r"0\.input_param: offset .* is out of range"):
+        q.load_state_dict(bad)
+
+
+def test_a_good_state_dict_still_round_trips(tmp_path):
+    q, x = _converted(torchlns.CHIP_MAC)
+    y = q(x)
+    torch.save(q.state_dict(), tmp_path / "sd.pt")
+    r, _ = _converted(torchlns.CHIP_MAC)
+    r.load_state_dict(torch.load(tmp_path / "sd.pt", weights_only=True))
+    assert torch.equal(r(x), y)
+    torch.save(q, tmp_path / "m.pt")  # the load pre-hook pickles with the model
+    m = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert torch.equal(m(x), y)
+    with pytest.raises(RuntimeError, match="out of range"):
+        m.load_state_dict(_crafted(q.state_dict(), "2.weight", param=q.state_dict()["2.weight"].param + 10**6))

@@ -93,6 +93,39 @@ class Coded(NamedTuple):
         full = expand_param(param, *(block or (None, None)), x.shape[block[0]] if block else 0)
         return Coded(encode(x, fmt, full), param, fmt, block)
 
+    def validate(self, what: str = "coded tensor") -> "Coded":
+        """Check every coded field, as a loaded file needs (a crafted one must not compute garbage).
+
+        The format, the codes' type, dtype and range, the block axis and size, and the
+        parameter's type, layout (compact for blocks, else broadcasting against the codes) and
+        range. Raises ``ValueError`` naming ``what``; returns ``self``.
+        """
+        try:
+            if not isinstance(self.fmt, Format):
+                raise TypeError(f"format must be a Format, got {type(self.fmt).__name__}")
+            check_format(self.fmt)
+            codes = self.fmt.check_codes(self.codes)
+            if not isinstance(self.param, torch.Tensor):
+                raise TypeError(f"the {self.fmt.param_name} must be a tensor, got {type(self.param).__name__}")
+            full = self.param
+            if self.block is not None:
+                if not (isinstance(self.block, tuple) and len(self.block) == 2):
+                    raise ValueError(f"block must be (axis, size), got {self.block!r}")
+                axis, size = self.block
+                if isinstance(axis, bool) or not isinstance(axis, int):
+                    raise ValueError(f"block axis must be an int, got {axis!r}")
+                axis = norm_axis(axis, codes.dim())
+                check_block_size(size)
+                want = list(compact_shape(codes.shape, "block", axis, size))
+                if self.param.dim() != codes.dim() or self.param.shape[axis] != want[axis]:
+                    raise ValueError(f"per-block {self.fmt.param_name} of shape {tuple(self.param.shape)} does not fit "
+                                     f"codes of shape {tuple(codes.shape)} in blocks of {size} along axis {axis}")
+                full = expand_param(self.param, axis, size, codes.shape[axis])
+            self.fmt.check_param(full, codes.shape, codes.device)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"{what}: {e}") from None
+        return self
+
     def expanded_param(self) -> torch.Tensor:
         """The parameter broadcastable against the codes (blocks repeated)."""
         if self.block is None:

@@ -175,11 +175,51 @@ class _CodedLayer(nn.Module):
     def _extra_state_mismatch(self, state) -> Optional[str]:
         try:
             fmt, mac = Format.from_tuple(tuple(state["fmt"])), MACConfig(*state["mac"])
+            if fmt != self.fmt or mac != self.mac:
+                return f"state is for {fmt} with {mac}; this {type(self).__name__} is {self.fmt} with {self.mac}"
+            mac.check_acc_lsb(state["acc_lsb"])
+            block = state["input_block_size"]
+            if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
+                raise ValueError(f"input_block_size must be a positive int or None, got {block!r}")
+            granularity, size = tuple(state["weight_granularity"])
+            if granularity not in ("tensor", "channel", "block"):
+                raise ValueError(f"unknown weight granularity {granularity!r}")
+            if state.get("train_forward", "exact") not in TRAIN_FORWARDS:
+                raise ValueError(f"train_forward must be one of {TRAIN_FORWARDS}, got {state['train_forward']!r}")
         except (KeyError, TypeError, ValueError) as e:
-            return f"not a {type(self).__name__} state ({e})"
-        if fmt != self.fmt or mac != self.mac:
-            return f"state is for {fmt} with {mac}; this {type(self).__name__} is {self.fmt} with {self.mac}"
+            return f"not a valid {type(self).__name__} state ({e})"
         return None
+
+    def _state_problems(self, state_dict, prefix) -> list:
+        """What in ``state_dict`` this layer cannot load, one message per key (checks only; nothing changes)."""
+        problems = []
+        for name, mine in self._buffers.items():
+            if not isinstance(mine, CodedTensor) or prefix + name not in state_dict:
+                continue
+            key, got = prefix + name, state_dict[prefix + name]
+            if not isinstance(got, CodedTensor) or got.fmt != mine.fmt or got.shape != mine.shape:
+                problems.append(f"{key}: expected a {mine.fmt} tensor of shape {tuple(mine.shape)}, got "
+                                f"{type(got).__name__} {getattr(got, 'fmt', '')} {tuple(got.shape)}")
+                continue
+            try:
+                got.coded.validate(key)
+            except ValueError as e:
+                problems.append(str(e))
+        key = prefix + "input_param"
+        if self.input_param is not None and isinstance(state_dict.get(key), torch.Tensor):
+            got = state_dict[key]
+            try:
+                if got.shape != self.input_param.shape or got.dtype != self.input_param.dtype:
+                    raise ValueError(f"expected shape {tuple(self.input_param.shape)} and dtype "
+                                     f"{self.input_param.dtype}, got {tuple(got.shape)} {got.dtype}")
+                self.fmt.check_param(got, torch.Size(), got.device)
+            except (TypeError, ValueError) as e:
+                problems.append(f"{key}: {e}")
+        if prefix + "_extra_state" in state_dict:
+            problem = self._extra_state_mismatch(state_dict[prefix + "_extra_state"])
+            if problem:
+                problems.append(f"{prefix}_extra_state: {problem}")
+        return problems
 
     def set_extra_state(self, state) -> None:
         problem = self._extra_state_mismatch(state)
@@ -193,36 +233,26 @@ class _CodedLayer(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         # A coded buffer is replaced, not copied into: its parameters may have another
-        # layout, and copy_ has no meaning on codes.
+        # layout, and copy_ has no meaning on codes. Every field is checked before anything
+        # changes (see Note: validated loading).
+        problems = self._state_problems(state_dict, prefix)
         coded = {k: v for k, v in self._buffers.items() if isinstance(v, CodedTensor)}
+        if problems:  # load_state_dict raises with these once it has visited every module
+            error_msgs.extend(problems)
+            return
         for name, mine in coded.items():
             key = prefix + name
             got = state_dict.get(key)
             if got is None:
                 missing_keys.append(key)
-            elif not isinstance(got, CodedTensor) or got.fmt != mine.fmt or got.shape != mine.shape:
-                error_msgs.append(f"{key}: expected a {mine.fmt} tensor of shape {tuple(mine.shape)}, got "
-                                  f"{type(got).__name__} {getattr(got, 'fmt', '')} {tuple(got.shape)}")
             else:
                 self._buffers[name] = got.to(mine.device)
-        # A format or MAC mismatch is reported like any other state-dict error, under its key.
-        extra_key = prefix + "_extra_state"
-        hidden = None
-        if extra_key in state_dict:
-            problem = self._extra_state_mismatch(state_dict[extra_key])
-            if problem:
-                error_msgs.append(f"{extra_key}: {problem}")
-                hidden = state_dict.pop(extra_key)
         held = {k: self._buffers.pop(k) for k in coded}
         try:
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                           error_msgs)
         finally:
             self._buffers.update(held)
-            if hidden is not None:
-                state_dict[extra_key] = hidden
-                if extra_key in missing_keys:
-                    missing_keys.remove(extra_key)
         for name in coded:  # super() did not see these buffers, which were consumed above
             if prefix + name in unexpected_keys:
                 unexpected_keys.remove(prefix + name)
@@ -256,6 +286,38 @@ class _CodedLayer(nn.Module):
         if qat_master:
             m.weight_float = nn.Parameter(weight.detach().float().clone())
         return m.train(float_module.training)
+
+
+# Note: validated loading
+# A state_dict is data from a file, and a crafted one must not compute garbage. Each chip
+# layer checks every coded field it is given before it takes any: the format and MAC
+# against its own, each coded buffer's code dtype and range, block axis and size, parameter
+# layout and range (``Coded.validate``), the activation parameter's range, ``acc_lsb``'s
+# range and the other extra state, and reports problems under their keys. A layer with a
+# problem loads nothing. A converted model (``convert``) also checks the whole state_dict
+# before any module loads (``check_state_dict``, a load pre-hook on the model), so a bad
+# file leaves the model exactly as it was.
+def check_state_dict(model: nn.Module, state_dict, prefix: str = "") -> list:
+    """Every problem loading ``state_dict`` into ``model`` would meet, without changing anything."""
+    problems = []
+    for name, m in model.named_modules():
+        if isinstance(m, _CodedLayer):
+            problems += m._state_problems(state_dict, prefix + (name + "." if name else ""))
+    for name, t in model.state_dict(keep_vars=True).items():
+        got = state_dict.get(prefix + name)
+        if isinstance(t, torch.Tensor) and not isinstance(t, CodedTensor) and isinstance(got, torch.Tensor) \
+                and not isinstance(got, CodedTensor) and got.shape != t.shape:
+            problems.append(f"{prefix + name}: expected shape {tuple(t.shape)}, got {tuple(got.shape)}")
+    return problems
+
+
+def atomic_load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                         error_msgs) -> None:
+    """A load_state_dict pre-hook: refuse the whole state_dict before anything loads (Note: validated loading)."""
+    problems = check_state_dict(module, state_dict, prefix)
+    if problems:
+        raise RuntimeError(f"Error(s) in loading state_dict for {type(module).__name__} (nothing was loaded):\n\t"
+                           + "\n\t".join(problems))
 
 
 def _layer_settings(cls, config, input_param, acc_lsb):

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from ..config import ConvertConfig
 from ..nn.clustered import ClusteredConv2d, LNSClusteredConv2d
-from ..nn.layers import _CodedLayer
+from ..nn.layers import _CodedLayer, atomic_load_pre_hook
 from ..nn.swap import swap_for, swap_for_type, swappable_types
 from .graph import base_layer, forward_matches
 from .calibration import Observer, acc_lsb_for, choose_param
@@ -220,6 +220,7 @@ def convert(model: nn.Module, config: Optional[ConvertConfig] = None,
     _warn_about_calibration(inputs_seen, params)
     report.finish(model, targets, why_float, macs)
     model.fold_report, model.cluster_report, model.conversion_report = fold_report, cluster_report, report
+    model.register_load_state_dict_pre_hook(atomic_load_pre_hook)  # Note: validated loading
     return model
 
 
