@@ -90,3 +90,21 @@ def test_a_pickle_that_runs_commands_is_named_and_refused(tmp_path, capsys):
         err = _one_line_error(capsys, ["report", str(evil), *extra], "system", "runs commands")
         assert "not a readable torch file" not in err
     assert "this must never run" not in capsys.readouterr().out
+
+
+def test_progress_is_log_lines_off_a_terminal(capsys):
+    from torchlns.apps.demo import LogProgress, _progress
+
+    bar = _progress(range(8), "training")  # pytest's stderr is not a terminal
+    assert isinstance(bar, LogProgress)
+    for _ in range(8):
+        bar.update(1)
+        bar.set_postfix(loss="0.500")
+    bar.close()
+    assert list(LogProgress(range(3), "eval")) == [0, 1, 2]
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.strip().splitlines()
+    assert [line.split(":")[1].split()[0] for line in lines[:4]] == ["25%", "50%", "75%", "100%"]
+    assert lines[0].startswith("training: 25% (2/8) in ") and lines[0].endswith("loss=0.500")
+    assert len(lines) == 8  # four for each bar

@@ -288,3 +288,18 @@ def test_to_dicts_returns_plain_dicts():
 def test_empty_model():
     report = torchlns.size_report(nn.Sequential(nn.ReLU()))
     assert report.rows == [] and report.total_bytes == 0
+
+
+def test_the_table_prints_whole_bytes_and_says_what_the_reference_adds():
+    import torchlns
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    q = torchlns.convert(net, torchlns.ConvertConfig(progress=False), [torch.rand(2, 3, 12, 12)])
+    alone, against = str(torchlns.size_report(q)), str(torchlns.size_report(q, reference=net))
+    assert ".0 " not in alone + " " and not any(cell.endswith(".0") for cell in alone.split())
+    total = next(line for line in alone.splitlines() if line.startswith("total"))
+    assert total.split() in [line.split() for line in against.splitlines()]  # convert and report agree
+    extra = against.splitlines()[-1]
+    assert extra.startswith("float32 model") and "batch norms" in extra
+    assert f"{sum(p.numel() for p in net.parameters()) * 4 + sum(b.numel() * 4 for n, b in net.named_buffers() if 'num_batches' not in n):,}" in extra

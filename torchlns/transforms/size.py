@@ -55,12 +55,27 @@ class SizeReport:
     def to_dicts(self) -> List[dict]:
         return copy.deepcopy(self.rows)
 
+    @property
+    def layers_float32_bytes(self) -> float:
+        """float32 size of what the rows replace (``float32_bytes`` may be a whole reference model's)."""
+        return sum(r["float32_bytes"] for r in self.rows)
+
     def __str__(self) -> str:
         head = ("layer", "kind", "format", "bytes", "float32 bytes", "ratio")
-        body = [(r["layer"] or "(root)", r["kind"], r["format"], f"{r['bytes']:,.1f}", f"{r['float32_bytes']:,.0f}",
+        body = [(r["layer"] or "(root)", r["kind"], r["format"], _bytes(r["bytes"]), _bytes(r["float32_bytes"]),
                  f"{r['ratio']:.2f}x") for r in self.rows]
-        body.append(("total", "", "", f"{self.total_bytes:,.1f}", f"{self.float32_bytes:,.0f}", f"{self.ratio:.2f}x"))
+        layers = self.layers_float32_bytes
+        body.append(("total", "", "", _bytes(self.total_bytes), _bytes(layers),
+                     f"{layers / self.total_bytes:.2f}x" if self.total_bytes else "inf"))
+        if self.float32_bytes != layers:  # reference=: the original model, folded batch norms included
+            body.append(("float32 model", "all of it, batch norms too", "", "", _bytes(self.float32_bytes),
+                         f"{self.ratio:.2f}x"))
         return format_table(head, body, right=(3, 4, 5))
+
+
+def _bytes(v: float) -> str:
+    """Whole bytes as integers; bit-packed fields can leave a fraction of a byte."""
+    return f"{v:,.0f}" if float(v).is_integer() else f"{v:,.1f}"
 
 
 def _coded_fields(name: str, t, fields: Dict[str, int]) -> None:
