@@ -244,3 +244,34 @@ def test_device_tensors(F):
     assert vals == [m / 2**23 for m in ref_decode(F)]
     conv = tables.conversion_tensor_f64(F, "lut", 8, torch.device("cpu"))
     assert conv.dtype == torch.float64 and conv.tolist() == [v / 256 for v in ref_lut(F, 8)]
+
+
+def test_import_does_not_load_dynamo():
+    """torch.compiler.assume_constant_result imports torch._dynamo (over a second); the tables' own marker does not."""
+    import subprocess
+    import sys
+
+    code = "import sys, torchlns; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"
+
+
+def test_the_constant_marker_is_dynamos():
+    import torch._dynamo
+
+    from torchlns.core import tables
+
+    def ours():
+        return 1
+
+    def theirs():
+        return 1
+
+    marked = vars(torch._dynamo.assume_constant_result(theirs))
+    import sys
+
+    saved = sys.modules.pop("torch._dynamo")  # the path taken when Dynamo is not loaded yet
+    try:
+        assert vars(tables.assume_constant_result(ours)) == marked
+    finally:
+        sys.modules["torch._dynamo"] = saved

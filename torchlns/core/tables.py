@@ -21,6 +21,7 @@ so that callers can use them in integer arithmetic (the fixed accumulator) or as
 from __future__ import annotations
 
 import functools
+import sys
 from decimal import ROUND_CEILING, ROUND_HALF_EVEN, Context, Decimal
 
 import torch
@@ -101,10 +102,24 @@ def _conversion_table(frac_bits: int, conversion: str, lut_bits: int) -> tuple[t
     raise ValueError(f"unknown conversion {conversion!r}")
 
 
+def assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result``, without importing ``torch._dynamo`` (1.3 s) at import.
+
+    torch's decorator imports Dynamo to set one marker on the function. When Dynamo is
+    already loaded this defers to it; otherwise it sets the same marker
+    (``tests/core/test_tables.py`` checks that the two agree), which Dynamo reads when it
+    traces.
+    """
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 # The public table functions are constants of their arguments: torch.compile calls them at
 # trace time (assume_constant_result) instead of tracing the decimal arithmetic. The marker
 # sits on plain functions because Dynamo looks through lru_cache wrappers.
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def encode_thresholds(frac_bits: int) -> tuple[int, ...]:
     return _encode_thresholds(frac_bits)
 
@@ -112,7 +127,7 @@ def encode_thresholds(frac_bits: int) -> tuple[int, ...]:
 encode_thresholds.__doc__ = _encode_thresholds.__doc__
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def encode_buckets(frac_bits: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return _encode_buckets(frac_bits)
 
@@ -120,7 +135,7 @@ def encode_buckets(frac_bits: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
 encode_buckets.__doc__ = _encode_buckets.__doc__
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def decode_mantissas(frac_bits: int) -> tuple[int, ...]:
     return _decode_mantissas(frac_bits)
 
@@ -128,7 +143,7 @@ def decode_mantissas(frac_bits: int) -> tuple[int, ...]:
 decode_mantissas.__doc__ = _decode_mantissas.__doc__
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def conversion_table(frac_bits: int, conversion: str, lut_bits: int) -> tuple[tuple[int, ...], int]:
     return _conversion_table(frac_bits, conversion, lut_bits)
 
@@ -189,7 +204,7 @@ def _fp8_values(variant: str) -> tuple[float, ...]:
     return tuple(torch.where(v.isnan(), torch.full_like(v, float("nan")).copysign(v), v).tolist())
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def fp8_values(variant: str) -> tuple[float, ...]:
     """float32 value of each of the 256 codes of FP8 ``variant`` (``"e4m3"``/``"e5m2"``)."""
     return _fp8_values(variant)
