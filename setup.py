@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 
+import torch
 from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension, library_paths
 
@@ -45,6 +46,22 @@ def _openmp_flags():
     return ["-fopenmp"]
 
 
+class IncrementalBuildExtension(BuildExtension):
+    """Object files in build/temp, kept between builds, so ninja recompiles only what changed.
+
+    pip builds an editable install in a fresh temporary directory each time, which made the
+    README's second command (the tests, with the test extras) compile everything again.
+    """
+
+    def finalize_options(self):
+        super().finalize_options()
+        # One folder per torch version: its headers are system includes, which the
+        # dependency files leave out, so a new torch must not reuse old objects.
+        self.build_temp = os.path.join(HERE, "build", f"temp-torch-{torch.__version__}")
+        print(f"torchlns: compiling the C++ extension in {self.build_temp} (a few minutes the first time; "
+              "`pip install -v` shows each step)", file=sys.stderr)
+
+
 omp = _openmp_flags()
 # Record torch's library directory as an rpath so that the extension also loads when it is
 # imported before torch itself (e.g. `python -c "import torchlns._C"`).
@@ -62,5 +79,5 @@ setup(
             extra_link_args=[*omp, *rpath],
         )
     ],
-    cmdclass={"build_ext": BuildExtension},
+    cmdclass={"build_ext": IncrementalBuildExtension},
 )

@@ -77,3 +77,28 @@ def test_target_lines_say_by_how_much():
     assert "missed by 0.30 points" in lines[0]
     assert "met" in lines[1]
     assert "missed by 2.00 points" in lines[2] and "missed by 2.0x" in lines[2]
+
+
+def test_difference_map_counts_legend_and_legible_text(tmp_path):
+    from PIL import Image
+
+    from torchlns.apps import demo
+    from torchlns.apps.scenes import CLASSES, SceneDataset
+
+    ds = SceneDataset(3, 32, 64, seed=1)
+    fp = ds.labels.clone()
+    fp[fp == 255] = 0
+    cp = fp.clone()
+    cp[0, 5, 7] = (cp[0, 5, 7] + 1) % len(CLASSES)  # one pixel: still visible, still counted
+    cp[1, 10:12, 20:30] = (cp[1, 10:12, 20:30] + 1) % len(CLASSES)
+    counts = demo._write_figure(tmp_path / "map.png", ds, fp, cp, "LNS8 chip", n=3)
+    valid = [(ds.labels[i] != 255).sum().item() for i in range(3)]
+    assert [c[0][0] for c in counts] == [1, 20, 0]  # per panel, exact
+    assert counts[1][0][1] == pytest.approx(20 / valid[1])
+    img = Image.open(tmp_path / "map.png").convert("RGB")
+    rows = 3 * (32 * 3) + 3 * (demo.FIGURE_FONT_PX + 6)
+    assert img.height > rows + demo.FIGURE_FONT_PX  # title strip and legend strip beyond the panels
+    assert demo._font(demo.FIGURE_FONT_PX).getbbox("Ag")[3] >= 12  # not PIL's 11-px bitmap default
+    px = img.load()
+    reds = sum(1 for x in range(img.width) for y in range(img.height) if px[x, y] == (235, 20, 20))
+    assert reds >= 9 * 3 * 3 * 2  # the lone pixel is drawn 3x3, at scale 3, in two panels

@@ -338,15 +338,36 @@ def _report(cfg: DemoConfig, rows: Sequence[Row]) -> str:
         "(`torchlns.size_report`).\n\n" + table(rows) + "\nTargets:\n\n" + "\n".join(target_lines(rows)) +
         "\n\n![difference map](difference_map.png)\n\n"
         "Difference map, per scene: image, ground truth, float32 prediction, LNS8 chip prediction, "
-        "pixels where the two predictions differ (red), float32 errors and LNS8 chip errors against "
-        "the ground truth (red; ignored pixels grey).\n")
+        "pixels where the two predictions differ (red, each drawn 3x3; the exact count and share of "
+        "labelled pixels under the panel), float32 errors and LNS8 chip errors against the ground truth "
+        "(the same; ignored pixels grey). The legend at the bottom names the class colours.\n")
+
+
+FIGURE_FONT_PX = 15  # titles and captions, legible at 100% zoom
+
+
+def _font(px: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=px)  # Pillow >= 10.1: a scalable built-in font
+    except TypeError:
+        return ImageFont.load_default()
 
 
 def _write_figure(path: Path, ds: SceneDataset, float_pred, conv_pred, conv_name: str, n: int = 4,
-                  scale: int = 3) -> None:
+                  scale: int = 3) -> List[List[tuple]]:
+    """The Figure-1 difference map. Returns, per scene, (differing pixels, share) of each red panel.
+
+    Each row: image, ground truth, float32, the converted model, where the two predictions
+    differ, and each model's errors against the ground truth. Red pixels are drawn 3x3 (the
+    count under each panel is exact), so that one differing pixel cannot be missed. A legend
+    names the class colours.
+    """
     from PIL import Image, ImageDraw
 
     palette = torch.tensor(PALETTE + ((0, 0, 0),), dtype=torch.uint8)
+    red, grey, dark = torch.tensor([235, 20, 20], dtype=torch.uint8), 110, 40
 
     def colour(labels):
         lab = labels.long().clone()
@@ -354,35 +375,55 @@ def _write_figure(path: Path, ds: SceneDataset, float_pred, conv_pred, conv_name
         return palette[lab]
 
     def mask(m, ignore):
-        img = torch.full((*m.shape, 3), 30, dtype=torch.uint8)
-        img[m] = torch.tensor([230, 30, 30], dtype=torch.uint8)
-        img[ignore] = 110
+        img = torch.full((*m.shape, 3), dark, dtype=torch.uint8)
+        img[ignore] = grey
+        grown = F.max_pool2d(m[None, None].float(), 3, 1, 1)[0, 0] > 0  # visible at any zoom
+        img[grown] = red
         return img
 
-    panels_per_row = ("image", "ground truth", "float32", conv_name, f"{conv_name} vs float32",
-                      "float32 errors", f"{conv_name} errors")
-    rows = []
+    titles = ("image", "ground truth", "float32", conv_name, f"{conv_name} vs float32", "float32 errors",
+              f"{conv_name} errors")
+    font = _font(FIGURE_FONT_PX)
+    line = FIGURE_FONT_PX + 6
+    H, W = ds.labels.shape[1:]
+    panel_w = (W + 2) * scale
+    rows, counts = [], []
     for i in range(min(n, len(ds))):
         y = ds.labels[i]
         ignore = y == IGNORE_INDEX
         fp, cp = float_pred[i].long(), conv_pred[i].long()
         fp_shown, cp_shown = fp.masked_fill(ignore, len(PALETTE)), cp.masked_fill(ignore, len(PALETTE))
+        diffs = [(fp != cp) & ~ignore, (fp != y) & ~ignore, (cp != y) & ~ignore]
+        valid = int((~ignore).sum())
+        counts.append([(int(d.sum()), int(d.sum()) / max(valid, 1)) for d in diffs])
         panels = [(ds.images[i].permute(1, 2, 0) * 255).round().to(torch.uint8), colour(y), colour(fp_shown),
-                  colour(cp_shown),
-                  mask((fp != cp) & ~ignore, ignore), mask((fp != y) & ~ignore, ignore),
-                  mask((cp != y) & ~ignore, ignore)]
-        sep = torch.full((y.shape[0], 2, 3), 255, dtype=torch.uint8)
+                  colour(cp_shown), *(mask(d, ignore) for d in diffs)]
+        sep = torch.full((H, 2, 3), 255, dtype=torch.uint8)
         rows.append(torch.cat([t for p in panels for t in (p, sep)][:-1], dim=1))
-    grid = torch.cat(rows, dim=0).numpy()
-    img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
-    header = 14
-    canvas = Image.new("RGB", (img.width, img.height + header), "white")
-    canvas.paste(img, (0, header))
+    legend = [(CLASSES[k], tuple(PALETTE[k])) for k in range(len(PALETTE))] + [
+        ("not labelled", (0, 0, 0)), ("differs (drawn 3x3)", tuple(red.tolist())), ("not labelled, red panels", (grey,) * 3)]
+    width = len(titles) * panel_w
+    height = line + len(rows) * (H * scale + line) + 2 * line
+    canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
-    panel_w = (ds.labels.shape[2] + 2) * scale
-    for k, title in enumerate(panels_per_row):
-        draw.text((k * panel_w + 2, 1), title, fill="black")
+    for k, title in enumerate(titles):
+        draw.text((k * panel_w + 2, 2), title, fill="black", font=font)
+    top = line
+    for row, row_counts in zip(rows, counts):
+        grid = row.numpy()
+        canvas.paste(Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST),
+                     (0, top))
+        top += H * scale
+        for k, (px, share) in enumerate(row_counts):
+            draw.text(((4 + k) * panel_w + 2, top + 2), f"{px:,} px ({share:.2%})", fill="black", font=font)
+        top += line
+    x = 2
+    for name, rgb in legend:  # the colour key
+        draw.rectangle((x, top + 6, x + FIGURE_FONT_PX, top + 6 + FIGURE_FONT_PX), fill=rgb, outline="black")
+        draw.text((x + FIGURE_FONT_PX + 4, top + 6), name, fill="black", font=font)
+        x += FIGURE_FONT_PX + 14 + int(draw.textlength(name, font=font))
     canvas.save(path)
+    return counts
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
