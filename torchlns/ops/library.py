@@ -170,30 +170,34 @@ for _name in ("ste_linear", "ste_conv"):
 # ----------------------------------------------------------------------------------------
 # backends
 # ----------------------------------------------------------------------------------------
+def _dense_kernels() -> dict:
+    """The FP8/INT MAC as float32 products: CUDA's kernels for it, with or without Triton."""
+    from . import dense
+
+    return {"scaled_mm": dense.scaled_mm_dense, "scaled_conv": dense.scaled_conv_dense}
+
+
+def _cuda_kernels() -> dict:
+    """Every kernel CUDA runs: the Triton ones and the dense FP8/INT MAC."""
+    from . import triton_kernels
+
+    return {**triton_kernels.KERNELS, **_dense_kernels()}
+
+
 def register_triton() -> str | None:
     """Register the CUDA kernels (Triton, and the dense FP8/INT MAC); returns why Triton's are not, or None."""
     if not torch.cuda.is_available():
         return "no CUDA device"
-    from . import dense
-
-    LIB.impl("scaled_mm", dense.scaled_mm_dense, "CUDA")
-    LIB.impl("scaled_conv", dense.scaled_conv_dense, "CUDA")
     try:
-        from . import triton_kernels
-    except ImportError as e:  # triton missing or broken: the reference serves CUDA
-        return f"{type(e).__name__}: {e}"
-    for name, kernel in triton_kernels.KERNELS.items():
+        kernels, error = _cuda_kernels(), None
+    except ImportError as e:  # triton missing or broken: the reference serves the LNS ops
+        kernels, error = _dense_kernels(), f"{type(e).__name__}: {e}"
+    for name, kernel in kernels.items():
         LIB.impl(name, kernel, "CUDA")
-    return None
+    return error
 
 
 TRITON_ERROR = register_triton()
-
-
-def _cuda_kernels() -> dict:
-    from . import dense, triton_kernels
-
-    return {**triton_kernels.KERNELS, "scaled_mm": dense.scaled_mm_dense, "scaled_conv": dense.scaled_conv_dense}
 
 
 @contextlib.contextmanager

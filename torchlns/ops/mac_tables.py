@@ -105,12 +105,19 @@ def integer_table(table: torch.Tensor) -> Tuple[torch.Tensor, int]:
     raise ValueError("conversion table entries are not integers over 2^S for any S <= 30")
 
 
-def octave_bounds(offset: torch.Tensor, bits: int, frac_bits: int) -> Tuple[int, int]:
-    """The range of ``q = (E + offset) >> F`` over every nonzero code ``E`` in 1..E_max."""
+def offset_range(offset: torch.Tensor) -> Tuple[int, int]:
+    """(min, max) of an offset tensor, with one device synchronisation for both."""
     lo, hi = torch.aminmax(offset.detach().reshape(-1).to(torch.int64))
-    e_max = (1 << (bits - 1)) - 1
-    lo, hi = int(lo), int(hi)  # one synchronisation for both
-    return (1 + lo) >> frac_bits, (e_max + hi) >> frac_bits
+    return int(lo), int(hi)
+
+
+def octave_bounds(offset: torch.Tensor, bits: int, frac_bits: int, offsets: Tuple[int, int] = None) -> Tuple[int, int]:
+    """The range of ``q = (E + offset) >> F`` over every nonzero code ``E`` in 1..E_max.
+
+    ``offsets``: the offsets' (min, max) when already known (``offset`` is then not read).
+    """
+    lo, hi = offsets if offsets is not None else offset_range(offset)
+    return (1 + lo) >> frac_bits, (((1 << (bits - 1)) - 1) + hi) >> frac_bits
 
 
 def packed_table(L: torch.Tensor):

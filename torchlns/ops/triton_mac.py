@@ -413,12 +413,9 @@ def _octaves(offset: torch.Tensor, bits: int, frac_bits: int):
         return mac_tables.octave_bounds(offset, bits, frac_bits)
     hit = _bounds_cache.get(base)
     if hit is None or hit[0] != base._version:
-        lo, hi = torch.aminmax(base.detach().reshape(-1).to(torch.int64))
-        hit = (base._version, (int(lo), int(hi)))
+        hit = (base._version, mac_tables.offset_range(base))
         _bounds_cache[base] = hit
-    lo, hi = hit[1]
-    e_max = (1 << (bits - 1)) - 1
-    return (1 + lo) >> frac_bits, (e_max + hi) >> frac_bits
+    return mac_tables.octave_bounds(offset, bits, frac_bits, offsets=hit[1])
 
 
 def _pick(config, tuned, plain, args, meta, grid, device):
