@@ -18,13 +18,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "torchlns"
 
 # Layers from the bottom up: a module may import from its own layer and the ones below.
 LAYERS = [
-    ("torchlns.core", "torchlns._text"),
+    ("torchlns.core", "torchlns._text", "torchlns._version"),
     ("torchlns.ops",),
     ("torchlns.codec", "torchlns.config"),
     ("torchlns.tensor",),
     ("torchlns.functional", "torchlns.metrics"),
     ("torchlns.nn",),
     ("torchlns.transforms",),
+    ("torchlns.deploy",),
     ("torchlns",),  # the public API (the package's __init__)
     ("torchlns.apps",),
     ("torchlns.__main__",),

@@ -10,6 +10,7 @@ README's Architecture section walks through them):
   the chip's layers as functions;
 * ``config``, ``nn``: conversion settings, the chip layers and the swap registry;
 * ``transforms``: fold, cluster, calibrate, convert, size;
+* ``deploy``: the weight image (``export``/``load_image``) and the cost model;
 * ``metrics``; ``apps`` (the command line and the demo).
 """
 
@@ -66,8 +67,9 @@ from .transforms import (  # noqa: F401
     sensitivity,
     size_report,
 )
+from .deploy import ImageError, export, load_image, read_manifest  # noqa: F401
 from . import metrics  # noqa: F401
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: F401
 
 has_native()  # a missing extension is reported once, at import, not at the first op

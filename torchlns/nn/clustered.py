@@ -23,6 +23,11 @@ from .swap import register_swap
 __all__ = ["ClusteredConv2d", "LNSClusteredConv2d"]
 
 
+def index_bits(num_clusters: int) -> int:
+    """Bits of one stored cluster index: ``ceil(log2 C)``, at least 1 (chip-model.md section 6)."""
+    return max(1, math.ceil(math.log2(num_clusters)))
+
+
 class ClusteredConv2d(nn.Module):
     """A Conv2d whose kernels are ``scales[o, i] · centroids[indices[o, i]]``.
 
@@ -55,7 +60,7 @@ class ClusteredConv2d(nn.Module):
     @property
     def index_bits(self) -> int:
         """Bits of one stored index: ``ceil(log2 C)`` (at least 1)."""
-        return max(1, math.ceil(math.log2(self.num_clusters)))
+        return index_bits(self.num_clusters)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -159,6 +164,10 @@ class LNSClusteredConv2d(_LNSConvNd):
     @property
     def kernel_size(self) -> Tuple[int, ...]:
         return tuple(self.centroids.shape[1:])
+
+    @property
+    def index_bits(self) -> int:
+        return index_bits(self.num_clusters)
 
     @property
     def in_channels(self) -> int:

@@ -28,10 +28,11 @@ import torch
 import torch.nn as nn
 
 from .._text import format_table
+from ..core.formats import Format, LNSFormat
 from ..nn.clustered import ClusteredConv2d, LNSClusteredConv2d
 from ..nn.layers import _CodedLayer
 
-__all__ = ["SizeReport", "size_report"]
+__all__ = ["SizeReport", "StoredField", "size_report", "stored_fields"]
 
 # Stored widths of the fields no format owns (a format's parameter width is Format.param_bits).
 _OFFSET_BITS, _BIAS_BITS, _FLOAT_BITS = 8, 32, 32
@@ -78,50 +79,93 @@ def _bytes(v: float) -> str:
     return f"{v:,.0f}" if float(v).is_integer() else f"{v:,.1f}"
 
 
-def _coded_fields(name: str, t, fields: Dict[str, int]) -> None:
+@dataclass(frozen=True)
+class StoredField:
+    """One field the chip stores: ``values`` at ``bits`` bits per element (see Note: size accounting).
+
+    ``encoding`` says how a weight image writes it (Note: weight image format in deploy/image.py):
+    ``"codes"`` (a format's code bit patterns), ``"offsets"`` (LNS offsets, 8 bits), ``"float32"``,
+    ``"int"`` (two's complement), ``"index"`` (cluster indices) or ``"raw"`` (a tensor's own bytes).
+    A field stored once for several layers appears again with ``values=None`` and ``same_as``
+    naming the module that holds it; it counts no bits there.
+    """
+
+    name: str
+    values: Optional[torch.Tensor]
+    encoding: str
+    bits: int
+    fmt: Optional[Format] = None
+    same_as: Optional[str] = None
+
+    @property
+    def total_bits(self) -> int:
+        return 0 if self.values is None else self.values.numel() * self.bits
+
+
+def _coded_fields(name: str, t, fields: List[StoredField]) -> None:
     fmt = t.fmt
-    fields[f"{name} codes"] = t.codes.numel() * fmt.bits
-    fields[f"{name} {fmt.param_name}s"] = t.param.numel() * fmt.param_bits
+    fields.append(StoredField(f"{name} codes", t.codes, "codes", fmt.bits, fmt))
+    fields.append(StoredField(f"{name} {fmt.param_name}s", t.param, _param_encoding(fmt), fmt.param_bits, fmt))
 
 
-def _layer(m: nn.Module, seen: set):
-    """(stored bits per field, float32 bits replaced, format name) of one module's own state."""
-    fields: Dict[str, int] = {}
+def _param_encoding(fmt: Format) -> str:
+    return "offsets" if isinstance(fmt, LNSFormat) else "float32"
+
+
+def _layer(m: nn.Module, fqn: str, seen: Dict[int, str]):
+    """(stored fields, float32 bits replaced, format name) of one module's own state.
+
+    ``seen`` maps the id of every tensor already stored to the module holding it.
+    """
+    fields: List[StoredField] = []
     if isinstance(m, _CodedLayer):
         if isinstance(m, LNSClusteredConv2d):
-            fields["indices"] = m.indices.numel() * max(1, math.ceil(math.log2(m.num_clusters)))
-            if id(m.centroids) not in seen:  # buffers are per module; shared ones are equal objects
+            fields.append(StoredField("indices", m.indices, "index", m.index_bits))
+            if id(m.centroids) in seen:  # buffers are per module; shared ones are equal objects
+                holder = seen[id(m.centroids)]
+                fields.append(StoredField("centroids codes", None, "codes", m.fmt.bits, m.fmt, same_as=holder))
+                fields.append(StoredField(f"centroids {m.fmt.param_name}s", None, _param_encoding(m.fmt),
+                                          m.fmt.param_bits, m.fmt, same_as=holder))
+            else:
+                seen[id(m.centroids)] = fqn
                 _coded_fields("centroids", m.centroids, fields)
-            fields["kernel scales"] = m.kernel_scales.codes.numel() * m.kernel_scales.fmt.bits
-            fields["kernel scale offset"] = _OFFSET_BITS
+            scales = m.kernel_scales
+            fields.append(StoredField("kernel scales", scales.codes, "codes", scales.fmt.bits, scales.fmt))
+            fields.append(StoredField("kernel scale offset", scales.param, "offsets", _OFFSET_BITS, scales.fmt))
             dense = m.indices.numel() * math.prod(m.kernel_size)
         else:
             _coded_fields("weight", m.weight, fields)
             dense = m.weight.numel()
         if m.input_param is not None:
-            fields[f"input {m.fmt.param_name}"] = m.fmt.param_bits
+            fields.append(StoredField(f"input {m.fmt.param_name}", m.input_param, _param_encoding(m.fmt),
+                                      m.fmt.param_bits, m.fmt))
         if m.acc_lsb is not None:
-            fields["acc_lsb"] = _OFFSET_BITS
+            fields.append(StoredField("acc_lsb", torch.tensor(m.acc_lsb, dtype=torch.int32), "int", _OFFSET_BITS))
         if m.bias is not None:
-            fields["bias"] = m.bias.numel() * _BIAS_BITS
+            fields.append(StoredField("bias", m.bias.detach(), "float32", _BIAS_BITS))
         return fields, (dense + (m.bias.numel() if m.bias is not None else 0)) * _FLOAT_BITS, str(m.fmt)
     if isinstance(m, ClusteredConv2d):
-        fields["indices"] = m.indices.numel() * m.index_bits
-        if id(m.centroids) not in seen:
-            seen.add(id(m.centroids))
-            fields["centroids"] = m.centroids.numel() * _FLOAT_BITS
-        fields["kernel scales"] = m.scales.numel() * _FLOAT_BITS
+        fields.append(StoredField("indices", m.indices, "index", m.index_bits))
+        if id(m.centroids) in seen:
+            fields.append(StoredField("centroids", None, "float32", _FLOAT_BITS, same_as=seen[id(m.centroids)]))
+        else:
+            seen[id(m.centroids)] = fqn
+            fields.append(StoredField("centroids", m.centroids.detach(), "float32", _FLOAT_BITS))
+        fields.append(StoredField("kernel scales", m.scales.detach(), "float32", _FLOAT_BITS))
         if m.bias is not None:
-            fields["bias"] = m.bias.numel() * _BIAS_BITS
+            fields.append(StoredField("bias", m.bias.detach(), "float32", _BIAS_BITS))
         dense = m.indices.numel() * math.prod(m.kernel_size) + (m.bias.numel() if m.bias is not None else 0)
         return fields, dense * _FLOAT_BITS, f"clustered C={m.num_clusters}"
     float_bits = 0
     for name, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
-        if t is None or name == "num_batches_tracked" or id(t) in seen:
+        if t is None or name == "num_batches_tracked":
             continue
-        seen.add(id(t))
-        fields[name] = t.numel() * t.element_size() * 8
-        float_bits += t.numel() * _FLOAT_BITS if t.is_floating_point() else fields[name]
+        if id(t) in seen:
+            fields.append(StoredField(name, None, "raw", t.element_size() * 8, same_as=seen[id(t)]))
+            continue
+        seen[id(t)] = f"{fqn}.{name}" if fqn else name
+        fields.append(StoredField(name, t.detach(), "raw", t.element_size() * 8))
+        float_bits += t.numel() * _FLOAT_BITS if t.is_floating_point() else t.numel() * t.element_size() * 8
     dtypes = sorted({str(t.dtype).replace("torch.", "") for _, t in m.named_parameters(recurse=False)})
     return fields, float_bits, "/".join(dtypes) or "-"
 
@@ -131,6 +175,29 @@ def _same_coded(a, b) -> bool:
                       and torch.equal(a.codes, b.codes) and torch.equal(a.param, b.param))
 
 
+def stored_fields(model: nn.Module) -> List[tuple]:
+    """``(fqn, module, fields, float32 bits replaced, format name)`` for every module that stores
+    something, in ``named_modules`` order: what the chip's memory holds, field by field.
+
+    ``size_report`` counts these fields and ``torchlns.export`` writes them, so a weight
+    image's payload is the size report's total to the bit.
+    """
+    out = []
+    seen: Dict[int, str] = {}
+    tables: list = []  # (LNS centroid table, the layer that holds it) counted so far
+    for fqn, m in model.named_modules():
+        if isinstance(m, LNSClusteredConv2d):  # a table shared (or equal) across layers counts once
+            first = next((name for t, name in tables if _same_coded(m.centroids, t)), None)
+            if first is not None:
+                seen.setdefault(id(m.centroids), first)
+            else:
+                tables.append((m.centroids, fqn))
+        fields, float_bits, fmt = _layer(m, fqn, seen)
+        if fields:
+            out.append((fqn, m, fields, float_bits, fmt))
+    return out
+
+
 def size_report(model: nn.Module, reference: Optional[nn.Module] = None) -> SizeReport:
     """Stored size of ``model``, per layer and in total, against float32 (see Note: size accounting).
 
@@ -138,19 +205,12 @@ def size_report(model: nn.Module, reference: Optional[nn.Module] = None) -> Size
     makes the float32 side of the total its full size, BN parameters included.
     """
     report = SizeReport()
-    seen: set = set()
-    tables: list = []  # LNS centroid tables counted so far
-    for fqn, m in model.named_modules():
-        if isinstance(m, LNSClusteredConv2d):  # a table shared (or equal) across layers counts once
-            if any(_same_coded(m.centroids, t) for t in tables):
-                seen.add(id(m.centroids))
-            else:
-                tables.append(m.centroids)
-        fields, float_bits, fmt = _layer(m, seen)
-        bits = sum(fields.values())
+    for fqn, m, fields, float_bits, fmt in stored_fields(model):
+        bits = sum(f.total_bits for f in fields)
         if not bits:
             continue
-        report.rows.append(dict(layer=fqn, kind=type(m).__name__, format=fmt, fields=fields, bits=bits,
+        report.rows.append(dict(layer=fqn, kind=type(m).__name__, format=fmt,
+                                fields={f.name: f.total_bits for f in fields if f.values is not None}, bits=bits,
                                 bytes=bits / 8, float32_bytes=float_bits / 8,
                                 ratio=float_bits / bits if bits else math.inf))
     if reference is not None:

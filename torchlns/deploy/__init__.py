@@ -1,0 +1,9 @@
+"""What goes onto the chip: the weight image and the cost model of a converted network.
+
+* ``image.py``: ``export`` / ``load_image`` (the versioned weight image; see Note: weight
+  image format);
+* ``cost.py``: ``ChipSpec`` and ``cost_report`` (MACs, bytes, on-chip fit, DRAM traffic,
+  latency and energy per layer, in several formats).
+"""
+
+from .image import ImageError, export, load_image, read_manifest  # noqa: F401
