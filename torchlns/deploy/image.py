@@ -57,9 +57,9 @@ import torch.nn as nn
 from .._version import __version__
 from ..core.formats import Format, LNSFormat, MACConfig
 from ..core.geometry import ntuple
-from ..nn.clustered import ClusteredConv2d, LNSClusteredConv2d
+from ..nn.clustered import ClusteredConv2d, LNSClusteredConv2d, index_bits
 from ..nn.layers import (LNSConv1d, LNSConv2d, LNSConv3d, LNSConvTranspose1d, LNSConvTranspose2d, LNSConvTranspose3d,
-                         LNSLinear, TRAIN_FORWARDS, _CodedLayer, _LNSConvNd, _LNSConvTransposeNd,
+                         LNSLinear, _CodedLayer, _LNSConvNd, _LNSConvTransposeNd,
                          atomic_load_pre_hook)
 from ..tensor import Coded
 from ..transforms.fold import fold_batchnorm
@@ -480,12 +480,8 @@ def _settings(cfg: dict, where: str):
         fmt = Format.from_tuple(tuple(cfg["fmt"]))
         mac = MACConfig(*cfg["mac"])
         granularity, block_size = tuple(cfg["weight_granularity"])
-        train_forward = cfg.get("train_forward", "exact")
-        if train_forward not in TRAIN_FORWARDS:
-            raise ValueError(f"train_forward must be one of {TRAIN_FORWARDS}, got {train_forward!r}")
-        block = cfg["input_block_size"]
-        if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
-            raise ValueError(f"input_block_size must be a positive int or null, got {block!r}")
+        train_forward = cfg.get("train_forward", "exact")  # checked, with the rest of the settings, once
+        block = cfg["input_block_size"]  # the layer is built (_state_problems, Note: validated loading)
     except (KeyError, TypeError, ValueError) as e:
         raise ImageError(f"{where}: not a valid layer config ({e})") from None
     return fmt, mac, granularity, block_size, train_forward, block
@@ -532,7 +528,7 @@ def _build_chip_layer(kind: str, fields: _Fields, where: str, shared_layers: Dic
             centroids = _coded(fields, "centroids codes", "centroids offsets").tensor()
             if centroids.dim() != 3 or not centroids.shape[0]:
                 raise ValueError(f"centroids must be (C, kh, kw), got {tuple(centroids.shape)}")
-            want = max(1, math.ceil(math.log2(centroids.shape[0])))
+            want = index_bits(centroids.shape[0])
             if fields.desc["indices"]["bits"] != want:
                 raise ValueError(f"{centroids.shape[0]} centroids take {want}-bit indices, not "
                                  f"{fields.desc['indices']['bits']}")
