@@ -67,7 +67,8 @@ from .transforms import (  # noqa: F401
     sensitivity,
     size_report,
 )
-from .deploy import ImageError, export, load_image, read_manifest  # noqa: F401
+from .deploy import (CHIPS, ChipSpec, CostReport, ImageError, compare_costs, cost_report, export,  # noqa: F401
+                     load_image, read_manifest)
 from . import metrics  # noqa: F401
 
 from ._version import __version__  # noqa: F401

@@ -1,7 +1,7 @@
 """Command line: ``python -m torchlns <command>`` (or the ``torchlns`` console script).
 
 Commands: ``demo`` (the main job, ``apps/demo.py``), ``detect-demo`` (``apps/detection.py``), ``bench`` (``apps/bench.py``), ``gpu-check`` (``apps/gpu_check.py``), ``formats``
-(``apps/formats_table.py``), and ``convert``, ``report``, ``compare`` and ``sensitivity`` (``apps/cli.py``). User errors print one ``torchlns: error: ...`` line and exit with 2.
+(``apps/formats_table.py``), and ``convert``, ``report``, ``compare``, ``sensitivity``, ``export`` and ``cost`` (``apps/cli.py``). User errors print one ``torchlns: error: ...`` line and exit with 2.
 """
 
 from __future__ import annotations

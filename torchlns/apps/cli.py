@@ -47,7 +47,7 @@ from ..transforms.sensitivity import sensitivity
 from ..transforms.size import size_report
 
 __all__ = ["CLIError", "FileError", "ModelError", "DataError", "FORMATS", "add_commands", "config_for",
-           "load_model", "load_data"]
+           "load_model", "load_data", "format_variants"]
 
 
 class CLIError(Exception):
@@ -403,6 +403,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     for given, name in ((args.model, "MODEL"), (args.calib, "--calib DATA")):
         if Path(given).exists() and any(Path(given).resolve() == p.resolve() for p in (out, sd_out)):
             raise FileError(f"-o {args.output} would overwrite {name} {given}")
+    if args.image is not None:
+        _check_writable(args.image, "--image", (args.model, args.calib, str(out), str(sd_out)))
     if args.cluster_scope is not None and args.cluster is None:
         raise CLIError("--cluster-scope needs --cluster C")
 
@@ -446,6 +448,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     print("size:")
     print(size_report(qmodel, reference=model))
     print()
+    if args.image is not None:
+        _write_image(qmodel, args.image)
 
     try:
         torch.save(qmodel.state_dict(), sd_out)
@@ -461,6 +465,119 @@ def cmd_convert(args: argparse.Namespace) -> int:
                          f"to {sd_out}; define the model class at module level") from None
     print(f"saved {out} (the module; load with torch.load(weights_only=False) or --trust-pickle)")
     print(f"saved {sd_out} (its state_dict; torch.load(weights_only=True) works)")
+    return 0
+
+
+def _check_writable(path: str, what: str, inputs: Sequence[str] = ()) -> Path:
+    out = Path(path)
+    if out.is_dir():
+        raise FileError(f"{what} {path} is a directory; give the file to write")
+    if not out.resolve().parent.is_dir():
+        raise FileError(f"cannot write {what} {path}: directory {out.parent} does not exist")
+    for given in inputs:
+        if Path(given).exists() and Path(given).resolve() == out.resolve():
+            raise FileError(f"{what} {path} would overwrite {given}")
+    return out
+
+
+def _write_image(qmodel: nn.Module, path: str) -> None:
+    """``torchlns.export`` to ``path``, and the size identity it keeps (see Note: weight image format)."""
+    from ..deploy.image import HEADER_BYTES, ImageError, export
+
+    try:
+        manifest = export(qmodel, path)
+    except ImageError as e:
+        raise ModelError(f"cannot export the weight image: {e}") from None
+    except OSError as e:
+        raise FileError(f"cannot write {path}: {e.strerror or e}") from None
+    total = os.path.getsize(path)
+    bits = manifest["payload_bits"]
+    payload = (bits + 7) // 8
+    print(f"wrote {path}: {total:,} bytes = {HEADER_BYTES} header + {total - HEADER_BYTES - payload:,} manifest + "
+          f"{payload:,} payload")
+    print(f"payload: {bits:,} bits, size_report's total of {bits / 8:,.1f} bytes, padded to whole bytes")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    _check_writable(args.output, "-o", (args.model,))
+    model = load_model(args.model, model_class=args.model_class, trust_pickle=args.trust_pickle)
+    _write_image(model, args.output)
+    return 0
+
+
+def _shape(text: str) -> tuple:
+    try:
+        dims = tuple(int(d) for d in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a shape such as 1,3,224,224, got {text!r}") from None
+    if not dims or any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(f"expected positive dimensions, got {text!r}")
+    return dims
+
+
+def _example(data: Optional[Data], shape: Optional[tuple]):
+    """The cost model's input: a seeded random tensor of ``shape``, else DATA's first sample (batch 1)."""
+    if shape is not None:
+        return torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    if data is None:
+        raise CLIError("give --input-shape N,C,H,W (or --calib DATA, whose first sample is used)")
+    return data.items(1)[0]
+
+
+# The network in each format of the comparison: (row name, convert's --format, cluster or not).
+COST_VARIANTS = (("FP8 e4m3", "fp8-e4m3", False), ("INT8", "int8", False), ("LNS8 chip", "lns8-chip", False),
+                 ("LNS8 chip + cluster", "lns8-chip", True))
+
+
+def format_variants(model: nn.Module, batches: Sequence, clusters: int = 16) -> dict:
+    """``{name: model}``: ``model`` as float32 (BN folded, as every converted one is), FP8 e4m3, INT8,
+    LNS8 on the chip's MAC, and LNS8 with ``clusters`` centroids per k×k conv layer."""
+    from ..transforms.fold import fold_batchnorm
+
+    out = {"float32 (BN folded)": fold_batchnorm(model)}
+    for name, fmt, clustered in COST_VARIANTS:
+        config = config_for(fmt, cluster=clusters if clustered else None)
+        try:
+            out[f"{name} C={clusters}" if clustered else name] = convert(model, config, calibration_data=batches)
+        except ValueError as e:
+            raise CLIError(f"conversion to {name} failed: {' '.join(str(e).split())}") from None
+    return out
+
+
+def cmd_cost(args: argparse.Namespace) -> int:
+    from ..deploy.cost import CHIPS, compare_costs, cost_report
+
+    if args.compare and args.calib is None:
+        raise CLIError("--compare converts MODEL in every format and needs --calib DATA")
+    if args.clusters is not None and not args.compare:
+        raise CLIError("--clusters is for --compare")
+    chip = CHIPS[args.chip]
+    changes = {k: v for k, v in (("weight_sram_bytes", args.weight_sram_kib), ("activation_sram_bytes",
+                                                                               args.activation_sram_kib)) if v is not None}
+    if changes:
+        chip = chip.replace(name=f"{chip.name} (modified)", **{k: v * 1024 for k, v in changes.items()})
+    model = load_model(args.model, model_class=args.model_class, trust_pickle=args.trust_pickle)
+    data = load_data(args.calib) if args.calib is not None else None
+    x = _example(data, args.input_shape)
+    with torch.no_grad():
+        _forward(model, x, "MODEL", args.model, check=True)
+    if args.compare:
+        batches = data.items(args.batch_size)
+        if args.max_batches is not None:
+            batches = batches[:args.max_batches]
+        result = compare_costs(format_variants(model, batches, args.clusters or 16), x, chip)
+        if args.json:
+            print(json.dumps(dict(chip=chip.name, models=result.to_dicts()), indent=2))
+        else:
+            print(f"{args.model} ({type(model).__name__}) on input {_describe(x)}, one inference:")
+            print(result)
+        return 0
+    report = cost_report(model, x, chip)
+    if args.json:
+        print(json.dumps(dict(chip=chip.name, totals=report.totals(), layers=report.to_dicts()), indent=2))
+    else:
+        print(f"{args.model} ({type(model).__name__}) on input {_describe(x)}, one inference:")
+        print(report)
     return 0
 
 
@@ -627,7 +744,45 @@ def add_commands(sub) -> None:
     p.add_argument("--max-batches", type=_positive_int, metavar="N", help="calibrate on the first N batches only")
     p.add_argument("--batch-size", type=_positive_int, default=16, metavar="B",
                    help="calibration batch size (default 16)")
+    p.add_argument("--image", metavar="IMAGE", help="also write the converted model's weight image (torchlns.export)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "export", help="write a converted model's weight image: what the chip's memory holds",
+        description="Write torchlns.export(MODEL) to OUT: a 16-byte header, a JSON manifest and every stored "
+                    "field packed at its bit width, so the payload is the size report's total. Load it back "
+                    "with torchlns.load_image(OUT, skeleton).")
+    p.add_argument("model", metavar="MODEL", help="a converted model: convert's -o file (pass --trust-pickle)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="the image file to write")
+    _loading_options(p)
+    p.set_defaults(func=cmd_export)
+
+    from ..deploy.cost import CHIPS
+
+    p = sub.add_parser(
+        "cost", help="MACs, bytes, on-chip fit, DRAM traffic, latency and energy of a model on a chip",
+        description="Run MODEL once and print torchlns.cost_report per layer: MACs, weight and activation bytes, "
+                    "whether the weights fit the chip's SRAM, DRAM traffic, a roofline latency and an energy "
+                    "estimate from Horowitz (ISSCC 2014). With --compare, MODEL is a float model, converted to "
+                    "FP8, INT8, LNS8 and LNS8 with clustering on --calib DATA, and all of them are compared in "
+                    "one table.")
+    p.add_argument("model", metavar="MODEL", help="a float or converted model (convert's -o file: --trust-pickle)")
+    p.add_argument("--input-shape", type=_shape, metavar="N,C,H,W",
+                   help="the input the model is costed on (default: --calib DATA's first sample)")
+    p.add_argument("--chip", choices=list(CHIPS), default="edge",
+                   help="; ".join(f"{c.name}: {c.note}" for c in CHIPS.values()) + " (default edge)")
+    p.add_argument("--weight-sram-kib", type=nonnegative_int, metavar="KIB", help="override the chip's weight SRAM")
+    p.add_argument("--activation-sram-kib", type=nonnegative_int, metavar="KIB",
+                   help="override the chip's activation SRAM")
+    p.add_argument("--compare", action="store_true",
+                   help="convert MODEL (a float model) to every format on --calib DATA and compare them")
+    p.add_argument("--calib", metavar="DATA", help="calibration inputs for --compare (a .pt tensor or dict)")
+    p.add_argument("--clusters", type=_positive_int, metavar="C", help="centroids per layer in --compare (default 16)")
+    p.add_argument("--max-batches", type=_positive_int, metavar="N", help="calibrate on the first N batches only")
+    p.add_argument("--batch-size", type=_positive_int, default=16, metavar="B", help="calibration batch size")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    _loading_options(p)
+    p.set_defaults(func=cmd_cost)
 
     p = sub.add_parser(
         "report", help="print the stored size of a float or converted model, per layer",

@@ -5,8 +5,10 @@ generated driving scenes (``torchlns.scenes``), converts it with batch-norm fold
 calibration to LNS8 (ideal and chip MACs), FP8 e4m3/e5m2 and INT8, and to LNS8 with
 cluster compression plus centroid fine-tuning, and evaluates each on a held-out set. It
 prints one row per format (mIoU, pixel accuracy, agreement with float, model bytes,
-compression ratio), and writes a Figure-1-style difference map (``difference_map.png``)
-and a markdown report (``report.md``) to the output folder.
+compression ratio) and what one scene costs on a small chip in each format (MACs, weight
+bytes, on-chip fit, DRAM traffic, latency, energy: ``torchlns.compare_costs``), and writes a
+Figure-1-style difference map (``difference_map.png``) and a markdown report (``report.md``)
+to the output folder.
 
 # Note: demo protocol
 Training runs a fixed number of steps (not a time budget), so the numbers are the same on
@@ -261,8 +263,11 @@ def run(cfg: DemoConfig, log=print, data=None) -> List[Row]:
 
     rows: List[Row] = []
     preds = {}
+    models = {"float32 (BN folded)": torchlns.fold_batchnorm(model)}
 
     def add(name: str, m: nn.Module, t0: float):
+        if name != "float32":
+            models[name] = m
         cm, p = evaluate(m, eval_ds, cfg.batch_size, device, desc=name)
         agree = agreement(p, preds.get("float32", p), ignore_mask=eval_ds.labels == IGNORE_INDEX)
         size = torchlns.size_report(m).total_bytes
@@ -285,8 +290,15 @@ def run(cfg: DemoConfig, log=print, data=None) -> List[Row]:
     finetune(clustered, train_ds, cfg)
     add(f"LNS8 + cluster C={cfg.clusters}", clustered, t0)
 
+    # Costs depend on formats and shapes, not on the weights' values: the fine-tuned clustered model
+    # runs the ideal MAC, so the chip-MAC clustered model is costed too (calibrated, not fine-tuned).
+    models[f"LNS8 chip + cluster C={cfg.clusters} (cost only)"] = torchlns.convert(
+        cluster(model, cfg), ConvertConfig(mac=CHIP_MAC), calib)
+    costs = torchlns.compare_costs(models, eval_ds.images[:1].to(device), COST_CHIP)
+    log(f"cost of one {cfg.height}x{cfg.width} scene on the {COST_CHIP.name} chip (torchlns.cost_report):")
+    log(costs.table())
     _write_figure(cfg.out / "difference_map.png", eval_ds, preds["float32"], preds["LNS8 chip"], "LNS8 chip")
-    (cfg.out / "report.md").write_text(_report(cfg, rows))
+    (cfg.out / "report.md").write_text(_report(cfg, rows, costs))
     log(f"wrote {cfg.out / 'difference_map.png'} and {cfg.out / 'report.md'}")
     return rows
 
@@ -294,6 +306,12 @@ def run(cfg: DemoConfig, log=print, data=None) -> List[Row]:
 # ----------------------------------------------------------------------------------------
 # outputs
 # ----------------------------------------------------------------------------------------
+# The demo's net is small (427 KB in float32, about 108 KB in 8 bits, about 20 KB clustered at its
+# default width), so on the edge preset everything fits and the table would only show MAC energy.
+# The micro preset's 64 KiB of weight SRAM is where the fit question has an answer for it: float32
+# and the 8-bit formats stream most of their weights from DRAM, the clustered model does not.
+COST_CHIP = torchlns.CHIPS["micro"]
+
 TARGETS = (  # (row, points of mIoU it may lose against float32, minimum compression ratio)
     ("LNS8 ideal", 0.5, None),
     ("LNS8 chip", 1.0, None),
@@ -327,7 +345,29 @@ def target_lines(rows: Sequence[Row]) -> List[str]:
     return out
 
 
-def _report(cfg: DemoConfig, rows: Sequence[Row]) -> str:
+def _cost_section(cfg: DemoConfig, costs) -> str:
+    chip = costs.chip
+    e = chip.energies
+    return (
+        f"## What it costs on a chip\n\n`torchlns.cost_report` of one {cfg.height}x{cfg.width} scene on the "
+        f"`{chip.name}` chip preset: {chip.note}. It shows what the format buys in energy per MAC and what "
+        "clustering buys in on-chip fit. The fine-tuned clustered model above runs the ideal MAC; the last row is "
+        "the same clustering on the chip's MAC (LUT conversion, fixed accumulator), calibrated but not "
+        "fine-tuned, costed for the like-for-like comparison with LNS8 chip.\n\n" + costs.table(markdown=True) +
+        "\nAssumptions (see Note: cost model in `torchlns/deploy/cost.py`): MACs counted exactly from the layer "
+        "shapes; weight bytes are the weight image's (`torchlns.export`); weights placed in SRAM greedily in "
+        "layer order, the rest streamed from DRAM on every inference; a layer's activations spill to DRAM when "
+        "its input and output do not fit the activation SRAM together; every byte moves once per layer call; "
+        "latency is a per-layer roofline on the same MAC array for every format. Energy per operation from "
+        f"Horowitz (ISSCC 2014, 45 nm): fp32 mult {e.fp32_mult} + add {e.fp32_add} pJ, int8 mult {e.int8_mult}, "
+        f"int8 add {e.int8_add}, int32 add {e.int32_add} pJ; SRAM {e.sram_per_64b(chip.sram_bank_bytes):g} pJ "
+        f"per 64-bit access ({chip.sram_bank_bytes // 1024} KiB banks), DRAM {e.dram_64b / 1000:g} nJ per 64 "
+        "bits. FP8 is charged an int8 multiply and an fp32 add; an LNS MAC is an 8-bit add of the logs, its "
+        f"conversion (assumed one int32 add, {e.lns_conversion} pJ) and the accumulate (int32 add on the chip's "
+        "fixed accumulator, fp32 add on the ideal one).\n\n")
+
+
+def _report(cfg: DemoConfig, rows: Sequence[Row], costs=None) -> str:
     return (
         "# torchlns demo: segmentation of generated driving scenes\n\n"
         f"SegNet (width {cfg.net_width}) trained {cfg.train_steps} steps on {cfg.n_train} scenes of "
@@ -336,7 +376,8 @@ def _report(cfg: DemoConfig, rows: Sequence[Row]) -> str:
         f"the clustered one has {cfg.clusters} centroids per 3x3 layer (all but the first) and had "
         f"{cfg.finetune_steps} steps of centroid fine-tuning. Model bytes count every stored field at its bit width "
         "(`torchlns.size_report`).\n\n" + table(rows) + "\nTargets:\n\n" + "\n".join(target_lines(rows)) +
-        "\n\n![difference map](difference_map.png)\n\n"
+        "\n\n" + (_cost_section(cfg, costs) if costs is not None else "") +
+        "![difference map](difference_map.png)\n\n"
         "Difference map, per scene: image, ground truth, float32 prediction, LNS8 chip prediction, "
         "pixels where the two predictions differ (red, each drawn 3x3; the exact count and share of "
         "labelled pixels under the panel), float32 errors and LNS8 chip errors against the ground truth "

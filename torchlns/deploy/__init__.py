@@ -6,4 +6,6 @@
   latency and energy per layer, in several formats).
 """
 
+from .cost import (CHIPS, ChipSpec, CostComparison, CostReport, Energies, HOROWITZ_45NM, LayerCost,  # noqa: F401
+                   compare_costs, cost_report)
 from .image import ImageError, export, load_image, read_manifest  # noqa: F401
