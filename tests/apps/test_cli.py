@@ -470,3 +470,95 @@ def test_demo_and_formats_still_registered():
     assert args.func.__name__ == "_cmd_demo"
     args = build_parser().parse_args(["formats", "--n", "64"])
     assert args.func.__name__ == "_cmd_formats" and args.n == 64
+
+
+# ----------------------------------------------------------------------------------------
+# export and cost
+# ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def converted(env, tmp_path_factory):
+    d = tmp_path_factory.mktemp("converted")
+    out = d / "q.pt"
+    rc = main(["convert", str(env.sd), "--model-class", f"{HELPER}:make", "--calib", str(env.data), "-o", str(out),
+               "--format", "lns8-chip", "--image", str(d / "q.tlns")])
+    assert rc == 0
+    return out, d / "q.tlns"
+
+
+def test_export_writes_the_image_the_size_report_counts(env, converted, capsys, tmp_path):
+    from torchlns.deploy.image import HEADER_BYTES
+
+    out, _ = converted
+    image = tmp_path / "q.tlns"
+    rc, stdout, err = cli(capsys, "export", out, "--trust-pickle", "-o", image)
+    assert rc == 0, err
+    q = torch.load(out, weights_only=False)
+    payload = math.ceil(torchlns.size_report(q).total_bytes)
+    manifest = len(image.read_bytes()) - HEADER_BYTES - payload
+    assert f"wrote {image}: {image.stat().st_size:,} bytes = {HEADER_BYTES} header + {manifest:,} manifest + " \
+           f"{payload:,} payload" in stdout
+    assert manifest == len(json.dumps(torchlns.read_manifest(image), separators=(",", ":")).encode())
+    back = torchlns.load_image(image, env.helper.make())
+    assert torch.equal(run(back, env.x), run(q, env.x))
+
+
+def test_convert_image_equals_export(converted, capsys, tmp_path):
+    out, image = converted
+    again = tmp_path / "again.tlns"
+    assert cli(capsys, "export", out, "--trust-pickle", "-o", again)[0] == 0
+    assert again.read_bytes() == image.read_bytes()
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["export", "{q}", "-o", "{tmp}/x.tlns"], ["--trust-pickle"]),
+    (["export", "{q}", "--trust-pickle", "-o", "{tmp}"], ["is a directory"]),
+    (["export", "{q}", "--trust-pickle", "-o", "{tmp}/nowhere/x.tlns"], ["does not exist"]),
+    (["export", "{q}", "--trust-pickle", "-o", "{q}"], ["would overwrite"]),
+    (["cost", "{q}", "--trust-pickle"], ["--input-shape"]),
+    (["cost", "{q}", "--trust-pickle", "--compare", "--input-shape", "1,3,8,8"], ["--calib"]),
+    (["cost", "{q}", "--trust-pickle", "--clusters", "4", "--input-shape", "1,3,8,8"], ["--compare"]),
+    (["cost", "{q}", "--trust-pickle", "--input-shape", "1,5,8,8"], ["MODEL"]),
+])
+def test_export_and_cost_user_errors(converted, capsys, tmp_path, argv, needles):
+    out, _ = converted
+    args = [a.format(q=out, tmp=tmp_path) for a in argv]
+    rc, _, err = cli(capsys, *args)
+    assert rc == 2
+    assert_one_error_line(err, *needles)
+
+
+def test_cost_of_a_converted_model(env, converted, capsys):
+    out, _ = converted
+    rc, stdout, err = cli(capsys, "cost", out, "--trust-pickle", "--input-shape", "1,3,8,8", "--chip", "micro")
+    assert rc == 0, err
+    q = torch.load(out, weights_only=False)
+    x = torch.rand((1, 3, 8, 8), generator=torch.Generator().manual_seed(0))
+    report = torchlns.cost_report(q, x, torchlns.CHIPS["micro"])
+    assert str(report) in stdout
+    assert report.macs == 64 * (8 * 3 * 9 + 4 * 8 * 9)
+
+    rc, stdout, err = cli(capsys, "cost", out, "--trust-pickle", "--calib", env.data, "--json",
+                          "--weight-sram-kib", "0")
+    assert rc == 0, err
+    got = json.loads(stdout)
+    assert got["chip"] == "edge (modified)" and got["totals"]["weights_fit"] is False
+    assert got["totals"]["dram_bytes"] == pytest.approx(torchlns.size_report(q).total_bytes)
+    assert [r["layer"] for r in got["layers"]] == ["conv1", "conv2"]
+
+
+def test_cost_compare_every_format(env, capsys):
+    rc, stdout, err = cli(capsys, "cost", env.sd, "--model-class", f"{HELPER}:make", "--compare", "--calib",
+                          env.data, "--clusters", "4", "--json")
+    assert rc == 0, err
+    rows = {r["model"]: r for r in json.loads(stdout)["models"]}
+    assert list(rows) == ["float32 (BN folded)", "FP8 e4m3", "INT8", "LNS8 chip", "LNS8 chip + cluster C=4"]
+    assert len({r["macs"] for r in rows.values()}) == 1
+    assert rows["LNS8 chip + cluster C=4"]["weight_bytes"] < rows["LNS8 chip"]["weight_bytes"] \
+        < rows["float32 (BN folded)"]["weight_bytes"]
+    e = [rows[n]["energy_mac_pj"] for n in ("float32 (BN folded)", "FP8 e4m3", "INT8", "LNS8 chip")]
+    assert e == sorted(e, reverse=True)  # each format's MAC is cheaper than the one before
+
+    rc, stdout, err = cli(capsys, "cost", env.sd, "--model-class", f"{HELPER}:make", "--compare", "--calib",
+                          env.data, "--max-batches", "1")
+    assert rc == 0, err
+    assert "LNS8 chip + cluster C=16" in stdout and "TOPS/W" in stdout and "chip: edge" in stdout
