@@ -57,6 +57,14 @@ def test_demo_writes_the_difference_map_and_the_report(demo_run):
     report = (out / "report.md").read_text()
     assert _table(report) == _table(stdout)
     assert "difference_map.png" in report and "Targets" in report
+    # the cost table: one row per model, the float one BN-folded, plus the chip-MAC clustered one
+    costs = re.findall(r"^\| (.+?) \| ([\d,]+) \| (all|\d+%) \| ([\d,]+) \| ([\d.]+) \| ([\d.]+) \|", report, re.M)
+    names = [c[0] for c in costs]
+    assert names == ["float32 (BN folded)", *ROWS[1:], "LNS8 chip + cluster C=4 (cost only)"]
+    assert len({c[4] for c in costs}) == 1  # the same MACs in every format
+    pj = {c[0]: float(c[5]) for c in costs}
+    assert pj["float32 (BN folded)"] == 4.6 and pj["LNS8 chip"] == 0.23 and pj["INT8"] == 0.3
+    assert "Horowitz" in report and "cost of one" in stdout
     assert (out / "segnet_float.pt").is_file()
 
 
