@@ -61,6 +61,17 @@ HELPER_SOURCE = textwrap.dedent('''
         return TinyNet(width=6).eval()
 
 
+    class DictNet(TinyNet):
+        """TinyNet with a detector-style output: a dict of tensors."""
+
+        def forward(self, x):
+            return {"heatmap": super().forward(x)}
+
+
+    def make_dict():
+        return DictNet().eval()
+
+
     def needs_args(width):
         return TinyNet(width)
 
@@ -562,3 +573,10 @@ def test_cost_compare_every_format(env, capsys):
                           env.data, "--max-batches", "1")
     assert rc == 0, err
     assert "LNS8 chip + cluster C=16" in stdout and "TOPS/W" in stdout and "chip: edge" in stdout
+
+
+def test_cost_of_a_model_with_a_dict_output(env, capsys):
+    rc, stdout, err = cli(capsys, "cost", env.sd, "--model-class", f"{HELPER}:make_dict", "--input-shape", "2,3,8,8",
+                          "--json")
+    assert rc == 0, err
+    assert json.loads(stdout)["totals"]["macs"] == 2 * 64 * (8 * 3 * 9 + 4 * 8 * 9)

@@ -341,13 +341,18 @@ def _describe(x) -> str:
     return f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}"
 
 
+def _run(fn: Callable[[], Any], x, name: str, path: str) -> Any:
+    """``fn()``, which runs model ``name`` on ``x``; the model failing on the data is a ``DataError``."""
+    try:
+        return fn()
+    except (RuntimeError, TypeError, ValueError, IndexError) as e:
+        raise DataError(f"{name} {path} fails on a data batch of shape {_describe(x)} ({_first_line(e)})") from None
+
+
 def _forward(model: nn.Module, x, name: str, path: str, check: bool) -> torch.Tensor:
     if not check:
         return call_model(model, x)
-    try:
-        y = call_model(model, x)
-    except (RuntimeError, TypeError, ValueError, IndexError) as e:
-        raise DataError(f"{name} {path} fails on a data batch of shape {_describe(x)} ({_first_line(e)})") from None
+    y = _run(lambda: call_model(model, x), x, name, path)
     if not isinstance(y, torch.Tensor):
         raise DataError(f"{name} {path} returns a {type(y).__name__}; compare needs a model that returns a tensor")
     return y
@@ -394,17 +399,12 @@ def _state_dict_path(out: Path) -> Path:
 # commands
 # ----------------------------------------------------------------------------------------
 def cmd_convert(args: argparse.Namespace) -> int:
-    out = Path(args.output)
+    inputs = ((args.model, "MODEL"), (args.calib, "--calib DATA"))
+    out = _check_writable(args.output, "-o", inputs)
     sd_out = _state_dict_path(out)
-    if out.is_dir():
-        raise FileError(f"-o {args.output} is a directory; give the file to write")
-    if not out.resolve().parent.is_dir():
-        raise FileError(f"cannot write -o {args.output}: directory {out.parent} does not exist")
-    for given, name in ((args.model, "MODEL"), (args.calib, "--calib DATA")):
-        if Path(given).exists() and any(Path(given).resolve() == p.resolve() for p in (out, sd_out)):
-            raise FileError(f"-o {args.output} would overwrite {name} {given}")
+    _check_writable(str(sd_out), f"-o {args.output}'s state_dict", inputs)
     if args.image is not None:
-        _check_writable(args.image, "--image", (args.model, args.calib, str(out), str(sd_out)))
+        _check_writable(args.image, "--image", (*inputs, (str(out), "-o"), (str(sd_out), "the state_dict")))
     if args.cluster_scope is not None and args.cluster is None:
         raise CLIError("--cluster-scope needs --cluster C")
 
@@ -468,15 +468,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_writable(path: str, what: str, inputs: Sequence[str] = ()) -> Path:
+def _check_writable(path: str, what: str, inputs: Sequence[tuple] = ()) -> Path:
+    """``path`` as a file that can be written and is none of ``inputs`` (``(file, option name)`` pairs)."""
     out = Path(path)
     if out.is_dir():
         raise FileError(f"{what} {path} is a directory; give the file to write")
     if not out.resolve().parent.is_dir():
         raise FileError(f"cannot write {what} {path}: directory {out.parent} does not exist")
-    for given in inputs:
+    for given, name in inputs:
         if Path(given).exists() and Path(given).resolve() == out.resolve():
-            raise FileError(f"{what} {path} would overwrite {given}")
+            raise FileError(f"{what} {path} would overwrite {name} {given}")
     return out
 
 
@@ -499,7 +500,7 @@ def _write_image(qmodel: nn.Module, path: str) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    _check_writable(args.output, "-o", (args.model,))
+    _check_writable(args.output, "-o", ((args.model, "MODEL"),))
     model = load_model(args.model, model_class=args.model_class, trust_pickle=args.trust_pickle)
     _write_image(model, args.output)
     return 0
@@ -552,16 +553,16 @@ def cmd_cost(args: argparse.Namespace) -> int:
     if args.clusters is not None and not args.compare:
         raise CLIError("--clusters is for --compare")
     chip = CHIPS[args.chip]
-    changes = {k: v for k, v in (("weight_sram_bytes", args.weight_sram_kib), ("activation_sram_bytes",
-                                                                               args.activation_sram_kib)) if v is not None}
-    if changes:
-        chip = chip.replace(name=f"{chip.name} (modified)", **{k: v * 1024 for k, v in changes.items()})
+    overrides = {k: kib * 1024 for k, kib in (("weight_sram_bytes", args.weight_sram_kib),
+                                              ("activation_sram_bytes", args.activation_sram_kib)) if kib is not None}
+    if overrides:
+        chip = chip.replace(name=f"{chip.name} (modified)", **overrides)
     model = load_model(args.model, model_class=args.model_class, trust_pickle=args.trust_pickle)
     data = load_data(args.calib) if args.calib is not None else None
     x = _example(data, args.input_shape)
-    with torch.no_grad():
-        _forward(model, x, "MODEL", args.model, check=True)
     if args.compare:
+        with torch.no_grad():  # the data must fit the float model before calibration starts
+            _run(lambda: call_model(model, x), x, "MODEL", args.model)
         batches = data.items(args.batch_size)
         if args.max_batches is not None:
             batches = batches[:args.max_batches]
@@ -572,7 +573,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
             print(f"{args.model} ({type(model).__name__}) on input {_describe(x)}, one inference:")
             print(result)
         return 0
-    report = cost_report(model, x, chip)
+    report = _run(lambda: cost_report(model, x, chip), x, "MODEL", args.model)  # any output: a detector's dict too
     if args.json:
         print(json.dumps(dict(chip=chip.name, totals=report.totals(), layers=report.to_dicts()), indent=2))
     else:

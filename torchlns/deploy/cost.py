@@ -61,9 +61,9 @@ import torch.nn as nn
 
 from .._text import format_table
 from ..core.formats import FP8Format, Format, IntFormat, LNSFormat
-from ..nn.clustered import ClusteredConv2d, LNSClusteredConv2d
+from ..nn.clustered import ClusteredConv2d
 from ..nn.layers import LNSLinear, _CodedLayer, _LNSConvTransposeNd
-from ..transforms.size import stored_fields
+from ..transforms.size import _bytes, stored_fields
 
 __all__ = ["CHIPS", "ChipSpec", "CostComparison", "CostReport", "Energies", "HOROWITZ_45NM", "LayerCost",
            "compare_costs", "cost_report", "mac_energy", "mac_count"]
@@ -420,10 +420,6 @@ class CostReport:
         return format_table(head, body, right=(2, 3, 5, 6, 8, 9, 11, 12)) + "\n" + tail
 
 
-def _bytes(v: float) -> str:
-    return f"{v:,.0f}" if float(v).is_integer() else f"{v:,.1f}"
-
-
 def _yes(v: Optional[bool]) -> str:
     return "-" if v is None else ("yes" if v else "no")
 
@@ -451,24 +447,22 @@ def cost_report(qmodel: nn.Module, example_input, chip: Optional[ChipSpec] = Non
         raise TypeError(f"cost_report needs an nn.Module, got {type(qmodel).__name__}")
 
     rows: Dict[str, LayerCost] = {}
-    order: List[str] = []  # first-call order
     stored = {fqn: sum(f.total_bits for f in fs) / 8 for fqn, _, fs, _, _ in stored_fields(qmodel)}
     modules = dict(qmodel.named_modules())
     for fqn, m in modules.items():
-        if _is_mac_layer(m) or fqn in stored:
-            mac_pj, formula = mac_energy(m, chip.energies) if _is_mac_layer(m) else (0.0, "")
-            rows[fqn] = LayerCost(fqn, type(m).__name__, _format_name(m) if _is_mac_layer(m) else "-",
+        mac = _is_mac_layer(m)
+        if mac or fqn in stored:
+            mac_pj, formula = mac_energy(m, chip.energies) if mac else (0.0, "")
+            rows[fqn] = LayerCost(fqn, type(m).__name__, _format_name(m) if mac else "-",
                                   weight_bytes=stored.get(fqn, 0.0), mac_pj=mac_pj, mac_formula=formula)
-    calls: Dict[str, List[tuple]] = {fqn: [] for fqn in rows}
+    calls: Dict[str, List[tuple]] = {}  # (MACs, input bytes, output bytes) per call, keys in first-call order
 
     def hook(fqn, m):
         def record(module, args, kwargs, out):
             x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
             if x is None or not isinstance(out, torch.Tensor):
                 raise ValueError(f"{fqn}: cannot cost a call without a tensor input and output")
-            if fqn not in order:
-                order.append(fqn)
-            calls[fqn].append((mac_count(m, x, out), _act_bits(m, x) / 8, _act_bits(m, out) / 8))
+            calls.setdefault(fqn, []).append((mac_count(m, x, out), _act_bits(m, x) / 8, _act_bits(m, out) / 8))
         return record
 
     handles = [modules[fqn].register_forward_hook(hook(fqn, modules[fqn]), with_kwargs=True)
@@ -484,17 +478,18 @@ def cost_report(qmodel: nn.Module, example_input, chip: Optional[ChipSpec] = Non
         for m, mode in modes.items():
             m.training = mode
 
+    ordered = [*calls, *(f for f in rows if f not in calls)]  # called layers first, in first-call order
     free = chip.weight_sram_bytes
-    for fqn in order + [f for f in rows if f not in order]:  # greedy placement in first-call order
+    for fqn in ordered:  # greedy placement
         r = rows[fqn]
         if r.weight_bytes:
             r.weights_on_chip = r.weight_bytes <= free
             if r.weights_on_chip:
                 free -= r.weight_bytes
     sram_pj, dram_pj = chip.sram_pj_per_byte, chip.dram_pj_per_byte
-    for fqn in order:
+    for fqn, per_call in calls.items():
         r = rows[fqn]
-        for macs, a_in, a_out in calls[fqn]:
+        for macs, a_in, a_out in per_call:
             r.calls += 1
             r.macs += macs
             r.act_in_bytes += a_in
@@ -512,7 +507,6 @@ def cost_report(qmodel: nn.Module, example_input, chip: Optional[ChipSpec] = Non
         r.energy_mac_pj = r.macs * r.mac_pj
         r.energy_sram_pj = r.sram_bytes * sram_pj
         r.energy_dram_pj = r.dram_bytes * dram_pj
-    ordered = order + [f for f in rows if f not in order]
     return CostReport(chip, [rows[f] for f in ordered])
 
 
@@ -552,8 +546,7 @@ class CostComparison:
 def compare_costs(models: Mapping[str, nn.Module], example_input, chip: Optional[ChipSpec] = None, *,
                   forward_fn=None) -> CostComparison:
     """``cost_report`` of each of ``models`` (name -> model) on the same input and chip, in one table."""
-    chip = CHIPS["edge"] if chip is None else chip
     if not models:
         raise ValueError("compare_costs needs at least one model")
-    return CostComparison(chip, {name: cost_report(m, example_input, chip, forward_fn=forward_fn)
-                                 for name, m in models.items()})
+    reports = {name: cost_report(m, example_input, chip, forward_fn=forward_fn) for name, m in models.items()}
+    return CostComparison(next(iter(reports.values())).chip, reports)
