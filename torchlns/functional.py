@@ -145,9 +145,33 @@ def linear(x, w, bias: Optional[torch.Tensor] = None, mac: MACConfig = IDEAL_MAC
     y = y.reshape(*lead, wq.codes.shape[0])
     w_grad = w_master if w_master is not None else _float_operand(w)
     if needs_grad(x, w_grad, bias):
-        x_deq, w_deq = xq.dequantize(), wq.dequantize()
+        x_deq, w_deq = _ste_operands(xq, wq, x, w_grad)
         y = _OPS.ste_linear(y, x_deq, w_deq, _float_operand(x, x_deq), w_deq if w_grad is None else w_grad, bias)
     return y
+
+
+def _ste_operands(xq: Optional[Coded], wq: Coded, x, w_grad) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The dequantized operands the straight-through backward reads, decoded only where it reads them.
+
+    The input's gradient reads only ``w_deq`` and the weight's only ``x_deq`` (see Note:
+    straight-through estimator), so an operand no gradient will read is a zero-stride stand-in
+    of its shape: a model run for inference with grad mode on (its biases are parameters)
+    would otherwise decode every activation once more per layer. Dynamic per-block
+    activations have no single dequantized value, so the weight's gradient reads the float
+    input for them.
+    """
+    need_x = needs_grad(_float_operand(x))
+    need_w = needs_grad(w_grad)
+
+    def stand_in(shape, device):
+        return torch.zeros((), dtype=torch.float32, device=device).expand(shape)
+
+    if xq is None:
+        x_deq = as_float32(x).detach()
+    else:
+        x_deq = xq.dequantize() if need_w else stand_in(xq.codes.shape, xq.codes.device)
+    w_deq = wq.dequantize() if need_x else stand_in(wq.codes.shape, wq.codes.device)
+    return x_deq, w_deq
 
 
 def _rows(xq: Coded, lead: torch.Size) -> Coded:
@@ -220,10 +244,7 @@ def _ste_conv(y, x, xq: Optional[Coded], wq: Coded, w, w_master, bias, stride, p
     w_grad = w_master if w_master is not None else _float_operand(w)
     if not needs_grad(x, w_grad, bias):
         return y
-    # Dynamic per-block activations are encoded per receptive field, so an input element
-    # has no single dequantized value: the backward then uses the float input.
-    x_deq = xq.dequantize() if xq is not None else as_float32(x).detach()
-    w_deq = wq.dequantize()
+    x_deq, w_deq = _ste_operands(xq, wq, x, w_grad)
     batch = (lambda t: t.unsqueeze(0)) if unbatched else (lambda t: t)  # noqa: E731
     return _OPS.ste_conv(y, batch(x_deq), w_deq, batch(_float_operand(x, x_deq)), w_deq if w_grad is None else w_grad,
                          bias, list(stride), [p[0] for p in pads], [p[1] for p in pads], list(dilation), groups)

@@ -136,3 +136,39 @@ def test_model_compiles_fullgraph_with_the_same_bits_and_grads(backend):
     out.sum().backward()
     for p, g in zip(model.parameters(), grads):
         torch.testing.assert_close(p.grad, g)
+
+
+class _CountDecodes(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.torchlns.lns_decode.default:
+            self.shapes.append(tuple(args[0].shape))
+        return func(*args, **(kwargs or {}))
+
+
+LAYERS = [(torchlns.lns_linear, F.linear, (3, 16), (8, 16), {}),
+          *[c for c in CONVS if c[4].get("groups") == 4 or c[4].get("padding") == "same"]]
+
+
+@pytest.mark.parametrize("needs", [(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 0, 1), (0, 1, 1), (1, 1, 0)],
+                         ids=lambda n: "grad:" + "".join(c for c, f in zip("xwb", n) if f))
+@pytest.mark.parametrize("lns_op,float_op,xs,ws,kw", LAYERS, ids=lambda v: str(v) if isinstance(v, (tuple, dict)) else "")
+def test_ste_decodes_only_what_a_gradient_reads(needs, lns_op, float_op, xs, ws, kw):
+    """The input's gradient reads the weight and the weight's the input: the other operand is
+    never decoded (a model run with grad mode on for inference would decode each activation
+    twice), and the gradients asked for are still the float layer's on dequantized values."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(xs), torch.randn(ws) / 4, torch.randn(ws[0])
+    x, w, b = (leaf(t) if n else t for t, n in zip((x, w, b), needs))
+    with _CountDecodes() as seen:
+        y = lns_op(x, w, b, mac=CHIP_MAC, acc_lsb=-20, fmt=LNS8, **kw)
+    assert sorted(seen.shapes) == sorted([tuple(ws)] * needs[0] + [tuple(xs)] * needs[1])
+    upstream = torch.randn_like(y)
+    y.backward(upstream)
+    want = float_grads(lambda a, c, d: float_op(a, c, d, **kw), x, w, b, LNS8, upstream)
+    for t, n, exp in zip((x, w, b), needs, want):
+        if n:
+            torch.testing.assert_close(t.grad, exp, atol=1e-4, rtol=1e-4)

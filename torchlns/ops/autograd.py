@@ -5,7 +5,9 @@ The chip ops take codes, which have no gradient. A layer whose float input, floa
 or bias requires grad is therefore wrapped in ``torchlns::ste_linear`` /
 ``torchlns::ste_conv`` (declared with every other op in library.py): forward returns the
 chip's output unchanged (bit for bit), and backward returns the gradients of the float layer
-evaluated on the *dequantized* operands, as if encoding were the identity. The formulas are
+evaluated on the *dequantized* operands, as if encoding were the identity. Only the
+operands a gradient reads are decoded: the input's gradient reads the weight, the weight's
+reads the input, and the other is a zero-stride stand-in of its shape. The formulas are
 registered here with ``torch.library.register_autograd``, so the ops trace under
 torch.compile like every other torchlns op. ``functional.py`` is the one place that wraps a
 chip output in them.
@@ -41,7 +43,10 @@ def _conv_backward(ctx, grad):
     stride, before, after, dilation, groups = ctx.conv_args
     # 'same' padding may be asymmetric: pad explicitly, then crop the input gradient.
     pad = [p for b, a in zip(reversed(before), reversed(after)) for p in (b, a)]
-    xp = F.pad(x_deq, pad)
+    if need_w:
+        xp = F.pad(x_deq, pad)
+    else:  # x_deq may be a stand-in (functional._ste_operands): the input's gradient reads its shape only
+        xp = x_deq.new_empty([*x_deq.shape[:2], *(s + b + a for s, b, a in zip(x_deq.shape[2:], before, after))])
     gx, gw, gb = torch.ops.aten.convolution_backward(
         grad, xp, w_deq, [w_deq.shape[0]], stride, [0] * len(stride), dilation, False, [0] * len(stride), groups,
         [need_x, need_w, need_b],
