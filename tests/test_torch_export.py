@@ -14,10 +14,20 @@ def _net():
                          nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).eval()
 
 
-@pytest.mark.parametrize("mac", [torchlns.IDEAL_MAC, torchlns.CHIP_MAC], ids=str)
-def test_torch_export_of_a_converted_model(mac, tmp_path):
+CONFIGS = {
+    "ideal": torchlns.ConvertConfig(mac=torchlns.IDEAL_MAC, progress=False),
+    "chip": torchlns.ConvertConfig(mac=torchlns.CHIP_MAC, progress=False),
+    # Clustered kernels keep trainable centroids, so the graph also carries the
+    # straight-through ops and the centroid decode: they must export too.
+    "chip + cluster": torchlns.ConvertConfig(mac=torchlns.CHIP_MAC, cluster=torchlns.ClusterConfig(num_clusters=4),
+                                             progress=False),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_torch_export_of_a_converted_model(name, tmp_path):
     x = torch.rand(2, 3, 8, 8)
-    q = torchlns.convert(_net(), torchlns.ConvertConfig(mac=mac, progress=False), [x])
+    q = torchlns.convert(_net(), CONFIGS[name], [x])
     ep = torch.export.export(q, (x,))
     ops = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
     assert {"torchlns.lns_encode.default", "torchlns.lns_conv.default", "torchlns.lns_mm.default"} <= ops, ops
