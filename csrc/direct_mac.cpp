@@ -276,62 +276,84 @@ struct ConvRows : RowSource {
   }
 };
 
-// Columns of a convolution without im2col: every input plane padded (kZeroField) and split
-// by column phase modulo the horizontal stride, [img][c][row][phase][col], so that each tap
-// reads a contiguous run of output columns: padded column ow * s + j * d is column
-// ow + (j * d) / s of phase (j * d) % s. Tasks are (img, output row, run of columns).
+// dst[j] = src[j * stride] for j < n; kStride 0: the stride is the run-time one.
+template <int kStride>
+inline void deinterleave(const int32_t* __restrict src, int32_t* __restrict dst, int64_t n, int64_t stride = kStride) {
+  const int64_t s = kStride ? kStride : stride;
+  for (int64_t j = 0; j < n; ++j) dst[j] = src[j * s];
+}
+
+// Columns of a convolution without im2col. Every input plane is padded (kZeroField) and
+// split into sh * sw polyphase planes by (row mod sh, column mod sw), each Rp x Cp with
+// Rp = Ho + (kh - 1) dh / sh and Cp = Wo + (kw - 1) dw / sw, so that tap (i, j) of output
+// (oh, ow) is element (oh + i dh / sh) Cp + ow + j dw / sw of phase ((i dh) % sh, (j dw) % sw):
+// one constant offset per tap over the flat position p = oh Cp + ow. The lanes run over p,
+// so one run spans several output rows when the rows are short (MobileNet's 8x8 and 4x4
+// depthwise layers would leave 3/4 and 7/8 of the lanes idle with a run per row); the Cp - Wo
+// positions past each row's end are summed too and dropped by the epilogue. Sums go to
+// [img][n][Ho * Cp]. Tasks are (img, run of p).
 struct ConvCols : ColSource {
   const int32_t* p = nullptr;
-  int64_t Nb, C, Cg, kh, kw, Ho, Wo, Ncout, Hp, Cp, runs, sh, sw, dh, dw;
+  int64_t Nb, C, Cg, kh, kw, Ho, Ncout, Rp, Cp, plane, runs, sh, sw, dh, dw;
 
   ConvCols(const int32_t* src, int64_t Nb_, int64_t C_, int64_t H, int64_t W, int64_t groups, int64_t kh_,
-           int64_t kw_, at::IntArrayRef stride, at::IntArrayRef pad, at::IntArrayRef dilation, int64_t Ho_, int64_t Wo_,
+           int64_t kw_, at::IntArrayRef stride, at::IntArrayRef pad, at::IntArrayRef dilation, int64_t Ho_, int64_t Wo,
            int64_t Cout, int32_t zero)
-      : Nb(Nb_), C(C_), Cg(C_ / groups), kh(kh_), kw(kw_), Ho(Ho_), Wo(Wo_), Ncout(Cout), sh(stride[0]), sw(stride[1]),
+      : Nb(Nb_), C(C_), Cg(C_ / groups), kh(kh_), kw(kw_), Ho(Ho_), Ncout(Cout), sh(stride[0]), sw(stride[1]),
         dh(dilation[0]), dw(dilation[1]) {
     const int64_t run = direct_cols_run();
-    Hp = std::max(H + pad[0], (Ho - 1) * sh + (kh - 1) * dh + 1);
-    const int64_t Wp = std::max(W + pad[1], (Wo - 1) * sw + (kw - 1) * dw + 1);
-    Cp = (Wp + sw - 1) / sw + run;
-    runs = (Wo + run - 1) / run;
-    int32_t* dst = scratch(1, Nb * C * Hp * sw * Cp);
+    Rp = Ho + (kh - 1) * dh / sh;
+    Cp = Wo + (kw - 1) * dw / sw;
+    runs = (Ho * Cp + run - 1) / run;
+    // The last run of the farthest tap reads up to Cp - Wo + run - 1 elements past Rp * Cp.
+    const int64_t phase = Rp * Cp, stride_c = sh * sw * phase + Cp + run;
+    plane = stride_c;
+    int32_t* dst = scratch(1, Nb * C * stride_c);
     const int64_t pt = pad[0], pl = pad[1];
+    const int64_t rows = std::min(H, Rp * sh - pt), cols = std::min(W, Cp * sw - pl);
     at::parallel_for(0, Nb * C, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
-        int32_t* plane = dst + t * Hp * sw * Cp;
-        std::fill(plane, plane + Hp * sw * Cp, zero);
-        for (int64_t ih = 0; ih < H && ih + pt < Hp; ++ih) {
+        int32_t* base = dst + t * stride_c;
+        std::fill(base, base + stride_c, zero);
+        for (int64_t ih = 0; ih < rows; ++ih) {
           const int32_t* in = src + (t * H + ih) * W;
-          int32_t* out = plane + (ih + pt) * sw * Cp;
-          const int64_t n = std::min(W, Wp - pl);
+          const int64_t u = ih + pt;  // padded row: phase u % sh, row u / sh
+          int32_t* out = base + (u % sh) * sw * phase + (u / sh) * Cp;
           if (sw == 1) {
-            std::copy(in, in + n, out + pl);
-          } else {
-            for (int64_t ph = 0; ph < sw; ++ph)  // column u = iw + pl goes to phase u % sw, index u / sw
-              for (int64_t u = ph + ((pl - ph + sw - 1) / sw) * sw; u < pl + n; u += sw) out[ph * Cp + u / sw] = in[u - pl];
+            std::copy(in, in + cols, out + pl);
+            continue;
+          }
+          for (int64_t ph = 0; ph < sw; ++ph) {  // padded column v = iw + pl: phase v % sw, column v / sw
+            const int64_t v0 = ph + ((pl - ph + sw - 1) / sw) * sw;
+            if (v0 >= pl + cols) continue;
+            // No division per element, and a constant stride for the common 2 (GCC vectorizes it).
+            int32_t* o = out + ph * phase + v0 / sw;
+            if (sw == 2)
+              deinterleave<2>(in + (v0 - pl), o, (pl + cols - v0 + 1) / 2);
+            else
+              deinterleave<0>(in + (v0 - pl), o, (pl + cols - v0 + sw - 1) / sw, sw);
           }
         }
       }
     });
     p = dst;
   }
-  int64_t tasks() const override { return Nb * Ho * runs; }
+  int64_t tasks() const override { return Nb * runs; }
   int x_at(int64_t task, int64_t g, const int32_t** xk) const override {
-    const int64_t ob = task % runs, oh = (task / runs) % Ho, img = task / (runs * Ho), ow0 = ob * direct_cols_run();
+    const int64_t img = task / runs, p0 = (task % runs) * direct_cols_run();
+    const int64_t phase = Rp * Cp;
     int64_t k = 0;
     for (int64_t c = 0; c < Cg; ++c) {
-      const int32_t* plane = p + (img * C + g * Cg + c) * Hp * sw * Cp;
+      const int32_t* base = p + (img * C + g * Cg + c) * plane + p0;
       for (int64_t i = 0; i < kh; ++i)
-        for (int64_t j = 0; j < kw; ++j) {
-          const int64_t row = oh * sh + i * dh, u = j * dw;
-          xk[k++] = plane + (row * sw + u % sw) * Cp + u / sw + ow0;
-        }
+        for (int64_t j = 0; j < kw; ++j)
+          xk[k++] = base + (((i * dh) % sh) * sw + (j * dw) % sw) * phase + ((i * dh) / sh) * Cp + (j * dw) / sw;
     }
-    return int(std::min(direct_cols_run(), Wo - ow0));
+    return int(std::min(direct_cols_run(), Ho * Cp - p0));
   }
   int64_t out_at(int64_t task, int64_t n) const override {
-    const int64_t ob = task % runs, oh = (task / runs) % Ho, img = task / (runs * Ho);
-    return ((img * Ncout + n) * Ho + oh) * Wo + ob * direct_cols_run();
+    const int64_t img = task / runs, p0 = (task % runs) * direct_cols_run();
+    return (img * Ncout + n) * Ho * Cp + p0;
   }
 };
 
@@ -379,20 +401,29 @@ std::optional<at::Tensor> lns_conv_direct(const at::Tensor& x, const at::Tensor&
   } else if (out.numel()) {  // float sums straight into the output; fixed sums [img][n][L] first
     ConvCols src(fields, Nb, C, H, W, groups, kh, kw, stride, pad_before, dilation, Ho, Wo, Cout,
                  plan->x_layout.zero_field);
-    int64_t* si = fixed ? reinterpret_cast<int64_t*>(scratch(2, 2 * out.numel())) : nullptr;
-    float* y = out.data_ptr<float>();
+    // Sums [img][n][Ho * Cp] (float32, or int64 for the fixed accumulator); the epilogue
+    // drops the Cp - Wo positions past each row and writes (img, n, oh, ow).
+    const int64_t wide = Ho * src.Cp, sums = Nb * Cout * wide;
+    int32_t* buf = scratch(2, fixed ? 2 * sums : sums);
+    float* sf = fixed ? nullptr : reinterpret_cast<float*>(buf);
+    int64_t* si = fixed ? reinterpret_cast<int64_t*>(buf) : nullptr;
     if (Kg) {
-      direct_cols(*args, src, groups, Kg, wf[0].data_ptr<int32_t>(), Ng, fixed ? nullptr : y, si);
+      direct_cols(*args, src, groups, Kg, wf[0].data_ptr<int32_t>(), Ng, sf, si);
     } else if (fixed) {
-      std::fill(si, si + out.numel(), 0);
+      std::fill(si, si + sums, 0);
     } else {
-      out.zero_();
+      std::fill(sf, sf + sums, 0.0f);
     }
+    float* y = out.data_ptr<float>();
+    const int64_t Cp = src.Cp;
     at::parallel_for(0, Nb * Cout, std::max<int64_t>(1, 4096 / std::max<int64_t>(L, 1)), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const float* bn = b ? b + r % Cout : nullptr;
-        if (!fixed && !bn) continue;
-        for (int64_t i = r * L; i < (r + 1) * L; ++i) y[i] = finish(*plan, y, si, i, bn);
+        for (int64_t oh = 0; oh < Ho; ++oh) {
+          float* yr = y + r * L + oh * Wo;
+          const int64_t i0 = r * wide + oh * Cp;
+          for (int64_t ow = 0; ow < Wo; ++ow) yr[ow] = finish(*plan, sf, si, i0 + ow, bn);
+        }
       }
     });
   }

@@ -162,8 +162,13 @@ PackedFields packed_fields(const at::Tensor& codes, const at::Tensor& offset, in
   const auto cc = codes.contiguous();
   const bool wide = cc.scalar_type() == at::kShort;
   TORCH_CHECK(wide || cc.scalar_type() == at::kByte, "direct LNS kernels: codes must be uint8 or int16");
-  const bool scalar = offset.numel() == 1;
-  const auto off = (scalar ? offset.reshape({1}) : offset.expand(codes.sizes())).to(at::kInt).contiguous();
+  // A broadcast offset (every stride 0, as callers pass a per-tensor one expanded) is one
+  // value: materializing it would cost a full int32 tensor per call.
+  bool broadcast = true;
+  for (int64_t d = 0; d < offset.dim(); ++d) broadcast &= offset.stride(d) == 0 || offset.size(d) == 1;
+  const bool scalar = offset.numel() == 1 || (broadcast && offset.numel() > 0);
+  const auto off = scalar ? offset.reshape({-1}).narrow(0, 0, 1).to(at::kInt).contiguous()
+                          : offset.expand(codes.sizes()).to(at::kInt).contiguous();
   PackedFields p{at::Tensor(), at::Tensor(), 0, 0, false};
   if (!dst) {
     p.fields = at::empty(codes.sizes(), cc.options().dtype(at::kInt));
@@ -253,6 +258,7 @@ struct V {
   static TORCHLNS_INLINE I and_or(I s, I mask, I m) { return _mm512_ternarylogic_epi32(s, mask, m, 0xEA); }
   static TORCHLNS_INLINE I where_negative(I a, I t, I v) { return _mm512_mask_mov_epi32(v, _mm512_movepi32_mask(a), t); }
   static TORCHLNS_INLINE I where_equal(I a, I b, I t, I v) { return _mm512_mask_mov_epi32(v, _mm512_cmpeq_epi32_mask(a, b), t); }
+  template <int kBit>
   static TORCHLNS_INLINE I negate_where(I p, I s, I one) {
     return _mm512_mask_sub_epi32(p, _mm512_test_epi32_mask(s, one), _mm512_setzero_si512(), p);
   }
@@ -308,8 +314,11 @@ struct V {
     return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(v), _mm256_castsi256_ps(t), _mm256_castsi256_ps(a)));
   }
   static TORCHLNS_INLINE I where_equal(I a, I b, I t, I v) { return _mm256_blendv_epi8(v, t, _mm256_cmpeq_epi32(a, b)); }
-  static TORCHLNS_INLINE I negate_where(I p, I s, I one) {  // sign_epi32 negates where its argument is negative
-    return _mm256_sign_epi32(p, _mm256_or_si256(_mm256_slli_epi32(s, 31), one));
+  // sign_epi32 negates where its argument is negative: the sign bit shifted to bit 31, or'd
+  // with `one` so that a positive argument is never 0 (which would zero p).
+  template <int kBit>
+  static TORCHLNS_INLINE I negate_where(I p, I s, I one) {
+    return _mm256_sign_epi32(p, _mm256_or_si256(_mm256_slli_epi32(s, 31 - kBit), one));
   }
   static TORCHLNS_INLINE void add_widen(int64_t* t, I v) {
     __m256i* q = reinterpret_cast<__m256i*>(t);

@@ -79,6 +79,11 @@ TORCHLNS_INLINE V::I magnitude_fixed(V::I s, V::I t0, V::I t1, int F, V::I T) {
   return mag;
 }
 
+// The sign bit of a fixed-point field sum: bit 0 in the ones'-complement fields, bit 5 in
+// split ones (AVX2's negate_where moves it to bit 31, so it must know which).
+template <int kMode>
+constexpr int kSignBit = kMode == 2 ? 0 : 5;
+
 // Accumulators of one tile: NV vectors of float32 sums or int32 partial sums.
 template <int NV>
 struct Acc {
@@ -122,7 +127,7 @@ TORCHLNS_INLINE int64_t rows_span(const Args& a, const int32_t* pairs, int64_t e
       const V::I xb = V::set1(pairs[2 * e + 1]);
       for (int j = 0; j < NV; ++j) {
         const V::I s = V::add(xb, V::load(wk + j * W));
-        const V::I p = V::negate_where(magnitude_fixed<kSaturate, kClampT, kMode>(s, table, table_hi, a.F, T), s, sign);
+        const V::I p = V::template negate_where<kSignBit<kMode>>(magnitude_fixed<kSaturate, kClampT, kMode>(s, table, table_hi, a.F, T), s, sign);
         acc[j] = kZeros ? V::add_nonzero(acc[j], p, s, flags) : V::add(acc[j], p);
       }
     }
@@ -167,7 +172,7 @@ TORCHLNS_INLINE void cols_tile(const Args& a, const int32_t* const* xk, int64_t 
       const V::I wb = V::set1(w[k]);
       for (int j = 0; j < NV; ++j) {
         const V::I s = V::add(V::loadu(xk[k] + j * W), wb);
-        const V::I p = V::negate_where(magnitude_fixed<kSaturate, kClampT, kMode>(s, table, table_hi, a.F, T), s, sign);
+        const V::I p = V::template negate_where<kSignBit<kMode>>(magnitude_fixed<kSaturate, kClampT, kMode>(s, table, table_hi, a.F, T), s, sign);
         acc[j] = V::add_nonzero(acc[j], p, s, flags);
       }
     }

@@ -117,6 +117,10 @@ CONVS = [  # (N, C, H, W, Cout, k, stride, pad_before, pad_after, dilation, grou
     (1, 12, 8, 13, 12, 3, (1, 2), (2, 0), (1, 2), (2, 1), 4),  # narrow groups, asymmetric padding
     (2, 4, 7, 7, 40, 1, (1, 1), (0, 0), (0, 0), (1, 1), 2),  # 1x1, two groups of 20 outputs
     (1, 3, 37, 41, 9, 5, (3, 2), (2, 2), (2, 2), (1, 1), 1),  # first-layer-like, few outputs
+    # Columns runs span output rows (see ConvCols): MobileNet's 8x8 depthwise layers, and a
+    # dilated stride-2 one whose taps land in one polyphase plane only.
+    (3, 24, 8, 8, 24, 3, (1, 1), (1, 1), (1, 1), (1, 1), 24),
+    (2, 8, 11, 6, 8, 3, (2, 2), (2, 1), (2, 3), (2, 2), 8),
 ]
 
 
@@ -329,3 +333,15 @@ def test_scaled_kernels_same_bits_at_one_and_two_threads():
             assert_same(run(), one, "scaled MAC, 1 vs 2 threads")
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", [LNSFormat(5, 0), LNSFormat(4, 1), LNSFormat(6, 2), LNSFormat(8, 3)], ids=str)
+def test_fixed_products_keep_their_sign_at_every_isa(isa, fmt):
+    # AVX2's negate_where once read the sign from bit 0 of the field sum whatever the layout;
+    # split fields (F < 3 on AVX2) keep it in bit 5, so negative products were summed as positive.
+    from test_kernels import mm_args, mm_case
+
+    args = mm_args(mm_case(6, 5, 37, fmt, seed=fmt.bits), fmt, MACConfig.chip(), -10)
+    assert_same(_run(lambda: OPS.lns_mm(*args), isa, "direct"), reference.lns_mm_reference(*args),
+                f"lns_mm {fmt} chip {isa}")
