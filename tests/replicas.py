@@ -77,6 +77,56 @@ class Conv2dSame(nn.Conv2d):
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
+# ----------------------------------------------------------------------------------------
+# the efficientnet-lite-pytorch wheel (utils.py)
+# ----------------------------------------------------------------------------------------
+class Identity(nn.Module):
+    def forward(self, input):
+        return input
+
+
+class Conv2dStaticSamePadding(nn.Conv2d):
+    """efficientnet_lite_pytorch.utils.Conv2dStaticSamePadding: TF 'SAME' pads fixed for ``image_size``."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, image_size=None, **kwargs):
+        super().__init__(in_channels, out_channels, kernel_size, stride, **kwargs)
+        self.stride = self.stride if len(self.stride) == 2 else [self.stride[0]] * 2
+        ih, iw = (image_size, image_size) if isinstance(image_size, int) else image_size
+        kh, kw = self.weight.size()[-2:]
+        sh, sw = self.stride
+        oh, ow = math.ceil(ih / sh), math.ceil(iw / sw)
+        pad_h = max((oh - 1) * self.stride[0] + (kh - 1) * self.dilation[0] + 1 - ih, 0)
+        pad_w = max((ow - 1) * self.stride[1] + (kw - 1) * self.dilation[1] + 1 - iw, 0)
+        if pad_h > 0 or pad_w > 0:
+            self.static_padding = nn.ZeroPad2d((pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+        else:
+            self.static_padding = Identity()
+
+    def forward(self, x):
+        x = self.static_padding(x)
+        x = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return x
+
+
+class Conv2dDynamicSamePadding(nn.Conv2d):
+    """efficientnet_lite_pytorch.utils.Conv2dDynamicSamePadding: TF 'SAME' pads from each input's size."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, dilation=1, groups=1, bias=True):
+        super().__init__(in_channels, out_channels, kernel_size, stride, 0, dilation, groups, bias)
+        self.stride = self.stride if len(self.stride) == 2 else [self.stride[0]] * 2
+
+    def forward(self, x):
+        ih, iw = x.size()[-2:]
+        kh, kw = self.weight.size()[-2:]
+        sh, sw = self.stride
+        oh, ow = math.ceil(ih / sh), math.ceil(iw / sw)
+        pad_h = max((oh - 1) * self.stride[0] + (kh - 1) * self.dilation[0] + 1 - ih, 0)
+        pad_w = max((ow - 1) * self.stride[1] + (kw - 1) * self.dilation[1] + 1 - iw, 0)
+        if pad_h > 0 or pad_w > 0:
+            x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
 class StdConv2d(nn.Conv2d):
     """timm.layers.std_conv.StdConv2d: the weight is standardised in forward, so BN must not fold into it."""
 
@@ -103,6 +153,32 @@ class EfficientNetLiteish(nn.Module):
     def forward(self, x):
         x = self.blocks(self.bn1(self.conv_stem(x)))
         return self.classifier(x.mean((2, 3)))
+
+
+class EfficientNetWheelish(nn.Module):
+    """The efficientnet-lite-pytorch wheel's layers: a static-'same' stem and depthwise convs, a dynamic-'same'
+    strided depthwise conv, 1x1 convs whose static pad is an Identity, BN + ReLU6 after each."""
+
+    def __init__(self, image_size=17):
+        super().__init__()
+        def bn(c):
+            return nn.BatchNorm2d(c, momentum=0.01, eps=1e-3)
+        self._conv_stem = Conv2dStaticSamePadding(3, 8, 3, stride=2, bias=False, image_size=image_size)
+        self._bn0 = bn(8)
+        self._depthwise_conv = Conv2dStaticSamePadding(8, 8, 3, groups=8, bias=False, image_size=9)
+        self._bn1 = bn(8)
+        self._project_conv = Conv2dStaticSamePadding(8, 16, 1, bias=False, image_size=9)
+        self._bn2 = bn(16)
+        self._dynamic_conv = Conv2dDynamicSamePadding(16, 16, 5, stride=2, groups=16, bias=False)
+        self._bn3 = bn(16)
+        self._fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        x = F.relu6(self._bn1(self._depthwise_conv(x)))
+        x = self._bn2(self._project_conv(x))
+        x = F.relu6(self._bn3(self._dynamic_conv(x)))
+        return self._fc(x.mean((2, 3)))
 
 
 class UntraceableBNAct(nn.Module):
@@ -273,6 +349,8 @@ def build(name: str, seed: int = 0):
     g = torch.Generator().manual_seed(seed + 100)
     if name == "efficientnet_liteish":
         m, x = EfficientNetLiteish(), (torch.randn(2, 3, 17, 17, generator=g),)
+    elif name == "efficientnet_wheelish":
+        m, x = EfficientNetWheelish(), (torch.randn(2, 3, 17, 17, generator=g),)
     elif name == "untraceable_bnact":
         m, x = UntraceableBNAct(), (torch.randn(2, 3, 8, 8, generator=g),)
     elif name == "detectorish":
@@ -288,4 +366,4 @@ def build(name: str, seed: int = 0):
     return randomise_frozen(randomise_bn(m, seed)).eval(), x
 
 
-NAMES = ("efficientnet_liteish", "untraceable_bnact", "detectorish", "stereo", "decoder", "video")
+NAMES = ("efficientnet_liteish", "efficientnet_wheelish", "untraceable_bnact", "detectorish", "stereo", "decoder", "video")

@@ -17,7 +17,6 @@ import torch.nn as nn
 import replicas
 import torchlns
 from torchlns import ConvertConfig, Inputs, MACConfig
-from torchlns.nn import swap as swap_registry
 from torchlns.ops import reference_kernels
 
 CHIP = MACConfig.chip()
@@ -29,28 +28,6 @@ def _item(x):
 
 def _rel(a, b):
     return ((a - b).abs().max() / a.abs().max()).item()
-
-
-@pytest.fixture
-def same_pad_swap():
-    """A user swap for the 'same'-padding conv, as the README documents it."""
-
-    class SamePadded(nn.Module):
-        def __init__(self, conv, chip):
-            super().__init__()
-            self.kernel_size, self.stride, self.dilation = conv.kernel_size, conv.stride, conv.dilation
-            self.chip = chip
-
-        def forward(self, x):
-            return self.chip(replicas.pad_same(x, self.kernel_size, self.stride, self.dilation))
-
-    @torchlns.register_swap(replicas.Conv2dSame)
-    def same_conv(module, config, *, input_param=None, acc_lsb=None, qat=False, memo=None):
-        chip = torchlns.LNSConv2d.from_float(module, config, input_param=input_param, acc_lsb=acc_lsb, qat=qat)
-        return SamePadded(module, chip)
-
-    yield
-    swap_registry._SWAPS.pop(replicas.Conv2dSame)
 
 
 @pytest.mark.parametrize("name", replicas.NAMES)
@@ -138,7 +115,7 @@ def test_frozen_bn_and_siamese_pairs_are_folded_and_reported():
 
 
 @pytest.mark.parametrize("name", replicas.NAMES)
-def test_replicas_run_every_mac_on_the_chip_bit_equal(name, same_pad_swap):
+def test_replicas_run_every_mac_on_the_chip_bit_equal(name):
     m, x = replicas.build(name)
     item = _item(x)
     with warnings.catch_warnings():
@@ -159,11 +136,12 @@ def test_replicas_run_every_mac_on_the_chip_bit_equal(name, same_pad_swap):
 
 def test_subclasses_convert_or_are_reported():
     m, x = replicas.build("efficientnet_liteish")
+    m.conv_stem = replicas.StdConv2d(3, 8, 3, stride=2, bias=False)  # standardises its weight: not a plain conv
     q = torchlns.convert(m, ConvertConfig(), [x[0]])
     assert type(q.classifier).__name__ == "LNSLinear"  # timm's Linear: the same forward as nn.Linear
     rows = {r["layer"]: r for r in q.conversion_report.float_layers}
     assert "conv_stem" in rows and rows["conv_stem"]["macs"] > 0
-    assert "register_swap(Conv2dSame)" in rows["conv_stem"]["reason"]
+    assert "register_swap(StdConv2d)" in rows["conv_stem"]["reason"]
     assert "conv_stem" in str(q.conversion_report)
     assert q.conversion_report.coverage < 1
 

@@ -7,7 +7,8 @@ reference kernel and the fake kernel share them.
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -97,3 +98,64 @@ def stack_depth(t: torch.Tensor, kd: int, pad: Tuple[int, int], stride: int, dil
     t = t.unfold(2, span, stride)[..., ::dilation]  # (N, C, Do, H, W, kd)
     N, C, Do, H, W = t.shape[:5]
     return t.permute(0, 2, 1, 5, 3, 4).reshape(N * Do, C * kd, H, W), Do
+
+
+def tf_same_pads(size: Sequence[int], kernel: Sequence[int], stride: Sequence[int],
+                 dilation: Sequence[int]) -> Tuple[int, ...]:
+    """TensorFlow's 'SAME' padding of an input of spatial ``size``, in ``F.pad`` order (last dim first).
+
+    Output ``ceil(i / s)``; the total ``max((o - 1) s + (k - 1) d + 1 - i, 0)`` is split with
+    the odd element after, as TensorFlow (and timm's ``Conv2dSame``) do. Integer arithmetic
+    only, so it also runs on the symbolic sizes of a compiled graph.
+    """
+    pads: List[int] = []
+    for i, k, s, d in reversed(list(zip(size, kernel, stride, dilation))):
+        o = -(-i // s)
+        total = max((o - 1) * s + (k - 1) * d + 1 - i, 0)
+        pads += [total // 2, total - total // 2]
+    return tuple(pads)
+
+
+@dataclass(frozen=True)
+class InputPad:
+    """Zero padding a layer applies to its float input before its MAC, as real model code does.
+
+    "Same"-padding convs (the EfficientNet wheels' ``Conv2dStaticSamePadding`` and
+    ``Conv2dDynamicSamePadding``, timm's ``Conv2dSame``) pad in their ``forward`` and then call
+    the base conv. Either ``pads`` is fixed (``F.pad`` order, last dim first) or ``same`` is
+    True and the pads are TensorFlow's 'SAME' for each input's size (``tf_same_pads``). Zeros
+    encode to the zero code in every format, so padding the float input first gives the bits
+    of a chip that pads with zero codes.
+    """
+
+    pads: Optional[Tuple[int, ...]] = None
+    same: bool = False
+
+    def __post_init__(self):
+        if self.same == (self.pads is not None):
+            raise ValueError("InputPad takes either fixed pads or same=True")
+        if self.pads is not None:
+            if not (isinstance(self.pads, tuple) and len(self.pads) % 2 == 0 and self.pads
+                    and all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in self.pads)):
+                raise ValueError(f"pads must be a non-empty tuple of an even number of ints >= 0, got {self.pads!r}")
+
+    def amounts(self, x: torch.Tensor, kernel=None, stride=None, dilation=None) -> Tuple[int, ...]:
+        """The ``F.pad`` amounts for input ``x`` (the geometry is the conv's, for ``same``)."""
+        if not self.same:
+            return self.pads
+        n = len(kernel)
+        return tf_same_pads(tuple(x.shape[-n:]), kernel, stride, dilation)
+
+    def to_json(self):
+        return "same" if self.same else list(self.pads)
+
+    @classmethod
+    def from_json(cls, v) -> "InputPad":
+        if v == "same":
+            return cls(same=True)
+        if not isinstance(v, list):
+            raise ValueError(f"input_pad must be 'same' or a list of ints, got {v!r}")
+        return cls(pads=tuple(v))
+
+    def __str__(self) -> str:
+        return "TF 'same'" if self.same else f"pads {self.pads}"

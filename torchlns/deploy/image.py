@@ -56,7 +56,7 @@ import torch.nn as nn
 
 from .._version import __version__
 from ..core.formats import Format, LNSFormat, MACConfig
-from ..core.geometry import ntuple
+from ..core.geometry import InputPad, ntuple
 from ..nn.clustered import ClusteredConv2d, LNSClusteredConv2d, index_bits
 from ..nn.layers import (LNSConv1d, LNSConv2d, LNSConv3d, LNSConvTranspose1d, LNSConvTranspose2d, LNSConvTranspose3d,
                          LNSLinear, _CodedLayer, _LNSConvNd, _LNSConvTransposeNd,
@@ -175,9 +175,9 @@ def _bytes_of(t: torch.Tensor) -> np.ndarray:
 def _config(m: nn.Module) -> dict:
     """A chip layer's settings that are not in its fields: format, MAC, geometry."""
     if isinstance(m, ClusteredConv2d):
-        return dict(in_channels=m.in_channels, out_channels=m.out_channels, kernel_size=list(m.kernel_size),
-                    num_clusters=m.num_clusters, stride=_jsonable(m.stride), padding=_jsonable(m.padding),
-                    dilation=_jsonable(m.dilation), groups=m.groups)
+        return _with_pad(dict(in_channels=m.in_channels, out_channels=m.out_channels, kernel_size=list(m.kernel_size),
+                              num_clusters=m.num_clusters, stride=_jsonable(m.stride), padding=_jsonable(m.padding),
+                              dilation=_jsonable(m.dilation), groups=m.groups), m)
     state = m.get_extra_state()
     cfg = dict(fmt=list(state["fmt"]), mac=list(state["mac"]), train_forward=state["train_forward"],
                input_block_size=state["input_block_size"], weight_granularity=list(state["weight_granularity"]))
@@ -186,7 +186,21 @@ def _config(m: nn.Module) -> dict:
                    groups=m.groups, padding_mode=m.padding_mode)
     if isinstance(m, _LNSConvTransposeNd):
         cfg["output_padding"] = _jsonable(m.output_padding)
+    return _with_pad(cfg, m)
+
+
+def _with_pad(cfg: dict, m: nn.Module) -> dict:
+    """The input pad of a "same"-padding layer, only where there is one (older images have none)."""
+    if getattr(m, "input_pad", None) is not None:
+        cfg["input_pad"] = m.input_pad.to_json()
     return cfg
+
+
+def _input_pad(cfg: dict, where: str) -> Optional[InputPad]:
+    try:
+        return None if cfg.get("input_pad") is None else InputPad.from_json(cfg["input_pad"])
+    except (TypeError, ValueError) as e:
+        raise ImageError(f"{where}: not a valid input_pad ({e})") from None
 
 
 def _jsonable(v):
@@ -549,6 +563,7 @@ def _build_chip_layer(kind: str, fields: _Fields, where: str, shared_layers: Dic
         if m.fmt != fmt:
             raise ValueError(f"the weight is {m.fmt} and the config says {fmt}")
         m.set_train_forward(train_forward)
+        m.set_input_pad(_input_pad(cfg, where))
         problems = m._state_problems(m.state_dict(), "")  # every coded field and the settings (validated loading)
         if problems:
             raise ValueError("; ".join(problems))
@@ -566,6 +581,7 @@ def _build_clustered(fields: _Fields, where: str, shared_layers: Dict[str, nn.Mo
         C = cfg["num_clusters"]
         m = ClusteredConv2d(cfg["in_channels"], cfg["out_channels"], tuple(cfg["kernel_size"]), C,
                             bias=fields.has("bias"), **geometry)
+        m.input_pad = _input_pad(cfg, where)
         indices = fields.get("indices", "index", m.index_bits)
         if indices.numel() and int(indices.max()) >= C:
             raise ValueError(f"index {int(indices.max())} is out of range for {C} centroids")

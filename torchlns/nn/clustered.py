@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from ..core.checks import check_values
 from ..core.fields import code_fields
 from ..core.formats import IDEAL_MAC, LNSFormat, MACConfig
+from ..core.geometry import InputPad, ntuple
 from ..tensor import Coded, CodedTensor
 from .layers import LNSConv2d, _CodedLayer, _layer_settings, _LNSConvNd
 from .swap import register_swap
@@ -52,6 +53,7 @@ class ClusteredConv2d(nn.Module):
         self.scales = nn.Parameter(torch.zeros(out_channels, in_channels // groups))
         self.register_buffer("indices", torch.zeros(out_channels, in_channels // groups, dtype=torch.long))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        self.input_pad: Optional[InputPad] = None  # a "same"-padding conv's own pad (transforms/graph.py)
 
     @property
     def num_clusters(self) -> int:
@@ -68,14 +70,18 @@ class ClusteredConv2d(nn.Module):
         return self.scales[..., None, None] * self.centroids[self.indices]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_pad is not None:
+            x = F.pad(x, self.input_pad.amounts(x, self.kernel_size, ntuple(self.stride, 2, "stride"),
+                                                ntuple(self.dilation, 2, "dilation")))
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, centroids: Union[torch.Tensor, nn.Parameter], indices: torch.Tensor,
-                   scales: torch.Tensor) -> "ClusteredConv2d":
+                   scales: torch.Tensor, input_pad: Optional[InputPad] = None) -> "ClusteredConv2d":
         """Wrap ``conv``'s geometry and bias around given centroids, indices and scales.
 
-        Pass an ``nn.Parameter`` as ``centroids`` to share it with other layers.
+        Pass an ``nn.Parameter`` as ``centroids`` to share it with other layers; ``input_pad``
+        is the pad a "same"-padding conv applies in its forward.
         """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"from_float needs an nn.Conv2d, got {type(conv).__name__}")
@@ -91,10 +97,12 @@ class ClusteredConv2d(nn.Module):
             m.scales.copy_(scales)
             if conv.bias is not None:
                 m.bias.copy_(conv.bias)
+        m.input_pad = input_pad
         return m.to(device=conv.weight.device, dtype=conv.weight.dtype).train(conv.training)
 
     def to_dense(self) -> nn.Conv2d:
-        """The ``nn.Conv2d`` with the reconstructed weight (for formats without per-kernel log offsets)."""
+        """The ``nn.Conv2d`` with the reconstructed weight (for formats without per-kernel log offsets);
+        it does not pad its input (``input_pad`` is the caller's to apply)."""
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
                          self.dilation, self.groups, bias=self.bias is not None).to(self.centroids.device)
         with torch.no_grad():
@@ -104,9 +112,10 @@ class ClusteredConv2d(nn.Module):
         return conv
 
     def extra_repr(self) -> str:
+        pad = f", input_pad={self.input_pad}" if self.input_pad is not None else ""
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"num_clusters={self.num_clusters}, stride={self.stride}, padding={self.padding}, "
-                f"dilation={self.dilation}, groups={self.groups}, bias={self.bias is not None}")
+                f"dilation={self.dilation}, groups={self.groups}, bias={self.bias is not None}{pad}")
 
 
 class LNSClusteredConv2d(_LNSConvNd):
@@ -247,6 +256,7 @@ class LNSClusteredConv2d(_LNSConvNd):
         if qat:
             m.centroids_float = nn.Parameter(conv.centroids.detach().float().clone())
             m.scales_float = nn.Parameter(conv.scales.detach().float().clone())
+        m.set_input_pad(conv.input_pad)
         return m.train(conv.training)
 
     def extra_repr(self) -> str:
@@ -261,7 +271,7 @@ def _swap_clustered(conv: ClusteredConv2d, config, *, input_param=None, acc_lsb=
     """A clustered conv on the chip; layers that shared a centroid table share its codes after conversion."""
     kw = dict(input_param=input_param, acc_lsb=acc_lsb, qat=qat)
     if not isinstance(config.fmt, LNSFormat):  # FP8/INT have no per-kernel log offsets
-        return LNSConv2d.from_float(conv.to_dense(), config, **kw)
+        return LNSConv2d.from_float(conv.to_dense(), config, **kw).set_input_pad(conv.input_pad)
     new = LNSClusteredConv2d.from_float(conv, config, **kw)
     first = memo.setdefault(("centroids", id(conv.centroids)), new)
     if first is not new and first.fmt == new.fmt:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from .. import functional
 from ..config import ConvertConfig
 from ..core.formats import IDEAL_MAC, Format, MACConfig
-from ..core.geometry import ntuple
+from ..core.geometry import InputPad, ntuple
 from ..core.layout import GRANULARITIES
 from ..tensor import Coded, CodedTensor
 from .swap import register_swap
@@ -87,6 +87,7 @@ class _CodedLayer(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.float32).clone())
         self.weight_float: Optional[nn.Parameter] = None
         self.train_forward = "exact"  # see Note: fake-quantized training
+        self.input_pad: Optional[InputPad] = None  # see Note: pad-then-conv subclasses in transforms/graph.py
         self._warned_frozen = False
 
     # -- weights ---------------------------------------------------------------------------
@@ -148,9 +149,35 @@ class _CodedLayer(nn.Module):
             self._warned_frozen = True
             warnings.warn(f"{type(self).__name__} has no float master weight, so only its bias and input train; "
                           "convert with qat=True or call enable_qat() to train the weight", stacklevel=2)
+        if self.input_pad is not None:
+            x = F.pad(x, self._input_pad_amounts(x))
         if self.training and self.train_forward == "fake":
             return self._fake(x, self._coded_weight(), master, **call)
         return self._chip(x, self._coded_weight(), master, **call)
+
+    def _input_pad_amounts(self, x) -> tuple:
+        if not self.input_pad.same:
+            return self.input_pad.pads
+        n = len(self.kernel_size)
+        return self.input_pad.amounts(x, self.kernel_size, ntuple(self.stride, n, "stride"),
+                                      ntuple(self.dilation, n, "dilation"))
+
+    def _check_input_pad(self, pad: Optional[InputPad]) -> None:
+        if pad is None:
+            return
+        if not isinstance(pad, InputPad):
+            raise TypeError(f"input_pad must be an InputPad or None, got {type(pad).__name__}")
+        n = getattr(type(self), "_n", 1)  # spatial dims (a linear layer pads its one feature dim)
+        if pad.same and not isinstance(self, _LNSConvNd):
+            raise ValueError(f"{type(self).__name__} has no kernel: its input_pad cannot be TF 'same'")
+        if pad.pads is not None and len(pad.pads) > 2 * n:
+            raise ValueError(f"input_pad {pad.pads} pads more than the {n} spatial dims of {type(self).__name__}")
+
+    def set_input_pad(self, pad: Optional[InputPad]) -> "_CodedLayer":
+        """Zero-pad the float input before the MAC (see Note: pad-then-conv subclasses in transforms/graph.py)."""
+        self._check_input_pad(pad)
+        self.input_pad = pad
+        return self
 
     def _mac_kwargs(self) -> dict:
         """Arguments of the functional op: the format, acc_lsb, and how the input is encoded."""
@@ -170,7 +197,8 @@ class _CodedLayer(nn.Module):
     def get_extra_state(self):
         return {"fmt": self.fmt.to_tuple(), "mac": self.mac.to_tuple(), "train_forward": self.train_forward,
                 "acc_lsb": self.acc_lsb, "input_block_size": self.input_block_size,
-                "weight_granularity": (self.weight_granularity, self.weight_block_size)}
+                "weight_granularity": (self.weight_granularity, self.weight_block_size),
+                "input_pad": None if self.input_pad is None else self.input_pad.to_json()}
 
     def _extra_state_mismatch(self, state) -> Optional[str]:
         try:
@@ -184,6 +212,8 @@ class _CodedLayer(nn.Module):
             granularity, size = tuple(state["weight_granularity"])
             if granularity not in ("tensor", "channel", "block"):
                 raise ValueError(f"unknown weight granularity {granularity!r}")
+            pad = state.get("input_pad")
+            self._check_input_pad(None if pad is None else InputPad.from_json(pad))
             if state.get("train_forward", "exact") not in TRAIN_FORWARDS:
                 raise ValueError(f"train_forward must be one of {TRAIN_FORWARDS}, got {state['train_forward']!r}")
         except (KeyError, TypeError, ValueError) as e:
@@ -229,6 +259,8 @@ class _CodedLayer(nn.Module):
         self.train_forward = state.get("train_forward", "exact")
         self.input_block_size = state["input_block_size"]
         self.weight_granularity, self.weight_block_size = tuple(state["weight_granularity"])
+        pad = state.get("input_pad")
+        self.input_pad = None if pad is None else InputPad.from_json(pad)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -268,9 +300,10 @@ class _CodedLayer(nn.Module):
     def _extra_repr_tail(self) -> str:
         acc = f", acc_lsb={self.acc_lsb}" if self.acc_lsb is not None else ""
         qat = (", qat" if self.train_forward == "exact" else ", qat (fake forward)") if self._master() is not None else ""
+        pad = f", input_pad={self.input_pad}" if self.input_pad is not None else ""
         return (f"fmt={self.fmt}, mac={self.mac}, weight={self._weight_description()}, "
                 f"input={_describe_param(self.fmt, self.input_param, self.input_block_size)}{acc}, "
-                f"bias={self.bias is not None}{qat}")
+                f"bias={self.bias is not None}{qat}{pad}")
 
     def _weight_description(self) -> str:
         return self.weight_granularity

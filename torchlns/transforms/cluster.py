@@ -21,7 +21,9 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
+from ..core.geometry import InputPad
 from ..nn.clustered import ClusteredConv2d
+from .graph import forward_matches, pad_then_base
 
 __all__ = ["cluster_kernels", "kmeans", "normalise_kernels", "ClusterStats"]
 
@@ -125,8 +127,22 @@ class ClusterStats:
     relative_error: float  # ‖W - W_clustered‖ / ‖W‖
 
 
-def _eligible(m: nn.Module) -> bool:
-    return type(m) is nn.Conv2d and m.kernel_size[0] * m.kernel_size[1] > 1 and m.padding_mode == "zeros"
+def _eligible(m: nn.Module) -> Tuple[bool, Optional[InputPad], Optional[str]]:
+    """(clusterable, the input pad its forward applies, why not): a k×k (k > 1) Conv2d with zero
+    padding, or a subclass whose forward is the base conv's, or a zero pad and then it (see Note:
+    pad-then-conv subclasses in transforms/graph.py)."""
+    if not isinstance(m, nn.Conv2d):
+        return False, None, None
+    if m.kernel_size[0] * m.kernel_size[1] == 1:
+        return False, None, "1x1 kernels have no shape to cluster"
+    if m.padding_mode != "zeros":
+        return False, None, f"padding_mode={m.padding_mode!r} (only zero padding clusters)"
+    if type(m) is nn.Conv2d or forward_matches(m, nn.Conv2d):
+        return True, None, None
+    pad, why = pad_then_base(m, nn.Conv2d)
+    if why is not None:
+        return False, None, f"{type(m).__name__}'s forward is not a Conv2d's: {why}"
+    return True, pad, None
 
 
 def _warn_if_no_saving(fqns: List[str], asked: int, live: int, kernels: int, taps: int) -> None:
@@ -151,6 +167,19 @@ def _warn_if_no_saving(fqns: List[str], asked: int, live: int, kernels: int, tap
                       f"the indices save; fewer than about {even:,} centroids make it smaller", stacklevel=3)
 
 
+def _warn_nothing_to_cluster(passed_over: Dict[str, str]) -> None:
+    if not passed_over:
+        warnings.warn("cluster_kernels found no Conv2d layer to cluster; the model is returned unchanged",
+                      stacklevel=3)
+        return
+    reasons: Dict[str, List[str]] = {}
+    for fqn, why in passed_over.items():
+        reasons.setdefault(why, []).append(fqn or "(the model)")
+    parts = [f"{len(f)} ({f[0]}{', ...' if len(f) > 1 else ''}): {why}" for why, f in reasons.items()]
+    warnings.warn(f"cluster_kernels clustered no layer; the model is returned unchanged. Convs passed over: "
+                  + "; ".join(parts), stacklevel=3)
+
+
 def cluster_kernels(model: nn.Module, num_clusters: Union[int, Mapping[str, int]], *, scope: str = "layer",
                     filter_fn: Optional[Callable[[nn.Module, str], bool]] = None, iterations: int = 50,
                     tol: float = 1e-4, seed: int = 0, progress=None, inplace: bool = False) -> nn.Module:
@@ -173,16 +202,28 @@ def cluster_kernels(model: nn.Module, num_clusters: Union[int, Mapping[str, int]
     if not inplace:
         model = copy.deepcopy(model)
     layers: Dict[str, nn.Conv2d] = {}
+    pads: Dict[str, Optional[InputPad]] = {}
+    passed_over: Dict[str, str] = {}  # convs left alone, and why (for the warning when nothing clusters)
     for fqn, m in model.named_modules():
-        if not _eligible(m) or (filter_fn is not None and not filter_fn(m, fqn)):
+        ok, pad, why = _eligible(m)
+        if why is not None:
+            passed_over[fqn] = why
+        if not ok:
+            continue
+        if filter_fn is not None and not filter_fn(m, fqn):
+            passed_over[fqn] = "filter_fn left it out"
             continue
         if isinstance(num_clusters, Mapping) and fqn not in num_clusters:
             continue
-        layers[fqn] = m
+        layers[fqn], pads[fqn] = m, pad
     if isinstance(num_clusters, Mapping):
         unknown = sorted(set(num_clusters) - set(layers))
         if unknown:
-            raise ValueError(f"num_clusters names layers that are not clusterable k×k Conv2d layers: {unknown}")
+            why = "; ".join(f"{f}: {passed_over[f]}" for f in unknown if f in passed_over)
+            raise ValueError(f"num_clusters names layers that are not clusterable k×k Conv2d layers: {unknown}"
+                             + (f" ({why})" if why else ""))
+    if not layers:
+        _warn_nothing_to_cluster(passed_over)
     from tqdm.auto import tqdm
 
     groups: List[Tuple[List[str], int]]
@@ -213,7 +254,7 @@ def cluster_kernels(model: nn.Module, num_clusters: Union[int, Mapping[str, int]
         for fqn, s in zip(fqns, scales):
             conv = layers[fqn]
             n = s.numel()
-            new = ClusteredConv2d.from_float(conv, shared, assign[start:start + n].reshape(s.shape), s)
+            new = ClusteredConv2d.from_float(conv, shared, assign[start:start + n].reshape(s.shape), s, pads[fqn])
             start += n
             with torch.no_grad():
                 err = (new.weight - conv.weight).norm() / conv.weight.norm().clamp_min(1e-30)

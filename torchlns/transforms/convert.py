@@ -29,7 +29,7 @@ from ..config import ConvertConfig
 from ..nn.clustered import ClusteredConv2d, LNSClusteredConv2d
 from ..nn.layers import _CodedLayer, atomic_load_pre_hook
 from ..nn.swap import swap_for, swap_for_type, swappable_types
-from .graph import base_layer, forward_matches
+from .graph import PAD_BASES, base_layer, forward_matches, pad_then_base
 from .calibration import Observer, acc_lsb_for, choose_param
 from .cluster import _disabled, cluster_kernels
 from .fold import fold_batchnorm
@@ -150,8 +150,13 @@ def convert(model: nn.Module, config: Optional[ConvertConfig] = None,
     model = copy.deepcopy(model).eval().float()
     fold_report = None
     if config.fold_bn:
-        model = fold_batchnorm(model, inplace=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = fold_batchnorm(model, inplace=True)
         fold_report = model.fold_report
+        for w in caught:  # a model without any BN is no news here; every other warning is passed on
+            if not (str(w.message).startswith("fold_batchnorm folded nothing") and not fold_report.entries):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     cluster_report = None
     already = [n for n, m in model.named_modules() if isinstance(m, (ClusteredConv2d, LNSClusteredConv2d))]
     if config.cluster is not None and already:
@@ -219,6 +224,10 @@ def convert(model: nn.Module, config: Optional[ConvertConfig] = None,
                            input=None if input_param is None else input_param.item(), acc_lsb=acc_lsb))
     _warn_about_calibration(inputs_seen, params)
     report.finish(model, targets, why_float, macs)
+    if not targets:  # no transform is a silent no-op
+        why = "; ".join(f"{r['layer']}: {r['reason']}" for r in report.float_layers[:3]) or \
+            "the model has no Linear or Conv layer"
+        warnings.warn(f"convert put no layer on the chip ({why}); the model computes in float", stacklevel=2)
     model.fold_report, model.cluster_report, model.conversion_report = fold_report, cluster_report, report
     model.register_load_state_dict_pre_hook(atomic_load_pre_hook)  # Note: validated loading
     return model
@@ -240,12 +249,28 @@ def resolve_swap(m: nn.Module):
     if base is not None:
         if forward_matches(m, base):
             return swap_for_type(base), None
-        return None, (f"{type(m).__name__} subclasses {base.__name__} but its forward computes something else; "
-                      f"register a swap for it with torchlns.register_swap({type(m).__name__})")
+        pad, why = pad_then_base(m, base)
+        if why is None and base in PAD_BASES:
+            return _padded_swap(swap_for_type(base), pad), None
+        return None, (f"{type(m).__name__} subclasses {base.__name__} but {why or 'its forward computes something else'}"
+                      f"; register a swap for it with torchlns.register_swap({type(m).__name__})")
     if isinstance(m, nn.MultiheadAttention):
         return None, ("attention: its in-projection is a raw parameter and its matmuls have no chip layer; "
                       "it stays float")
     return None, None
+
+
+def _padded_swap(swap, pad):
+    """The base layer's swap, for a subclass whose forward pads and then runs the base op (see Note:
+    pad-then-conv subclasses in transforms/graph.py); ``pad`` None: it computes the base op alone."""
+    if pad is None:
+        return swap
+
+    def padded(module, config, **kw):
+        return swap(module, config, **kw).set_input_pad(pad)
+
+    padded.__qualname__ = f"{swap.__qualname__} after {pad}"
+    return padded
 
 
 def count_macs(model: nn.Module, item, forward_fn=None) -> Optional[Dict[str, int]]:

@@ -139,6 +139,15 @@ def fold_batchnorm(model: nn.Module, inplace: bool = False, example_inputs: Opti
             report.entries.append(FoldEntry(name, None, False, f"{type(m).__name__} normalises with per-sample "
                                             "statistics, so it cannot fold; it stays float"))
     model.fold_report = report
+    if not report.folded:  # no transform is a silent no-op
+        if not report.entries:
+            why = "the model has no BatchNorm"
+        else:
+            reasons = sorted({e.reason for e in report.entries})
+            why = (f"{len(report.entries)} normalisation layer(s) stay as they are ({report.entries[0].bn}: "
+                   f"{report.entries[0].reason}{'; and other reasons' if len(reasons) > 1 else ''})")
+        warnings.warn(f"fold_batchnorm folded nothing: {why}; see model.fold_report", TorchLNSFoldWarning,
+                      stacklevel=2)
     return model
 
 

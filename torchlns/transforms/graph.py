@@ -22,8 +22,10 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["LeafTracer", "trace", "base_layer", "forward_matches", "PRODUCERS", "is_bn_like", "bn_dims",
-           "FLOAT_NORMS"]
+from ..nn.clustered import ClusteredConv2d
+
+__all__ = ["LeafTracer", "trace", "base_layer", "forward_matches", "pad_then_base", "PAD_BASES", "PRODUCERS", "is_bn_like",
+           "bn_dims", "FLOAT_NORMS"]
 
 PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
 _BN = nn.modules.batchnorm._BatchNorm
@@ -52,10 +54,11 @@ def bn_dims(m: nn.Module) -> Optional[int]:
 
 
 class LeafTracer(torch.fx.Tracer):
-    """The default fx tracer, with every conv/linear/BN-like module (subclasses too) a leaf."""
+    """The default fx tracer, with every conv/linear/BN-like module (subclasses too) a leaf, and the
+    clustered convs (whose "same" pad depends on the input's size, which fx cannot follow)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, PRODUCERS) or is_bn_like(m) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (PRODUCERS, ClusteredConv2d)) or is_bn_like(m) or super().is_leaf_module(m, qualname)
 
 
 def trace(module: nn.Module, tracer_cls=LeafTracer) -> torch.fx.GraphModule:
@@ -156,3 +159,144 @@ def affine_in_parameters(module: nn.Module, base: type) -> Optional[str]:
     if not torch.allclose(y2, want, rtol=1e-9, atol=1e-9 * (1 + want.abs().max().item())):
         return "rescaling its weight does not rescale its output (a probe input disagreed)"
     return None
+
+
+# Note: pad-then-conv subclasses
+# Real model code writes "same" padding as a conv subclass whose ``forward`` pads its input
+# and then calls the base op on its own weight: the EfficientNet wheels'
+# ``Conv2dStaticSamePadding`` (a fixed ``nn.ZeroPad2d``) and ``Conv2dDynamicSamePadding``, and
+# timm's ``Conv2dSame`` (pads from the input's size). fx cannot trace the dynamic ones
+# (``math.ceil`` and ``max`` of input sizes), so ``pad_then_base`` records what the forward
+# actually computes on concrete probe inputs of three sizes, with a ``TorchFunctionMode``:
+# the calls that return tensors must be exactly one constant zero ``F.pad`` of the input
+# (or none) and then the base op (``conv1d/2d/3d`` or ``linear``) on that, with the module's
+# own weight, bias, stride, padding, dilation and groups, whose result is the output. The
+# pads are then fixed (the same at every size) or TensorFlow's 'SAME' for each size
+# (``tf_same_pads``); anything else (another computation, a non-zero pad value, another pad
+# rule) is not recognised, and the layer stays float with the reason.
+_BASE_OPS = {nn.Conv1d: torch.conv1d, nn.Conv2d: torch.conv2d, nn.Conv3d: torch.conv3d, nn.Linear: F.linear}
+PAD_BASES = tuple(_BASE_OPS)
+
+
+class _Record(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if isinstance(out, torch.Tensor):  # sizes, dims and shapes are bookkeeping, not computation
+            self.calls.append((func, args, kwargs, out))
+        return out
+
+
+def _pad_call(call, x) -> Tuple[Optional[tuple], Optional[str]]:
+    func, args, kwargs, _ = call
+    if func is not F.pad or not args or args[0] is not x:
+        return None, "its forward computes something other than a pad of its input before the base op"
+    names = ("input", "pad", "mode", "value")
+    bound = dict(zip(names, args), **kwargs)
+    mode, value = bound.get("mode", "constant"), bound.get("value", None)
+    if mode != "constant":
+        return None, f"it pads its input in mode {mode!r} before the base op (only constant zero pads convert)"
+    if value not in (None, 0, 0.0):
+        return None, f"it pads its input with the constant {value!r} (the chip pads with zeros)"
+    return tuple(int(p) for p in bound["pad"]), None
+
+
+def _base_call_matches(call, inp, module: nn.Module, base: type) -> Optional[str]:
+    func, args, kwargs, _ = call
+    if func is not _BASE_OPS[base]:
+        return f"its forward computes something other than {_BASE_OPS[base].__name__} after the pad"
+    names = ("input", "weight", "bias") if base is nn.Linear else \
+        ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    bound = dict(zip(names, args), **kwargs)
+    if bound.get("input") is not inp or bound.get("weight") is not module.weight or \
+            bound.get("bias", None) is not module.bias:
+        return f"its {_BASE_OPS[base].__name__} call is not on its padded input with its own weight and bias"
+    if base is not nn.Linear:
+        n = len(module.kernel_size)
+        mine = (ntuple_of(module.stride, n), module.padding if isinstance(module.padding, str)
+                else ntuple_of(module.padding, n), ntuple_of(module.dilation, n), module.groups)
+        got = (ntuple_of(bound.get("stride", 1), n), bound.get("padding", 0) if isinstance(bound.get("padding", 0), str)
+               else ntuple_of(bound.get("padding", 0), n), ntuple_of(bound.get("dilation", 1), n),
+               bound.get("groups", 1))
+        if mine != got:
+            return f"its conv call's stride/padding/dilation/groups {got} are not the module's {mine}"
+    return None
+
+
+def ntuple_of(v, n: int) -> tuple:
+    return tuple(int(i) for i in v) if isinstance(v, (tuple, list)) else (int(v),) * n
+
+
+def _pad_probes(module: nn.Module, base: type, g: torch.Generator) -> list:
+    """Three float64 inputs of different sizes. A Linear's last dim is fixed, and narrower than its
+    ``in_features`` by what the forward pads: the widest width the forward accepts (at most 64 tries)."""
+    if base is nn.Linear:
+        for width in range(module.in_features, max(0, module.in_features - 64), -1):
+            x = torch.randn(2, width, generator=g, dtype=torch.float64)
+            try:
+                with torch.no_grad():
+                    module(x)
+            except Exception:  # noqa: BLE001 - the wrong width: try a narrower one
+                continue
+            return [x]
+        return [torch.randn(2, module.in_features, generator=g, dtype=torch.float64)]
+    n = len(module.kernel_size)
+    stride = ntuple_of(module.stride, n)
+    span = [d * (k - 1) + 1 for k, d in zip(module.kernel_size, ntuple_of(module.dilation, n))]
+    sizes = [[sp + 2 * s + extra for sp, s in zip(span, stride)] for extra in (1, 2, 5)]
+    sizes[2] = [v + i for i, v in enumerate(sizes[2])]  # unequal dims catch a swapped H/W rule
+    return [torch.randn(2, module.in_channels, *size, generator=g, dtype=torch.float64) for size in sizes]
+
+
+def pad_then_base(module: nn.Module, base: type):
+    """(InputPad, None) when ``module``'s forward is a zero pad of its input and then ``base``'s op on
+    its own weight; (None, why not) otherwise (see Note: pad-then-conv subclasses)."""
+    from ..core.geometry import InputPad, tf_same_pads
+
+    if base not in _BASE_OPS:
+        return None, None
+    g = torch.Generator().manual_seed(0)
+    probe = copy.deepcopy(module).double().eval()
+    seen = []
+    for x in _pad_probes(probe, base, g):
+        rec = _Record()
+        try:
+            with torch.no_grad(), rec:
+                y = probe(x)
+        except Exception as e:  # noqa: BLE001 - a forward that fails on a probe is not recognised
+            return None, f"its forward fails on a probe input ({type(e).__name__})"
+        calls = rec.calls
+        pads, inp = None, x
+        if len(calls) == 2:
+            pads, why = _pad_call(calls[0], x)
+            if why:
+                return None, why
+            inp = calls[0][3]
+        elif len(calls) != 1:
+            return None, f"its forward makes {len(calls)} tensor calls, not a pad and the base op"
+        why = _base_call_matches(calls[-1], inp, probe, base)
+        if why:
+            return None, why
+        if calls[-1][3] is not y:
+            return None, "its forward changes the base op's result before returning it"
+        seen.append((x, pads))
+    if all(p is None for _, p in seen):
+        return None, None  # no pad: the forward computes what the base class does (forward_matches' business)
+    if any(p is None for _, p in seen):
+        return None, "it pads some input sizes and not others, by a rule torchlns does not know"
+    n = 1 if base is nn.Linear else len(module.kernel_size)
+    full = [tuple(p) + (0,) * (2 * n - len(p)) if len(p) < 2 * n else tuple(p) for _, p in seen]
+    if base is not nn.Linear:
+        geo = (tuple(module.kernel_size), ntuple_of(module.stride, n), ntuple_of(module.dilation, n))
+        if all(f == tf_same_pads(tuple(x.shape[-n:]), *geo) for f, (x, _) in zip(full, seen)) and \
+                len(set(full)) > 1:
+            return InputPad(same=True), None
+    if any(len(p) > 2 * n for _, p in seen):
+        return None, "it pads the channel or batch dims of its input"
+    if len(set(full)) == 1:
+        return InputPad(pads=full[0]), None
+    return None, "its pads depend on the input size by a rule other than TensorFlow's 'SAME'"
