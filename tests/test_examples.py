@@ -18,6 +18,7 @@ SMOKE = {
     "classify_digits.py": (["--smoke"], r"LNS8 chip\s+\d+\.\d+"),
     "segmentation.py": (["--smoke"], r"\| LNS8 \+ cluster C=4 \|"),
     "detection.py": (["--smoke"], r"\| LNS8 \+ cluster C=4 \|"),
+    "efficientnet_lite0.py": (["--smoke"], r"\+ distillation\s+agreement"),
 }
 
 

@@ -42,6 +42,12 @@ def _cmd_detect_demo(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def _cmd_real_net(args: argparse.Namespace) -> int:
+    from .apps.realnet import run_from_args
+
+    return run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .apps.cli import nonnegative_int, plain, positive_int
@@ -93,6 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gpu_arguments(gpu)
     gpu.set_defaults(func=_cmd_gpu_check)
+
+    from .apps.realnet import __doc__ as realnet_doc, add_arguments as realnet_arguments
+
+    realnet = sub.add_parser(
+        "real-net",
+        help="EfficientNet-Lite0's ImageNet weights on real photos: convert, recover, compare (needs .[examples])",
+        description=plain(realnet_doc.split("\n\n")[1]),
+    )
+    realnet_arguments(realnet)
+    realnet.set_defaults(func=_cmd_real_net)
 
     formats = sub.add_parser(
         "formats",

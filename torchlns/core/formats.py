@@ -18,17 +18,25 @@ an ``isinstance`` switch. ``Format`` declares the questions:
 * ``mac_kind``: ``"log"`` (products from summed logs, as ``MACConfig`` says) or
   ``"scaled"`` (exact products of unscaled values, scaled afterwards: spec section 5);
   ``check_partner`` says which formats can be multiplied with it, ``check_mac`` which MAC
-  arguments apply, ``layer_mac`` which MAC a converted layer of this format runs.
+  arguments apply, ``layer_mac`` which MAC a converted layer of this format runs;
+* ``magnitude``/``from_magnitude``/``max_index``: the magnitude ladder (below).
 
 A new format is one new subclass of ``Format``; the tensor class, the layers, conversion,
 size accounting and serialization pick it up from these answers.
+
+# Note: the magnitude ladder
+Every format's codes of one sign are a ladder of magnitudes: index 0 is zero, and each step
+up is the next larger representable magnitude (the next log step in LNS, the next integer in
+INT, the next float in FP8), up to ``max_index``. A code is ``(negative, index)``. Adaptive
+rounding (``transforms/recover.py``) chooses between the two rungs around a float weight,
+so it works on every format through these three answers.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar, Dict, Literal, Optional
+from typing import ClassVar, Dict, Literal, Optional, Tuple
 
 import torch
 
@@ -130,6 +138,20 @@ class Format:
 
     def candidate_params(self, m: float, octaves: int = 4) -> list:
         """Parameters for ranges from ``m`` down by ``octaves`` octaves at the format's own step, widest first."""
+        raise NotImplementedError
+
+    # -- magnitude ladder (see Note: the magnitude ladder) ----------------------------------
+    @property
+    def max_index(self) -> int:
+        """The index of the largest finite magnitude."""
+        raise NotImplementedError
+
+    def magnitude(self, codes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(negative, index): each code's sign and the rank of its magnitude, 0 for zero (and NaN)."""
+        raise NotImplementedError
+
+    def from_magnitude(self, negative: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Codes from signs and magnitude indices in ``0..max_index`` (index 0 is zero, unsigned)."""
         raise NotImplementedError
 
     # -- ops ----------------------------------------------------------------------------------
@@ -271,6 +293,22 @@ class LNSFormat(Format, kind="lns"):
                         tables.buckets_tensor(self.frac_bits, m.device))
         return (g - self.e_max).clamp(self.offset_min, self.offset_max)
 
+    @property
+    def max_index(self) -> int:
+        return self.e_max
+
+    def magnitude(self, codes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        c = codes.to(torch.int32) & ((1 << self.bits) - 1)
+        index = c & self.e_max
+        return ((c >> (self.bits - 1)) == 1) & (index != 0), index
+
+    def from_magnitude(self, negative: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        index = index.to(torch.int32)
+        c = torch.where(index == 0, 0, index | (negative.to(torch.int32) << (self.bits - 1)))
+        if self.bits == 16:  # int16 holds the bit pattern
+            c = torch.where(c >= 1 << 15, c - (1 << 16), c)
+        return c.to(self.code_dtype)
+
     def describe_param(self, value) -> str:
         return f"offset={int(value)}"
 
@@ -403,6 +441,19 @@ class FP8Format(ScaledFormat, kind="fp8"):
     def code_dtype(self) -> torch.dtype:
         return torch.uint8
 
+    @property
+    def max_index(self) -> int:
+        return self.max_code  # FP8 codes of one sign are ordered by magnitude
+
+    def magnitude(self, codes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        c = codes.to(torch.int32)
+        index = torch.where((c & 0x7F) > self.max_code, 0, c & 0x7F)  # NaN (and inf) are not on the ladder
+        return ((c >> 7) == 1) & (index != 0), index
+
+    def from_magnitude(self, negative: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        index = index.to(torch.int32)
+        return torch.where(index == 0, 0, index | (negative.to(torch.int32) << 7)).to(torch.uint8)
+
     def encode_args(self, device) -> tuple:
         return self.man_bits, self.bias, self.max_code, self.has_inf
 
@@ -459,6 +510,18 @@ class IntFormat(ScaledFormat, kind="int"):
     def check_input(self, x: torch.Tensor) -> None:
         if check_values() and x.numel() and bool(torch.isnan(x).any()):
             raise ValueError(f"{self} has no code for NaN, and the input contains NaN")
+
+    @property
+    def max_index(self) -> int:
+        return self.qmax
+
+    def magnitude(self, codes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        q = codes.to(torch.int32)
+        return q < 0, q.abs()
+
+    def from_magnitude(self, negative: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        index = index.to(torch.int32)
+        return torch.where(negative, -index, index).to(self.code_dtype)
 
     def encode_args(self, device) -> tuple:
         return self.qmax, self.bits

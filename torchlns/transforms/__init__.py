@@ -7,7 +7,9 @@
 * ``convert.py``: ``convert`` (fold, cluster, calibrate, swap), its ``ConversionReport``
   (coverage in MACs), ``Inputs`` (multi-input calibration items) and ``enable_qat``;
 * ``sensitivity.py``: ``sensitivity`` (per-layer SQNR, and what keeping layers wider buys);
-* ``size.py``: ``size_report``.
+* ``size.py``: ``size_report``;
+* ``recover.py``: ``recover`` and its methods ``bias_correction``, ``adaptive_rounding`` and
+  ``distill`` (accuracy recovery from unlabelled data).
 """
 
 from .cluster import cluster_kernels  # noqa: F401
@@ -15,3 +17,4 @@ from .convert import ConversionReport, Inputs, convert, enable_qat  # noqa: F401
 from .fold import FoldReport, TorchLNSFoldWarning, fold_batchnorm  # noqa: F401
 from .size import SizeReport, size_report  # noqa: F401
 from .sensitivity import LayerSensitivity, SensitivityReport, Suggestion, sensitivity  # noqa: F401
+from .recover import RecoveryReport, adaptive_rounding, bias_correction, distill, recover  # noqa: F401

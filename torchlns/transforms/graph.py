@@ -232,24 +232,25 @@ def ntuple_of(v, n: int) -> tuple:
 
 
 def _pad_probes(module: nn.Module, base: type, g: torch.Generator) -> list:
-    """Three float64 inputs of different sizes. A Linear's last dim is fixed, and narrower than its
+    """Three inputs of different sizes (float32, one sample: only the calls matter, and float64 convs can be
+    slow). A Linear's last dim is fixed, and narrower than its
     ``in_features`` by what the forward pads: the widest width the forward accepts (at most 64 tries)."""
     if base is nn.Linear:
         for width in range(module.in_features, max(0, module.in_features - 64), -1):
-            x = torch.randn(2, width, generator=g, dtype=torch.float64)
+            x = torch.randn(1, width, generator=g)
             try:
                 with torch.no_grad():
                     module(x)
             except Exception:  # noqa: BLE001 - the wrong width: try a narrower one
                 continue
             return [x]
-        return [torch.randn(2, module.in_features, generator=g, dtype=torch.float64)]
+        return [torch.randn(1, module.in_features, generator=g)]
     n = len(module.kernel_size)
     stride = ntuple_of(module.stride, n)
     span = [d * (k - 1) + 1 for k, d in zip(module.kernel_size, ntuple_of(module.dilation, n))]
     sizes = [[sp + 2 * s + extra for sp, s in zip(span, stride)] for extra in (1, 2, 5)]
     sizes[2] = [v + i for i, v in enumerate(sizes[2])]  # unequal dims catch a swapped H/W rule
-    return [torch.randn(2, module.in_channels, *size, generator=g, dtype=torch.float64) for size in sizes]
+    return [torch.randn(1, module.in_channels, *size, generator=g) for size in sizes]
 
 
 def pad_then_base(module: nn.Module, base: type):
@@ -260,7 +261,7 @@ def pad_then_base(module: nn.Module, base: type):
     if base not in _BASE_OPS:
         return None, None
     g = torch.Generator().manual_seed(0)
-    probe = copy.deepcopy(module).double().eval()
+    probe = copy.deepcopy(module).float().eval()
     seen = []
     for x in _pad_probes(probe, base, g):
         rec = _Record()

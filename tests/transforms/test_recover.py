@@ -1,0 +1,212 @@
+"""Accuracy recovery (Note: accuracy recovery in torchlns/transforms/recover.py) on a small real-weight-like net.
+
+The net is MobileNet-like (BN, ReLU6, depthwise 3x3, an expansion and a residual, a linear
+head), trained for a few seconds on scikit-learn's bundled digits, so its weights and
+activations are shaped by training as a real network's are, not random. Calibration digits
+are disjoint from the evaluation digits. Each method must improve fidelity on held-out
+digits, change only what the chip stores, leave the input model untouched, and give a
+model that still runs bit for bit on every backend.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import torchlns
+from torchlns import CHIP_MAC, FP8_E4M3, INT8, ClusterConfig, ConvertConfig, LNSFormat, MACConfig
+from torchlns.nn.layers import _CodedLayer
+from torchlns.ops import reference_kernels
+
+
+class Block(nn.Module):
+    def __init__(self, c, expand=2):
+        super().__init__()
+        h = c * expand
+        self.expand = nn.Sequential(nn.Conv2d(c, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU6())
+        self.dw = nn.Sequential(nn.Conv2d(h, h, 3, padding=1, groups=h, bias=False), nn.BatchNorm2d(h), nn.ReLU6())
+        self.project = nn.Sequential(nn.Conv2d(h, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return x + self.project(self.dw(self.expand(x)))
+
+
+class TinyMobileNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU6())
+        self.blocks = nn.Sequential(Block(16), Block(16))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def trained():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 8 - 1
+    y = torch.tensor(d.target)
+    torch.manual_seed(0)
+    model = TinyMobileNet()
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(2):
+        for idx in torch.randperm(1200, generator=torch.Generator().manual_seed(1)).split(64):
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    calib, held = x[1200:1440], x[1440:]  # calibration apart from evaluation
+    return model, list(calib.split(48)), held
+
+
+def _fidelity(q, model, x):
+    with torch.no_grad():
+        yf, yq = model(x), q(x)
+    return torchlns.metrics.sqnr(yq, yf), F.kl_div(yq.log_softmax(1), yf.log_softmax(1), log_target=True,
+                                                    reduction="batchmean").item()
+
+
+def _convert(model, calib, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torchlns.convert(model, ConvertConfig(**kw), calib)
+
+
+def _stored(q):
+    """Everything a chip layer stores, by key, as plain tensors (codes and parameters of coded fields)."""
+    out = {}
+    for k, v in q.state_dict().items():
+        if isinstance(v, torchlns.CodedTensor):
+            out[k + ".codes"], out[k + ".param"] = v.codes.clone(), v.param.clone()
+        elif isinstance(v, torch.Tensor):
+            out[k] = v.clone()
+    return out
+
+
+def _only_stored_fields_changed(before, after_model):
+    after = _stored(after_model)
+    assert set(after) == set(before)  # no field added or removed (no float masters left behind)
+    for k, v in after.items():
+        assert v.dtype == before[k].dtype and v.shape == before[k].shape, k
+
+
+@pytest.mark.parametrize("method", ["bias", "rounding", "distill"])
+def test_each_method_improves_held_out_fidelity_and_changes_only_stored_fields(trained, method):
+    model, calib, held = trained
+    q = _convert(model, calib, fmt=LNSFormat(6, 2), mac=CHIP_MAC)  # a coarse format: clear room to recover
+    untouched = _stored(q)
+    sqnr0, kl0 = _fidelity(q, model, held)
+    if method == "bias":
+        r = torchlns.bias_correction(q, model, calib)
+    elif method == "rounding":
+        r = torchlns.adaptive_rounding(q, model, calib, iterations=40, batch_size=16)
+        assert r.rounding_report and any(b["kept"] for b in r.rounding_report)
+        assert {b["block"] for b in r.rounding_report} >= {"blocks.0", "blocks.1"}  # blocks, not single layers
+    else:
+        r = torchlns.distill(q, model, calib, steps=40, batch_size=16, lr=3e-3, validate_every=10)
+        assert r.distill_report["held_out_loss_after"] <= r.distill_report["held_out_loss_before"]
+    sqnr1, kl1 = _fidelity(r, model, held)
+    assert sqnr1 > sqnr0 + 0.3 and kl1 < kl0, (method, sqnr0, sqnr1, kl0, kl1)
+    assert all(torch.equal(v, _stored(q)[k]) for k, v in untouched.items())  # qmodel itself is untouched
+    _only_stored_fields_changed(untouched, r)
+    with torch.no_grad():  # still an exact chip model: the fixed accumulator's bits on every backend
+        x = held[:16]
+        want = r(x)
+        with reference_kernels():
+            assert torch.equal(r(x).view(torch.int32), want.view(torch.int32))
+
+
+def test_rounding_picks_a_neighbouring_rung_of_every_weight(trained):
+    model, calib, _ = trained
+    q = _convert(model, calib, mac=CHIP_MAC)
+    r = torchlns.adaptive_rounding(q, model, calib[:2], iterations=10, batch_size=16)
+    for (name, a), b in zip(((n, m) for n, m in q.named_modules() if isinstance(m, _CodedLayer)),
+                            (m for m in r.modules() if isinstance(m, _CodedLayer))):
+        assert torch.equal(a.weight.param, b.weight.param), name  # offsets are not moved
+        na, ia = a.fmt.magnitude(a.weight.codes)
+        nb, ib = b.fmt.magnitude(b.weight.codes)
+        assert (ia - ib).abs().max() <= 1, name  # one log step at most from the nearest code
+        assert torch.equal(na[(ia > 0) & (ib > 0)], nb[(ia > 0) & (ib > 0)]), name  # signs kept
+
+
+@pytest.mark.parametrize("kw", [dict(fmt=FP8_E4M3), dict(fmt=INT8), dict(mac=MACConfig()),
+                                dict(fmt=LNSFormat(8, 4), mac=CHIP_MAC), dict(activation="dynamic", activation_block_size=8),
+                                dict(cluster=ClusterConfig(num_clusters=8), mac=CHIP_MAC)],
+                         ids=["fp8", "int8", "lns-ideal", "lns-f4-chip", "dynamic", "clustered"])
+def test_recover_works_for_every_format_mac_and_clustered_layers(trained, kw):
+    model, calib, held = trained
+    calib = [calib[0][:24]]
+    q = _convert(model, calib, **kw)
+    before = _stored(q)
+    r = torchlns.recover(q, model, calib, rounding=dict(iterations=10, batch_size=16),
+                         distillation=dict(steps=6, validate_every=3))
+    assert [row["method"] for row in r.recovery_report.rows] == ["bias", "rounding", "distill"]
+    assert "agreement" in str(r.recovery_report)
+    _only_stored_fields_changed(before, r)
+    sqnr0, _ = _fidelity(q, model, held)
+    sqnr1, _ = _fidelity(r, model, held)
+    assert sqnr1 > sqnr0 - 0.5, (sqnr0, sqnr1)  # never meaningfully worse; usually better
+    if "cluster" in kw:
+        chip = r.blocks[0].dw[0]
+        assert type(chip).__name__ == "LNSClusteredConv2d" and chip.centroids.codes.dtype == torch.uint8
+
+
+def test_recovered_model_round_trips_state_dict(trained):
+    model, calib, held = trained
+    q = _convert(model, calib, mac=CHIP_MAC)
+    r = torchlns.recover(q, model, calib, methods=("bias", "rounding"), rounding=dict(iterations=10))
+    fresh = copy.deepcopy(q)
+    fresh.load_state_dict(r.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh(held[:8]), r(held[:8]))
+
+
+def test_bad_input_gets_one_clear_line_and_leaves_the_model_alone(trained):
+    model, calib, held = trained
+    q = _convert(model, calib, mac=CHIP_MAC)
+    before = _stored(q)
+    torch.manual_seed(123)
+    other = TinyMobileNet().eval()  # the same architecture, other weights
+    with pytest.raises(ValueError, match="not the model qmodel came from.*cosine"):
+        torchlns.recover(q, other, calib)
+    with pytest.raises(ValueError, match="not the model qmodel came from.*no module"):
+        torchlns.recover(q, nn.Sequential(nn.Linear(3, 3)), calib)
+    with pytest.raises(ValueError, match="does not run through"):
+        torchlns.recover(q, model, [torch.randn(4, 3, 8, 8)])  # three channels for a one-channel net
+    with pytest.raises(ValueError, match="calibration data is empty"):
+        torchlns.recover(q, model, [])
+    with pytest.raises(ValueError, match="methods must be"):
+        torchlns.recover(q, model, calib, methods=("magic",))
+    with pytest.raises(ValueError, match="no chip layers"):
+        torchlns.recover(model, model, calib)
+    with pytest.raises(TypeError, match="reference must be"):
+        torchlns.recover(q, "model.pt", calib)
+    assert all(torch.equal(v, _stored(q)[k]) for k, v in before.items())
+
+
+def test_magnitude_ladder_round_trips_every_code_of_every_format():
+    for fmt in [LNSFormat(8, 3), LNSFormat(5, 0), LNSFormat(12, 6), LNSFormat(16, 10), FP8_E4M3,
+                torchlns.FP8_E5M2, INT8, torchlns.IntFormat(4)]:
+        bits = fmt.bits
+        codes = torch.arange(1 << bits, dtype=torch.int32)
+        if isinstance(fmt, torchlns.IntFormat):
+            codes = torch.arange(-fmt.qmax, fmt.qmax + 1, dtype=torch.int32)
+        elif bits == 16:
+            codes = torch.where(codes >= 1 << 15, codes - (1 << 16), codes)
+        codes = codes.to(fmt.code_dtype)
+        negative, index = fmt.magnitude(codes)
+        back = fmt.from_magnitude(negative, index)
+        value = torchlns.decode(codes, fmt, 0 if isinstance(fmt, LNSFormat) and bits < 16 else
+                                (-30000 if isinstance(fmt, LNSFormat) else 1.0))
+        finite = torch.isfinite(value) & (index > 0)
+        assert torch.equal(back[finite], codes[finite]), fmt
+        assert (index <= fmt.max_index).all(), fmt

