@@ -7,6 +7,8 @@ running statistics and affine parameters randomised, so that folding has real wo
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -222,3 +224,52 @@ def small_net(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=2),
                          nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+
+
+# ----------------------------------------------------------------------------------------
+# a small trained network (recovery and mixed-precision tests)
+# ----------------------------------------------------------------------------------------
+class MBBlock(nn.Module):
+    def __init__(self, c, expand=2):
+        super().__init__()
+        h = c * expand
+        self.expand = nn.Sequential(nn.Conv2d(c, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU6())
+        self.dw = nn.Sequential(nn.Conv2d(h, h, 3, padding=1, groups=h, bias=False), nn.BatchNorm2d(h), nn.ReLU6())
+        self.project = nn.Sequential(nn.Conv2d(h, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return x + self.project(self.dw(self.expand(x)))
+
+
+class TinyMobileNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU6())
+        self.blocks = nn.Sequential(MBBlock(16), MBBlock(16))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+@functools.lru_cache(maxsize=1)
+def trained_digits_net():
+    """A real-weight-like net: TinyMobileNet trained briefly on scikit-learn's digits; (model, calibration
+    batches, held-out digits), calibration apart from evaluation."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 8 - 1
+    y = torch.tensor(d.target)
+    torch.manual_seed(0)
+    model = TinyMobileNet()
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(2):
+        for idx in torch.randperm(1200, generator=torch.Generator().manual_seed(1)).split(64):
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    calib, held = x[1200:1440], x[1440:]  # calibration apart from evaluation
+    return model, list(calib.split(48)), held

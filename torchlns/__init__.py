@@ -72,8 +72,8 @@ from .transforms import (  # noqa: F401
     sensitivity,
     size_report,
 )
-from .deploy import (CHIPS, ChipSpec, CostReport, ImageError, compare_costs, cost_report, export,  # noqa: F401
-                     load_image, read_manifest)
+from .deploy import (CHIPS, ChipSpec, CostReport, ImageError, MixedPrecisionResult, compare_costs,  # noqa: F401
+                     cost_report, export, load_image, mixed_precision, read_manifest)
 from . import metrics  # noqa: F401
 
 from ._version import __version__  # noqa: F401

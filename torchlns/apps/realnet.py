@@ -175,6 +175,21 @@ def run(args) -> List[dict]:
 
     distill(q, model, calib, steps=steps, augment=flip, validate_every=max(1, min(20, steps)), inplace=True)
     row("  + distillation", q, time.monotonic() - t)
+    # Mixed precision among LNS formats (the chip's), searched on two calibration batches, at most 1.1x the
+    # stored bytes of all-LNS8; the chosen formats are then converted (calibrated on all of it), not recovered.
+    from .. import mixed_precision, size_report
+
+    t = time.monotonic()
+    base = ConvertConfig(fmt=fmt, mac=CHIP_MAC)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        budget = 1.1 * size_report(convert(model, base, calib[:2])).total_bytes
+        lns = [fmt, LNSFormat(8, min(fmt.frac_bits + 1, 6))] + ([] if args.smoke else [LNSFormat(10, 5)])
+        mp = mixed_precision(model, calib[:2], base, budget_bytes=budget, candidates=lns, points=2 if args.smoke else 4,
+                             plot=args.out / "mixed_precision.png")
+        mixed = convert(model, mp.config(base), calib)
+    changed = ", ".join(f"{n} {c}" for c, n in _counts(mp.choices).items())
+    row(f"mixed precision <= 1.1x bytes ({changed})", mixed, time.monotonic() - t)
     args.out.mkdir(parents=True, exist_ok=True)
     lines = ["| model | top-1 agreement | logit SQNR dB | KL | labelled top-1 | s |", "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['model'].strip()} | {100 * r['agreement']:.1f}% | {r['sqnr']:.1f} | {r['kl']:.3f} | "
@@ -182,6 +197,13 @@ def run(args) -> List[dict]:
     (args.out / "report.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out / 'report.md'}")
     return rows
+
+
+def _counts(choices: Dict[str, str]) -> Dict[str, int]:
+    out: Dict[str, int] = {}
+    for c in choices.values():
+        out[c] = out.get(c, 0) + 1
+    return out
 
 
 def run_from_args(args) -> int:

@@ -9,3 +9,4 @@
 from .cost import (CHIPS, ChipSpec, CostComparison, CostReport, Energies, HOROWITZ_45NM, LayerCost,  # noqa: F401
                    compare_costs, cost_report)
 from .image import ImageError, export, load_image, read_manifest  # noqa: F401
+from .mixed import MixedPrecisionResult, default_candidates, mixed_precision  # noqa: F401
