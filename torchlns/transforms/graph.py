@@ -124,12 +124,16 @@ def _probe_input(module: nn.Module, base: type, g: torch.Generator) -> torch.Ten
 def affine_in_parameters(module: nn.Module, base: type) -> Optional[str]:
     """None if rescaling ``module``'s weight and bias per output channel rescales its output.
 
-    The base layers qualify. A subclass with its own ``forward`` is checked on a seeded probe
-    (``f(x; W·s, b·s + c) == s·f(x; W, b) + c`` per output channel): ``Conv2dSame`` passes, a
-    weight-standardising conv does not. Otherwise a sentence saying why not.
+    The base layers qualify, and so does a subclass whose forward is a zero pad and then the base
+    op on its own weight (``pad_then_base``, whose probes are cheaper than this one's float64
+    ones). Any other subclass with its own ``forward`` is checked on a seeded probe
+    (``f(x; W·s, b·s + c) == s·f(x; W, b) + c`` per output channel): a weight-standardising conv
+    fails. Otherwise a sentence saying why not.
     """
     if type(module).forward is base.forward and getattr(type(module), "_conv_forward", None) is \
             getattr(base, "_conv_forward", None):
+        return None
+    if base in PAD_BASES and pad_then_base(module, base)[1] is None:
         return None
     g = torch.Generator().manual_seed(0)
     out_dim = 0 if base is nn.Linear or not issubclass(base, nn.modules.conv._ConvTransposeNd) else 1
