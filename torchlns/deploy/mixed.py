@@ -36,7 +36,7 @@ from ..core.formats import Format, IntFormat, LNSFormat
 from ..nn.layers import _CodedLayer
 from ..transforms.convert import call_model, convert
 from ..transforms.fold import fold_batchnorm
-from ..transforms.recover import _output, fidelity
+from ..transforms.recover import _output, channel_rows, fidelity
 from ..transforms.size import size_report
 from .cost import CHIPS, ChipSpec, cost_report
 
@@ -127,10 +127,8 @@ def _fisher(twin: nn.Module, layers: Sequence[str], items: list, forward_fn, out
             if not out.requires_grad:
                 return
 
-            def grad(g, fqn=fqn, linear=not hasattr(mod, "kernel_size")):
-                g2 = g.detach().double().pow(2)
-                g2 = g2.reshape(-1, g2.shape[-1]).sum(0) if linear else g2.transpose(0, 1).reshape(g2.shape[1], -1).sum(1)
-                acc[fqn] = acc.get(fqn, 0) + g2
+            def grad(g, fqn=fqn, mod=mod):
+                acc[fqn] = acc.get(fqn, 0) + channel_rows(g.detach().double().pow(2), mod).sum(0)
             out.register_hook(grad)
         return fn
 
@@ -172,14 +170,11 @@ def _local_errors(twin: nn.Module, converted: List[nn.Module], layers: Sequence[
 
     def fn(fqn):
         def hook(mod, args, out):
-            linear = not hasattr(mod, "kernel_size")
             for i, c in enumerate(chips):
                 chip = c.get(fqn)
-                if not isinstance(chip, _CodedLayer):
-                    continue
-                e2 = (chip(args[0]) - out).double().pow(2)
-                e2 = e2.reshape(-1, e2.shape[-1]).sum(0) if linear else e2.transpose(0, 1).reshape(e2.shape[1], -1).sum(1)
-                errs[i][fqn] = errs[i].get(fqn, 0) + e2
+                if isinstance(chip, _CodedLayer):
+                    e2 = channel_rows((chip(args[0]) - out).double().pow(2), mod).sum(0)
+                    errs[i][fqn] = errs[i].get(fqn, 0) + e2
         return hook
 
     for f in layers:

@@ -194,6 +194,14 @@ def _prepare(qmodel, reference, data, forward_fn, inplace):
     return model, twin, items
 
 
+def channel_rows(out: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """A layer's output as (positions, channels) rows: channels are the last dim of a linear layer's
+    output and dim 1 of a conv's."""
+    if not hasattr(module, "kernel_size"):
+        return out.reshape(-1, out.shape[-1])
+    return out.transpose(1, -1).reshape(-1, out.shape[1])
+
+
 # ----------------------------------------------------------------------------------------
 # bias correction
 # ----------------------------------------------------------------------------------------
@@ -204,17 +212,15 @@ def _channel_means(model: nn.Module, fqns: Sequence[str], items: list, forward_f
     mods = dict(model.named_modules())
     hooks = []
 
-    def hook(fqn, linear):
+    def hook(fqn):
         def fn(mod, args, out):
-            y = out.detach().double()
-            y = y.reshape(-1, y.shape[-1]) if linear else y.transpose(0, 1).reshape(y.shape[1], -1).T
+            y = channel_rows(out.detach().double(), mod)
             sums[fqn] = sums.get(fqn, 0) + y.sum(0)
             counts[fqn] = counts.get(fqn, 0) + y.shape[0]
         return fn
 
     for f in fqns:
-        linear = not hasattr(mods[f], "kernel_size")
-        hooks.append(mods[f].register_forward_hook(hook(f, linear)))
+        hooks.append(mods[f].register_forward_hook(hook(f)))
     try:
         with torch.no_grad():
             for item in items:
@@ -282,13 +288,11 @@ def _correct_in_one_pass(model, chips, want, batch) -> None:
 
     def hook(fqn, m):
         def fn(mod, args, out):
-            linear = not hasattr(mod, "kernel_size")
-            channel = out.dim() - 1 if linear else 1
+            channel = 1 if hasattr(mod, "kernel_size") else out.dim() - 1
             shape = [1] * out.dim()
             shape[channel] = -1
             if fqn not in done and fqn in want:
-                y = out.detach().double().transpose(channel, -1)
-                delta = (y.reshape(-1, y.shape[-1]).mean(0) - want[fqn]).float()
+                delta = (channel_rows(out.detach().double(), mod).mean(0) - want[fqn]).float()
                 _shift_bias(m, delta)
                 done.add(fqn)
                 m._bias_shift = delta
