@@ -36,7 +36,7 @@ from ..core.formats import Format, IntFormat, LNSFormat
 from ..nn.layers import _CodedLayer
 from ..transforms.convert import call_model, convert
 from ..transforms.fold import fold_batchnorm
-from ..transforms.recover import _output, channel_rows, fidelity
+from ..transforms.recover import _device, _output, channel_rows, fidelity
 from ..transforms.size import size_report
 from .cost import CHIPS, ChipSpec, cost_report
 
@@ -151,10 +151,6 @@ def _fisher(twin: nn.Module, layers: Sequence[str], items: list, forward_fn, out
         for h in hooks:
             h.remove()
     return {f: v / max(samples, 1) for f, v in acc.items()}
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 @torch.no_grad()

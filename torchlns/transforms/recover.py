@@ -408,9 +408,10 @@ class _SoftForward:
         self.roundings = roundings
 
     def __enter__(self):
+        self._saved = []
         for r in self.roundings:
             m = r.layer
-            self._saved = getattr(self, "_saved", []) + [(m, m.training, m.train_forward, m._warned_frozen)]
+            self._saved.append((m, m.training, m.train_forward, m._warned_frozen))
             m._coded_weight = (lambda r=r: _Shim(r.soft_weight))
             m.training, m.train_forward, m._warned_frozen = True, "fake", True
         return self
