@@ -176,7 +176,7 @@ def _warn_nothing_to_cluster(passed_over: Dict[str, str]) -> None:
     for fqn, why in passed_over.items():
         reasons.setdefault(why, []).append(fqn or "(the model)")
     parts = [f"{len(f)} ({f[0]}{', ...' if len(f) > 1 else ''}): {why}" for why, f in reasons.items()]
-    warnings.warn(f"cluster_kernels clustered no layer; the model is returned unchanged. Convs passed over: "
+    warnings.warn("cluster_kernels clustered no layer; the model is returned unchanged. Convs passed over: "
                   + "; ".join(parts), stacklevel=3)
 
 

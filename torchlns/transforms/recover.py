@@ -554,7 +554,7 @@ def _adaptive_rounding(model, twin, items, iterations, batch_size, lr, bias_lr, 
         opt = torch.optim.Adam(params)
         scale = y.pow(2).mean().clamp_min(1e-30)
 
-        def loss_on(idx, soft=True):
+        def loss_on(idx):
             with _SoftForward(roundings):
                 out = block(x[idx], **block_kwargs)
             return (out - y[idx]).pow(2).mean() / scale
@@ -590,7 +590,7 @@ def _adaptive_rounding(model, twin, items, iterations, batch_size, lr, bias_lr, 
         report.append(dict(block=fqn, layers=len(layers), before_db=-10 * math.log10(max(before, 1e-30)),
                            after_db=-10 * math.log10(max(after if kept else before, 1e-30)), kept=kept))
         bar.set_postfix(block=fqn, db=f"{report[-1]['after_db']:.1f}")
-        del x, y
+        x = y = None  # free this block's captures before the next block's
     model.rounding_report = report
     return model
 
