@@ -144,7 +144,7 @@ class InputPad:
         if not self.same:
             return self.pads
         n = len(kernel)
-        return tf_same_pads(tuple(x.shape[-n:]), kernel, stride, dilation)
+        return tf_same_pads(tuple(x.shape[-n:]), kernel, ntuple(stride, n, "stride"), ntuple(dilation, n, "dilation"))
 
     def to_json(self):
         return "same" if self.same else list(self.pads)

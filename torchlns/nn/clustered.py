@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..core.checks import check_values
 from ..core.fields import code_fields
 from ..core.formats import IDEAL_MAC, LNSFormat, MACConfig
-from ..core.geometry import InputPad, ntuple
+from ..core.geometry import InputPad
 from ..tensor import Coded, CodedTensor
 from .layers import LNSConv2d, _CodedLayer, _layer_settings, _LNSConvNd
 from .swap import register_swap
@@ -71,8 +71,7 @@ class ClusteredConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_pad is not None:
-            x = F.pad(x, self.input_pad.amounts(x, self.kernel_size, ntuple(self.stride, 2, "stride"),
-                                                ntuple(self.dilation, 2, "dilation")))
+            x = F.pad(x, self.input_pad.amounts(x, self.kernel_size, self.stride, self.dilation))
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     @classmethod

@@ -156,11 +156,9 @@ class _CodedLayer(nn.Module):
         return self._chip(x, self._coded_weight(), master, **call)
 
     def _input_pad_amounts(self, x) -> tuple:
-        if not self.input_pad.same:
+        if not self.input_pad.same:  # fixed pads (the only kind a linear layer takes)
             return self.input_pad.pads
-        n = len(self.kernel_size)
-        return self.input_pad.amounts(x, self.kernel_size, ntuple(self.stride, n, "stride"),
-                                      ntuple(self.dilation, n, "dilation"))
+        return self.input_pad.amounts(x, self.kernel_size, self.stride, self.dilation)
 
     def _check_input_pad(self, pad: Optional[InputPad]) -> None:
         if pad is None:

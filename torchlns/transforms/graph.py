@@ -22,6 +22,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..core.geometry import ntuple
 from ..nn.clustered import ClusteredConv2d
 
 __all__ = ["LeafTracer", "trace", "base_layer", "forward_matches", "pad_then_base", "PAD_BASES", "PRODUCERS", "is_bn_like",
@@ -221,18 +222,14 @@ def _base_call_matches(call, inp, module: nn.Module, base: type) -> Optional[str
         return f"its {_BASE_OPS[base].__name__} call is not on its padded input with its own weight and bias"
     if base is not nn.Linear:
         n = len(module.kernel_size)
-        mine = (ntuple_of(module.stride, n), module.padding if isinstance(module.padding, str)
-                else ntuple_of(module.padding, n), ntuple_of(module.dilation, n), module.groups)
-        got = (ntuple_of(bound.get("stride", 1), n), bound.get("padding", 0) if isinstance(bound.get("padding", 0), str)
-               else ntuple_of(bound.get("padding", 0), n), ntuple_of(bound.get("dilation", 1), n),
+        mine = (ntuple(module.stride, n, "stride"), module.padding if isinstance(module.padding, str)
+                else ntuple(module.padding, n, "padding"), ntuple(module.dilation, n, "dilation"), module.groups)
+        got = (ntuple(bound.get("stride", 1), n, "stride"), bound.get("padding", 0) if isinstance(bound.get("padding", 0), str)
+               else ntuple(bound.get("padding", 0), n, "padding"), ntuple(bound.get("dilation", 1), n, "dilation"),
                bound.get("groups", 1))
         if mine != got:
             return f"its conv call's stride/padding/dilation/groups {got} are not the module's {mine}"
     return None
-
-
-def ntuple_of(v, n: int) -> tuple:
-    return tuple(int(i) for i in v) if isinstance(v, (tuple, list)) else (int(v),) * n
 
 
 def _pad_probes(module: nn.Module, base: type, g: torch.Generator) -> list:
@@ -250,8 +247,8 @@ def _pad_probes(module: nn.Module, base: type, g: torch.Generator) -> list:
             return [x]
         return [torch.randn(1, module.in_features, generator=g)]
     n = len(module.kernel_size)
-    stride = ntuple_of(module.stride, n)
-    span = [d * (k - 1) + 1 for k, d in zip(module.kernel_size, ntuple_of(module.dilation, n))]
+    stride = ntuple(module.stride, n, "stride")
+    span = [d * (k - 1) + 1 for k, d in zip(module.kernel_size, ntuple(module.dilation, n, "dilation"))]
     sizes = [[sp + 2 * s + extra for sp, s in zip(span, stride)] for extra in (1, 2, 5)]
     sizes[2] = [v + i for i, v in enumerate(sizes[2])]  # unequal dims catch a swapped H/W rule
     return [torch.randn(1, module.in_channels, *size, generator=g) for size in sizes]
@@ -296,7 +293,7 @@ def pad_then_base(module: nn.Module, base: type):
     n = 1 if base is nn.Linear else len(module.kernel_size)
     full = [tuple(p) + (0,) * (2 * n - len(p)) if len(p) < 2 * n else tuple(p) for _, p in seen]
     if base is not nn.Linear:
-        geo = (tuple(module.kernel_size), ntuple_of(module.stride, n), ntuple_of(module.dilation, n))
+        geo = (tuple(module.kernel_size), ntuple(module.stride, n, "stride"), ntuple(module.dilation, n, "dilation"))
         if all(f == tf_same_pads(tuple(x.shape[-n:]), *geo) for f, (x, _) in zip(full, seen)) and \
                 len(set(full)) > 1:
             return InputPad(same=True), None
