@@ -168,6 +168,13 @@ void set_mac_path(MacPath path);
 // The order the CPU kernels are tried in: the direct kernels first (automatic or forced),
 // then the float32 accumulator's remainder classes (forced, or automatic up to F = 5:
 // beyond it 2^F class products cost more than the scalar kernel), then the scalar kernel.
+// How often the direct kernels ran with tables, with product pairs, or declined a call
+// (another kernel then ran): the tests check which kernel a case reaches, the bench reports it.
+struct DirectCounts {
+  int64_t table, pairs, declined;
+};
+DirectCounts direct_counts();
+void reset_direct_counts();
 TORCHLNS_INLINE bool try_direct(MacPath p) { return p == MacPath::automatic || p == MacPath::direct; }
 TORCHLNS_INLINE bool try_classes(MacPath p, int64_t frac_bits) {
   return p == MacPath::classes || (p == MacPath::automatic && frac_bits <= 5);

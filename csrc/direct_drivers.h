@@ -30,7 +30,8 @@ inline void rows_nv(const DirectArgs& a, const RowSource& src, const RowSink& si
       const int64_t m0 = mc * MC, m1 = std::min(M, m0 + MC), rows = m1 - m0;
       const int64_t b0 = sp * per_split, b1 = std::min(blocks, b0 + per_split);
       if (b0 >= b1) continue;
-      pairs.resize(size_t(2 * rows * groups * Kg) + 2);
+      const int S = src.entry();
+      pairs.resize(size_t(S * rows * groups * Kg) + S);
       counts.resize(size_t(rows * groups) + 1);
       src.build(m0, m1, pairs.data(), counts.data());
       // Columns [n0, n1) of this split: consecutive blocks cover consecutive outputs.
@@ -44,7 +45,7 @@ inline void rows_nv(const DirectArgs& a, const RowSource& src, const RowSink& si
       alignas(64) int64_t acci[NB] = {};
       for (int64_t bi = b0; bi < b1; ++bi) {
         const int64_t g = bi / nblocks, b = bi % nblocks;
-        const int32_t* wp = wpack + bi * Kg * NB;
+        const int32_t* wp = wpack + bi * Kg * NB * (a.pair ? 2 : 1);
         const int64_t c0 = g * Ng + b * NB - n0;
         const int cols = int(std::min(NB, Ng - b * NB));
         cursor.assign(size_t(rows), 0);
@@ -52,8 +53,30 @@ inline void rows_nv(const DirectArgs& a, const RowSource& src, const RowSink& si
           const int32_t k_end = int32_t(std::min(Kg, k0 + KC));
           for (int64_t r = 0; r < rows; ++r) {
             const int64_t seg = r * groups + g;
-            const int32_t* p = pairs.data() + 2 * seg * Kg;
-            if (cursor[r] >= counts[seg] || p[2 * cursor[r]] >= k_end) continue;
+            const int32_t* p = pairs.data() + S * seg * Kg;
+            if (cursor[r] >= counts[seg] || p[S * cursor[r]] >= k_end) continue;
+            if (a.pair) {
+              const int64_t e = cursor[r], cnt = counts[seg];
+              if (!a.fixed) {
+                float* row = sf.data() + r * width + c0;
+                std::copy(row, row + cols, accf);
+                cursor[r] = a.sigma != 0.0f
+                                ? direct::rows_span_pair<NV, false, true>(a, p, e, cnt, k_end, wp, accf, nullptr)
+                                : direct::rows_span_pair<NV, false, false>(a, p, e, cnt, k_end, wp, accf, nullptr);
+                std::copy(accf, accf + cols, row);
+                continue;
+              }
+              int64_t* row = si.data() + r * width + c0;
+              std::copy(row, row + cols, acci);
+              switch (int(a.saturate || a.clamp_T) * 2 + int(a.sigma != 0.0f)) {
+                case 0: cursor[r] = direct::rows_span_pair<NV, false, false>(a, p, e, cnt, k_end, wp, nullptr, acci); break;
+                case 1: cursor[r] = direct::rows_span_pair<NV, false, true>(a, p, e, cnt, k_end, wp, nullptr, acci); break;
+                case 2: cursor[r] = direct::rows_span_pair<NV, true, false>(a, p, e, cnt, k_end, wp, nullptr, acci); break;
+                default: cursor[r] = direct::rows_span_pair<NV, true, true>(a, p, e, cnt, k_end, wp, nullptr, acci);
+              }
+              std::copy(acci, acci + cols, row);
+              continue;
+            }
             if (a.fixed) {
               int64_t* row = si.data() + r * width + c0;
               std::copy(row, row + cols, acci);
@@ -121,8 +144,18 @@ inline void cols(const DirectArgs& a, const ColSource& src, int64_t groups, int6
         const int64_t out = src.out_at(task, n);
         float* of = yf ? yf + out : nullptr;
         int64_t* oi = yi ? yi + out : nullptr;
-        const int32_t* wn = w + n * Kg;
+        const int32_t* wn = w + n * Kg * (a.pair ? 2 : 1);
         const bool sat = a.fixed && (a.saturate || a.clamp_T);
+        if (a.pair) {
+          const int64_t d = src.tail_delta;
+          switch (int(sat) * 2 + int(a.sigma != 0.0f)) {
+            case 0: direct::cols_tile_pair<kColsNV, false, false>(a, xk.data(), d, Kg, wn, count, of, oi); break;
+            case 1: direct::cols_tile_pair<kColsNV, false, true>(a, xk.data(), d, Kg, wn, count, of, oi); break;
+            case 2: direct::cols_tile_pair<kColsNV, true, false>(a, xk.data(), d, Kg, wn, count, of, oi); break;
+            default: direct::cols_tile_pair<kColsNV, true, true>(a, xk.data(), d, Kg, wn, count, of, oi);
+          }
+          continue;
+        }
         switch (float_mode(a) * 2 + sat) {
           case 0: direct::cols_tile<kColsNV, false, false, 0>(a, xk.data(), Kg, wn, count, of, oi); break;
           case 1: direct::cols_tile<kColsNV, true, true, 0>(a, xk.data(), Kg, wn, count, of, oi); break;

@@ -3,6 +3,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <atomic>
 #include <cmath>
 #include <functional>
 #include <limits>
@@ -15,26 +16,48 @@
 namespace torchlns {
 namespace {
 
+std::atomic<int64_t> counts_table{0}, counts_pairs{0}, counts_declined{0};
+
 struct Plan {
   bool fixed = false;
   int F = 0;
   DirectTables tabs;
   FieldLayout x_layout{}, w_layout{};
-  int64_t T = 0, acc_lsb = 0;
+  int64_t T = 0, acc_lsb = 0, acc_bits = 0;
+  const PairTables* pair = nullptr;  // product pairs (see Note: product pairs in lns_direct.h)
 };
+
+// Product pairs, where no table kernel runs this F or this table.
+std::optional<Plan> pair_plan(const double* C, int F, bool fixed, int64_t acc_bits, int64_t acc_lsb) {
+  if (!direct_pairs_supported()) return std::nullopt;
+  const PairTables& pt = pair_tables(C, F);
+  if (!pt.ok) return std::nullopt;
+  Plan p;
+  p.fixed = fixed;
+  p.F = F;
+  p.pair = &pt;
+  p.T = fixed ? (int64_t(1) << (acc_bits - 1)) - 1 : 0;
+  p.acc_lsb = fixed ? acc_lsb : 0;
+  p.acc_bits = acc_bits;
+  // The fixed accumulator's 2^-Λ joins the weights' octave.
+  p.x_layout = {false, 0u, 23, 31, false, 0, 0, &pt};
+  p.w_layout = {false, uint32_t(int32_t(fixed ? -acc_lsb : 0)), 23, 31, false, 0, 0, &pt};
+  return p;
+}
 
 // Whether the direct kernels can run this MAC, and the field layouts (see Note: direct kernels).
 std::optional<Plan> plan_for(const at::Tensor& table, int64_t frac_bits, bool fixed, int64_t acc_bits,
                              int64_t acc_lsb) {
   const int F = int(frac_bits);
-  if (!direct_supported(F) || (fixed && acc_bits > 32)) return std::nullopt;
+  if (fixed && acc_bits > 32) return std::nullopt;
   const auto tab = table.contiguous();
+  if (!direct_supported(F)) return pair_plan(tab.data_ptr<double>(), F, fixed, acc_bits, acc_lsb);
   Plan p;
   p.fixed = fixed;
   p.F = F;
   const bool split = !(direct_lanes() == 8 && F == 3);  // see Note: direct kernels
   p.tabs = direct_tables(tab.data_ptr<double>(), F, fixed, split);
-  if (!p.tabs.ok) return std::nullopt;
+  if (!p.tabs.ok) return pair_plan(tab.data_ptr<double>(), F, fixed, acc_bits, acc_lsb);
   const uint32_t R = 1u << F;
   if (fixed) {
     p.T = (int64_t(1) << (acc_bits - 1)) - 1;
@@ -63,6 +86,29 @@ std::optional<DirectArgs> args_for(const Plan& p, int32_t x_lo, int32_t x_hi, in
   DirectArgs a{p.fixed, p.F, int32_t(p.T), 1, false, false, w_zeros, p.x_layout.zero_field, p.x_layout.zero_flags,
                p.x_layout.split,
                int32_t(1u << p.x_layout.sign_bit), p.tabs.table};
+  if (p.pair) {  // every intermediate a normal float32 (see Note: product pairs)
+    a.pair = true;
+    a.sigma = p.pair->sigma;
+    a.zero_field = 0;
+    const int64_t shift = p.fixed ? -p.acc_lsb : 0, emin = p.pair->emin;
+    if (int64_t(x_lo) + emin < -126 || x_hi > 126 || w_lo + shift + emin < -126 || w_hi + shift > 126)
+      return std::nullopt;
+    // Products lie below 2^(q_hi + 1) (C may be 2.0, and q_hi holds the carry).
+    const int64_t q_lo = int64_t(x_lo) + w_lo + shift, q_hi = int64_t(x_hi) + w_hi + shift + 1;
+    if (q_hi + 1 > 127) return std::nullopt;
+    if (!p.fixed) {
+      if (q_lo + emin < -126) return std::nullopt;
+      return a;
+    }
+    // Fixed: products below 2^-1 truncate to 0 however they round, so only octaves >= -2 need
+    // normal intermediates.
+    if (-2 + emin < -126) return std::nullopt;
+    a.saturate = q_hi + 1 >= p.acc_bits - 1;
+    a.sat_bound = float(std::ldexp(1.0, int(p.acc_bits - 1)));
+    const double bound = std::max(1.0, std::min(std::ldexp(1.0, int(std::min<int64_t>(q_hi + 1, 62))), double(p.T)));
+    a.chunk = std::max<int64_t>(1, int64_t(std::floor(2147483647.0 / bound)));
+    return a;
+  }
   const int64_t q_lo = int64_t(x_lo) + w_lo, q_hi = int64_t(x_hi) + w_hi + 1;  // +1: the carry of r_x + r_w
   if (!p.fixed) {  // exponent fields 127 + q (+1 where C_ext >= 2) within 1..254
     if (q_lo < -126 || q_hi > 127) return std::nullopt;
@@ -82,7 +128,7 @@ std::optional<DirectArgs> args_for(const Plan& p, int32_t x_lo, int32_t x_hi, in
 std::string weight_tag(const char* what, const Plan& p, int64_t bits, int64_t groups, int64_t NB) {
   std::ostringstream tag;
   tag << what << ":b" << bits << ":F" << p.F << ":fixed" << p.fixed << ":add" << p.w_layout.add << ":split"
-      << p.w_layout.split << ":g" << groups << ":B" << NB << ":t";
+      << p.w_layout.split << ":pair" << (p.pair != nullptr) << ":g" << groups << ":B" << NB << ":t";
   for (int i = 0; i < 32; ++i) tag << p.tabs.table[i] << ',';
   return tag.str();
 }
@@ -104,7 +150,27 @@ std::vector<at::Tensor> weight_fields(const std::function<std::pair<at::Tensor, 
     bool zeros = false;
     for (int64_t i = 0; i < N * Kg; ++i) zeros |= src[i] == zero;
     at::Tensor out = f.fields;
-    if (NB) {
+    if (p.pair) {  // heads then tails: rows [group][block][Kg][head NB | tail NB], columns (N, head Kg | tail Kg)
+      const int64_t NK = N * Kg, nblocks = NB ? (Ng + NB - 1) / NB : 0;
+      out = at::empty({NB ? groups * nblocks * Kg * 2 * NB : 2 * NK}, f.fields.options());
+      int32_t* dst = out.data_ptr<int32_t>();
+      if (NB) {
+        at::parallel_for(0, groups * nblocks, 1, [&](int64_t t0, int64_t t1) {
+          for (int64_t t = t0; t < t1; ++t) {
+            const int64_t g = t / nblocks, b = t % nblocks;
+            for (int64_t k = 0; k < Kg; ++k)
+              for (int64_t h = 0; h < 2; ++h)
+                for (int64_t c = 0; c < NB; ++c) {
+                  const int64_t n = b * NB + c;
+                  dst[((t * Kg + k) * 2 + h) * NB + c] = n < Ng ? src[h * NK + (g * Ng + n) * Kg + k] : 0;
+                }
+          }
+        });
+      } else {
+        for (int64_t n = 0; n < N; ++n)
+          for (int64_t h = 0; h < 2; ++h) std::copy(src + h * NK + n * Kg, src + h * NK + (n + 1) * Kg, dst + (2 * n + h) * Kg);
+      }
+    } else if (NB) {
       const int64_t nblocks = (Ng + NB - 1) / NB;
       out = at::empty({groups * nblocks * Kg * NB}, f.fields.options());
       int32_t* dst = out.data_ptr<int32_t>();
@@ -133,14 +199,24 @@ struct MatrixRows : RowSource {
   int32_t zero;
   MatrixRows(const int32_t* f, int64_t k, int32_t z) : fields(f), K(k), zero(z) {}
   void build(int64_t m0, int64_t m1, int32_t* pairs, int32_t* counts) const override {
+    const int S = entry();
     for (int64_t m = m0; m < m1; ++m) {
       const int32_t* f = fields + m * K;
-      int32_t* p = pairs + 2 * (m - m0) * K;
+      int32_t* p = pairs + S * (m - m0) * K;
       int32_t c = 0;
-      for (int64_t k = 0; k < K; ++k) {  // branch-free compaction: half of a ReLU's outputs are zero
-        p[2 * c] = int32_t(k);
-        p[2 * c + 1] = f[k];
-        c += f[k] != zero;
+      if (tail_delta) {
+        for (int64_t k = 0; k < K; ++k) {
+          p[3 * c] = int32_t(k);
+          p[3 * c + 1] = f[k];
+          p[3 * c + 2] = f[k + tail_delta];
+          c += f[k] != zero;
+        }
+      } else {
+        for (int64_t k = 0; k < K; ++k) {  // branch-free compaction: half of a ReLU's outputs are zero
+          p[2 * c] = int32_t(k);
+          p[2 * c + 1] = f[k];
+          c += f[k] != zero;
+        }
       }
       counts[m - m0] = c;
     }
@@ -189,39 +265,55 @@ struct TransposedCols : ColSource {
   int64_t out_at(int64_t task, int64_t n) const override { return n * M + task * direct_cols_run(); }
 };
 
+// nullopt, counted as declined.
+std::nullopt_t declined() {
+  counts_declined.fetch_add(1, std::memory_order_relaxed);
+  return std::nullopt;
+}
+
+void count_run(const Plan& p) { (p.pair ? counts_pairs : counts_table).fetch_add(1, std::memory_order_relaxed); }
+
 }  // namespace
+
+DirectCounts direct_counts() { return {counts_table.load(), counts_pairs.load(), counts_declined.load()}; }
+void reset_direct_counts() { counts_table = 0, counts_pairs = 0, counts_declined = 0; }
 
 std::optional<at::Tensor> lns_mm_direct(const at::Tensor& x, const at::Tensor& x_offset, const at::Tensor& w,
                                         const at::Tensor& w_offset, const at::Tensor& table,
                                         const std::optional<at::Tensor>& bias, int64_t x_bits, int64_t w_bits,
                                         int64_t frac_bits, bool fixed, int64_t acc_bits, int64_t acc_lsb) {
   const auto plan = plan_for(table, frac_bits, fixed, acc_bits, acc_lsb);
-  if (!plan) return std::nullopt;
+  if (!plan) return declined();
   const int64_t M = x.size(0), N = w.size(0), K = x.size(1);
   const bool by_rows = N >= direct_lanes() / 2;
   const int64_t NB = by_rows ? direct_block(N) : 0;
   const auto wf = weight_fields([&] { return std::make_pair(w, w_offset.expand({N, K})); }, w_bits, *plan, 1, NB, w,
                                 w_offset);
   const int64_t* wq = wf[1].data_ptr<int64_t>();
-  int32_t* fields = scratch(0, M * K);
+  const int pair = plan->pair ? 2 : 1;
+  int32_t* fields = scratch(0, pair * M * K);
   const PackedFields xf = packed_fields(x, x_offset.expand({M, K}), x_bits, plan->F, plan->x_layout, fields);
   const auto args = args_for(*plan, xf.q_lo, xf.q_hi, int32_t(wq[0]), int32_t(wq[1]), wq[2] != 0);
-  if (!args) return std::nullopt;
+  if (!args) return declined();
+  count_run(*plan);
   auto out = at::empty({M, N}, x.options().dtype(at::kFloat));
   std::optional<at::Tensor> b32;
   if (bias.has_value()) b32 = bias->to(at::kFloat).contiguous();
   const float* b = b32 ? b32->data_ptr<float>() : nullptr;
   if (by_rows) {
-    const MatrixRows src(fields, K, plan->x_layout.zero_field);
+    MatrixRows src(fields, K, plan->x_layout.zero_field);
+    if (plan->pair) src.tail_delta = M * K;
     const OutputSink sink(*plan, b, out.data_ptr<float>(), N, 1, false);
     if (M && N) direct_rows(*args, src, sink, M, 1, K, wf[0].data_ptr<int32_t>(), N, NB);
   } else if (M && N) {  // few outputs: positions along the lanes, sums [n][m]
     const int64_t ld = M + direct_cols_run();
-    int32_t* xt = scratch(1, K * ld);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < K; ++k) xt[k * ld + m] = fields[m * K + k];
+    int32_t* xt = scratch(1, pair * K * ld);
+    for (int h = 0; h < pair; ++h)
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t k = 0; k < K; ++k) xt[h * K * ld + k * ld + m] = fields[h * M * K + m * K + k];
     auto sums = at::zeros({N, M}, x.options().dtype(fixed ? at::kLong : at::kFloat));
-    const TransposedCols src(xt, K, M, ld);
+    TransposedCols src(xt, K, M, ld);
+    if (plan->pair) src.tail_delta = K * ld;
     if (K)
       direct_cols(*args, src, 1, K, wf[0].data_ptr<int32_t>(), N, fixed ? nullptr : sums.data_ptr<float>(),
                   fixed ? sums.data_ptr<int64_t>() : nullptr);
@@ -250,10 +342,11 @@ struct ConvRows : RowSource {
   int64_t stride[2], pad[2], dilation[2];
   void build(int64_t m0, int64_t m1, int32_t* pairs, int32_t* counts) const override {
     const int64_t Cg = C / groups, Kg = Cg * kh * kw, L = Ho * Wo;
+    const int S = entry();
     for (int64_t r = m0; r < m1; ++r) {
       const int64_t img = r / L, oh = (r % L) / Wo, ow = r % Wo;
       for (int64_t g = 0; g < groups; ++g) {
-        int32_t* p = pairs + 2 * ((r - m0) * groups + g) * Kg;
+        int32_t* p = pairs + S * ((r - m0) * groups + g) * Kg;
         int32_t c_out = 0;
         for (int64_t i = 0; i < kh; ++i) {
           const int64_t ih = oh * stride[0] - pad[0] + i * dilation[0];
@@ -263,6 +356,15 @@ struct ConvRows : RowSource {
             if (iw < 0 || iw >= W) continue;
             const int32_t* src = nhwc + ((img * H + ih) * W + iw) * C + g * Cg;
             const int32_t k0 = int32_t((i * kw + j) * Cg);
+            if (tail_delta) {
+              for (int64_t c = 0; c < Cg; ++c) {
+                p[3 * c_out] = k0 + int32_t(c);
+                p[3 * c_out + 1] = src[c];
+                p[3 * c_out + 2] = src[c + tail_delta];
+                c_out += src[c] != zero;
+              }
+              continue;
+            }
             for (int64_t c = 0; c < Cg; ++c) {  // branch-free compaction
               p[2 * c_out] = k0 + int32_t(c);
               p[2 * c_out + 1] = src[c];
@@ -298,7 +400,7 @@ struct ConvCols : ColSource {
 
   ConvCols(const int32_t* src, int64_t Nb_, int64_t C_, int64_t H, int64_t W, int64_t groups, int64_t kh_,
            int64_t kw_, at::IntArrayRef stride, at::IntArrayRef pad, at::IntArrayRef dilation, int64_t Ho_, int64_t Wo,
-           int64_t Cout, int32_t zero)
+           int64_t Cout, int32_t zero, bool pairs)
       : Nb(Nb_), C(C_), Cg(C_ / groups), kh(kh_), kw(kw_), Ho(Ho_), Ncout(Cout), sh(stride[0]), sw(stride[1]),
         dh(dilation[0]), dw(dilation[1]) {
     const int64_t run = direct_cols_run();
@@ -308,10 +410,13 @@ struct ConvCols : ColSource {
     // The last run of the farthest tap reads up to Cp - Wo + run - 1 elements past Rp * Cp.
     const int64_t phase = Rp * Cp, stride_c = sh * sw * phase + Cp + run;
     plane = stride_c;
-    int32_t* dst = scratch(1, Nb * C * stride_c);
+    // Product pairs: the tails follow the heads in src, so their planes follow too.
+    const int64_t planes = Nb * C * (pairs ? 2 : 1);
+    if (pairs) tail_delta = Nb * C * stride_c;
+    int32_t* dst = scratch(1, planes * stride_c);
     const int64_t pt = pad[0], pl = pad[1];
     const int64_t rows = std::min(H, Rp * sh - pt), cols = std::min(W, Cp * sw - pl);
-    at::parallel_for(0, Nb * C, 1, [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, planes, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         int32_t* base = dst + t * stride_c;
         std::fill(base, base + stride_c, zero);
@@ -366,7 +471,7 @@ std::optional<at::Tensor> lns_conv_direct(const at::Tensor& x, const at::Tensor&
                                           at::IntArrayRef stride, at::IntArrayRef pad_before, at::IntArrayRef dilation,
                                           int64_t Ho, int64_t Wo, int64_t groups) {
   const auto plan = plan_for(table, frac_bits, fixed, acc_bits, acc_lsb);
-  if (!plan) return std::nullopt;
+  if (!plan) return declined();
   const int64_t Nb = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t Cout = w.size(0), Cg = w.size(1), kh = w.size(2), kw = w.size(3);
   const int64_t Kg = Cg * kh * kw, Ng = Cout / groups, L = Ho * Wo;
@@ -382,10 +487,11 @@ std::optional<at::Tensor> lns_conv_direct(const at::Tensor& x, const at::Tensor&
       w_bits, *plan, groups, NB, w, w_offset);
   const int64_t* wq = wf[1].data_ptr<int64_t>();
   const bool by_rows_ = by_rows;
-  int32_t* fields = scratch(0, x.numel());
+  int32_t* fields = scratch(0, x.numel() * (plan->pair ? 2 : 1));
   const PackedFields xf = packed_fields(x, x_offset.expand(x.sizes()), x_bits, plan->F, plan->x_layout, fields, by_rows_);
   const auto args = args_for(*plan, xf.q_lo, xf.q_hi, int32_t(wq[0]), int32_t(wq[1]), wq[2] != 0);
-  if (!args) return std::nullopt;
+  if (!args) return declined();
+  count_run(*plan);
   auto out = at::empty({Nb, Cout, Ho, Wo}, x.options().dtype(at::kFloat));
   std::optional<at::Tensor> b32;
   if (bias.has_value()) b32 = bias->to(at::kFloat).contiguous();
@@ -394,13 +500,14 @@ std::optional<at::Tensor> lns_conv_direct(const at::Tensor& x, const at::Tensor&
     ConvRows src;
     src.nhwc = fields;
     src.zero = plan->x_layout.zero_field;
+    if (plan->pair) src.tail_delta = x.numel();
     src.H = H, src.W = W, src.C = C, src.groups = groups, src.kh = kh, src.kw = kw, src.Ho = Ho, src.Wo = Wo;
     for (int d = 0; d < 2; ++d) src.stride[d] = stride[d], src.pad[d] = pad_before[d], src.dilation[d] = dilation[d];
     const OutputSink sink(*plan, b, out.data_ptr<float>(), Cout, L, true);
     if (out.numel()) direct_rows(*args, src, sink, Nb * L, groups, Kg, wf[0].data_ptr<int32_t>(), Ng, NB);
   } else if (out.numel()) {  // float sums straight into the output; fixed sums [img][n][L] first
     ConvCols src(fields, Nb, C, H, W, groups, kh, kw, stride, pad_before, dilation, Ho, Wo, Cout,
-                 plan->x_layout.zero_field);
+                 plan->x_layout.zero_field, plan->pair != nullptr);
     // Sums [img][n][Ho * Cp] (float32, or int64 for the fixed accumulator); the epilogue
     // drops the Cp - Wo positions past each row and writes (img, n, oh, ow).
     const int64_t wide = Ho * src.Cp, sums = Nb * Cout * wide;

@@ -4,6 +4,11 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
 #include <vector>
 
 #include "common.h"
@@ -56,6 +61,85 @@ DirectTables direct_tables(const double* C, int frac_bits, bool fixed, bool spli
     return t;
   }
   return t;
+}
+
+namespace {
+
+// Whether the pair kernels' float32 steps give C_ext[rx + rw] for every pair of remainders,
+// at octave 0 (see Note: product pairs): the steps are the kernels' own, in the same order,
+// and IEEE float32 arithmetic (no contraction: -ffp-contract=off) rounds the same in a
+// scalar register as in a vector lane. Sets emin to the lowest exponent met.
+bool pairs_reproduce(const std::vector<float>& D, const std::vector<float>& tl, const std::vector<float>& C_ext,
+                     float sigma, int& emin) {
+  const int R = int(D.size());
+  int lo = 0;
+  const auto track = [&](float v) {
+    if (v != 0.0f) lo = std::min(lo, std::ilogb(v));
+  };
+  for (int rx = 0; rx < R; ++rx)
+    for (int rw = 0; rw < R; ++rw) {
+      const float xh = D[rx], xl = tl[rx], wh = D[rw], wl = tl[rw];
+      const float m = xl * wh;
+      const float c = std::fma(xh, wl, m);
+      float v = std::fma(xh, wh, c);
+      track(xl), track(wl), track(m), track(c);
+      if (sigma != 0.0f) {  // Veltkamp: v rounded to nearest with 24 - log2(sigma - 1) bits
+        const float g = v * sigma;
+        const float d = g - v;
+        v = g - d;
+      }
+      if (v != C_ext[rx + rw]) return false;
+    }
+  emin = lo;
+  return true;
+}
+
+PairTables build_pair_tables(const double* C, int F) {
+  PairTables t;
+  if (F < 0 || F > 10) return t;  // D[r] by float64 pow is correct for F <= 10 (spec section 1)
+  const int R = 1 << F;
+  std::vector<float> D(R), tl(R), C_ext(2 * R - 1);
+  for (int r = 0; r < R; ++r) {
+    if (!(C[r] >= 1.0 && C[r] <= 2.0) || double(float(C[r])) != C[r]) return t;
+    D[r] = float(std::pow(2.0, double(r) / R));
+    tl[r] = float(std::exp2(static_cast<long double>(r) / R) - static_cast<long double>(D[r]));
+  }
+  for (int i = 0; i < 2 * R - 1; ++i) C_ext[i] = float(C[i % R] * (i >= R ? 2.0 : 1.0));
+  // Candidates: the float32 products themselves (the exact conversion), then rounding to P + 1
+  // bits for each P that makes every C[r] 2^P an integer (a P-bit LUT).
+  std::vector<float> sigmas{0.0f};
+  for (int P = 0; P <= 22; ++P) {
+    bool integral = true;
+    for (int r = 0; r < R; ++r) integral &= std::ldexp(C[r], P) == std::floor(std::ldexp(C[r], P));
+    if (integral) sigmas.push_back(float(std::ldexp(1.0, 23 - P) + 1.0));
+  }
+  for (const float sigma : sigmas) {
+    int emin = 0;
+    if (!pairs_reproduce(D, tl, C_ext, sigma, emin)) continue;
+    t.ok = true;
+    t.sigma = sigma;
+    t.emin = emin;
+    t.head.resize(R);
+    t.tail.resize(R);
+    for (int r = 0; r < R; ++r) t.head[r] = int32_t(float_bits(D[r])), t.tail[r] = int32_t(float_bits(tl[r]));
+    return t;
+  }
+  return t;
+}
+
+}  // namespace
+
+const PairTables& pair_tables(const double* C, int frac_bits) {
+  // The proof runs over 4^F pairs (a million for F = 10): once per distinct table.
+  static std::mutex mutex;
+  static std::map<std::string, std::unique_ptr<PairTables>> tables;
+  const int R = frac_bits >= 0 && frac_bits <= 10 ? 1 << frac_bits : 0;
+  std::string key(reinterpret_cast<const char*>(C), sizeof(double) * size_t(R));
+  key.push_back(char(frac_bits));
+  std::lock_guard<std::mutex> lock(mutex);
+  auto& slot = tables[key];
+  if (!slot) slot = std::make_unique<PairTables>(build_pair_tables(C, frac_bits));
+  return *slot;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -120,6 +204,70 @@ TORCHLNS_INLINE FieldStats pack_layout(const Code* __restrict code, const int32_
   return st;
 }
 
+// Product pairs: head and tail float32 bits per code (see Note: product pairs), with the same
+// statistics as pack_run.
+template <typename Code, bool kScalarOff>
+TORCHLNS_INLINE void pair_run(const Code* __restrict code, const int32_t* __restrict off, int64_t n, int32_t e_max,
+                              int32_t code_mask, int frac_bits, uint32_t add, const int32_t* __restrict head,
+                              const int32_t* __restrict tail, int32_t* __restrict out_h, int32_t* __restrict out_t,
+                              FieldStats& st) {
+  const int32_t o0 = off[0], r_mask = (1 << frac_bits) - 1;
+  int32_t lo = st.q_lo, hi = st.q_hi, nan = st.any_nan;
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t c = int32_t(code[i]) & code_mask;
+    const int32_t mag = c & e_max;
+    const uint32_t neg = uint32_t(c > e_max) << 31;
+    const int32_t g = mag + (kScalarOff ? o0 : off[i]);
+    const int32_t q = g >> frac_bits, r = g & r_mask;
+    const uint32_t sh = (uint32_t(q) + add) << 23, tb = uint32_t(tail[r]);
+    const int32_t z = -int32_t(mag == 0);
+    out_h[i] = int32_t((uint32_t(head[r]) + sh) ^ neg) & ~z;
+    out_t[i] = int32_t(tb ? (tb + sh) ^ neg : 0u) & ~z;
+    const int32_t q_lo = (q & ~z) | (INT32_MAX & z), q_hi = (q & ~z) | (INT32_MIN & z);
+    lo = q_lo < lo ? q_lo : lo;
+    hi = q_hi > hi ? q_hi : hi;
+    nan |= z & int32_t(neg >> 31);
+  }
+  st = {lo, hi, nan};
+}
+
+template <typename Code>
+TORCHLNS_INLINE FieldStats pack_pairs_impl(const Code* __restrict code, const int32_t* __restrict off, bool scalar,
+                                           int64_t n, int32_t e_max, int32_t code_mask, int frac_bits, uint32_t add,
+                                           const int32_t* head, const int32_t* tail, int32_t* __restrict out_h,
+                                           int32_t* __restrict out_t, int64_t out_stride) {
+  FieldStats st{INT32_MAX, INT32_MIN, 0};
+  constexpr int64_t kBlock = 256;
+  alignas(64) int32_t th[kBlock], tt[kBlock];
+  for (int64_t a = 0; a < n; a += (out_stride == 1 ? n : kBlock)) {
+    const int64_t m = out_stride == 1 ? n : std::min(kBlock, n - a);
+    int32_t* h = out_stride == 1 ? out_h : th;
+    int32_t* t = out_stride == 1 ? out_t : tt;
+    if (scalar)
+      pair_run<Code, true>(code + a, off, m, e_max, code_mask, frac_bits, add, head, tail, h, t, st);
+    else
+      pair_run<Code, false>(code + a, off + a, m, e_max, code_mask, frac_bits, add, head, tail, h, t, st);
+    if (out_stride != 1)
+      for (int64_t i = 0; i < m; ++i) out_h[(a + i) * out_stride] = th[i], out_t[(a + i) * out_stride] = tt[i];
+  }
+  return st;
+}
+#define TORCHLNS_PAIR_CLONES(NAME, CODE)                                                                           \
+  TORCHLNS_INLINE FieldStats NAME##_impl(const CODE* __restrict code, const int32_t* __restrict off, bool scalar,  \
+                                         int64_t n, int32_t e_max, int32_t mask, int F, uint32_t add,              \
+                                         const int32_t* head, const int32_t* tail, int32_t* __restrict out_h,       \
+                                         int32_t* __restrict out_t, int64_t stride) {                              \
+    return pack_pairs_impl<CODE>(code, off, scalar, n, e_max, mask, F, add, head, tail, out_h, out_t, stride);     \
+  }                                                                                                                \
+  TORCHLNS_ISA_CLONES(FieldStats, NAME,                                                                            \
+                      (const CODE* __restrict code, const int32_t* __restrict off, bool scalar, int64_t n,         \
+                       int32_t e_max, int32_t mask, int F, uint32_t add, const int32_t* head, const int32_t* tail, \
+                       int32_t* __restrict out_h, int32_t* __restrict out_t, int64_t stride),                      \
+                      (code, off, scalar, n, e_max, mask, F, add, head, tail, out_h, out_t, stride))
+TORCHLNS_PAIR_CLONES(pack_pairs_u8, uint8_t)
+TORCHLNS_PAIR_CLONES(pack_pairs_i16, int16_t)
+#undef TORCHLNS_PAIR_CLONES
+
 template <typename Code>
 TORCHLNS_INLINE FieldStats pack_fields_impl(const Code* __restrict code, const int32_t* __restrict off, bool off_scalar,
                                             int64_t n, int32_t e_max, int32_t code_mask, int frac_bits, bool negate,
@@ -170,11 +318,12 @@ PackedFields packed_fields(const at::Tensor& codes, const at::Tensor& offset, in
   const auto off = scalar ? offset.reshape({-1}).narrow(0, 0, 1).to(at::kInt).contiguous()
                           : offset.expand(codes.sizes()).to(at::kInt).contiguous();
   PackedFields p{at::Tensor(), at::Tensor(), 0, 0, false};
+  const int64_t n = codes.numel();
+  const PairTables* pair = layout.pair;
   if (!dst) {
-    p.fields = at::empty(codes.sizes(), cc.options().dtype(at::kInt));
+    p.fields = pair ? at::empty({2 * n}, cc.options().dtype(at::kInt)) : at::empty(codes.sizes(), cc.options().dtype(at::kInt));
     dst = p.fields.data_ptr<int32_t>();
   }
-  const int64_t n = codes.numel();
   const int32_t e_max = (1 << (bits - 1)) - 1, mask = (1 << bits) - 1;
   const int32_t* op = off.data_ptr<int32_t>();
   // Work items: planes of H*W elements (written with stride C for NHWC), else flat chunks.
@@ -189,6 +338,14 @@ PackedFields packed_fields(const at::Tensor& codes, const at::Tensor& offset, in
       if (a >= b) continue;
       int32_t* out = nhwc ? dst + (ci / C) * HW * C + ci % C : dst + a;
       const int64_t stride = nhwc ? C : 1;
+      if (pair) {
+        const int32_t *hd = pair->head.data(), *tl = pair->tail.data();
+        stats[ci] = wide ? pack_pairs_i16(cc.data_ptr<int16_t>() + a, scalar ? op : op + a, scalar, b - a, e_max, mask,
+                                          frac_bits, layout.add, hd, tl, out, out + n, stride)
+                         : pack_pairs_u8(cc.data_ptr<uint8_t>() + a, scalar ? op : op + a, scalar, b - a, e_max, mask,
+                                         frac_bits, layout.add, hd, tl, out, out + n, stride);
+        continue;
+      }
       stats[ci] = wide ? pack_fields_i16(cc.data_ptr<int16_t>() + a, scalar ? op : op + a, scalar, b - a, e_max, mask,
                                          frac_bits, layout.negate, layout.add, layout.shift, layout.sign_bit,
                                          layout.split, layout.zero_field, out, stride)
@@ -262,6 +419,18 @@ struct V {
   static TORCHLNS_INLINE I negate_where(I p, I s, I one) {
     return _mm512_mask_sub_epi32(p, _mm512_test_epi32_mask(s, one), _mm512_setzero_si512(), p);
   }
+  static TORCHLNS_INLINE F fset1(float v) { return _mm512_set1_ps(v); }
+  static TORCHLNS_INLINE F floadu(const float* p) { return _mm512_loadu_ps(p); }
+  static TORCHLNS_INLINE F fmul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static TORCHLNS_INLINE F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static TORCHLNS_INLINE F fsub(F a, F b) { return _mm512_sub_ps(a, b); }
+  static TORCHLNS_INLINE F fmin(F a, F b) { return _mm512_min_ps(a, b); }
+  static TORCHLNS_INLINE F fabs(F a) { return _mm512_abs_ps(a); }
+  static TORCHLNS_INLINE I cvtt(F a) { return _mm512_cvttps_epi32(a); }
+  static TORCHLNS_INLINE I as_int(F a) { return _mm512_castps_si512(a); }
+  static TORCHLNS_INLINE I with_sign_of(I p, F v) {  // -p where v is negative
+    return _mm512_mask_sub_epi32(p, _mm512_movepi32_mask(_mm512_castps_si512(v)), _mm512_setzero_si512(), p);
+  }
   static TORCHLNS_INLINE void add_widen(int64_t* t, I v) {
     __m512i* q = reinterpret_cast<__m512i*>(t);
     q[0] = _mm512_add_epi64(q[0], _mm512_cvtepi32_epi64(_mm512_castsi512_si256(v)));
@@ -320,6 +489,18 @@ struct V {
   static TORCHLNS_INLINE I negate_where(I p, I s, I one) {
     return _mm256_sign_epi32(p, _mm256_or_si256(_mm256_slli_epi32(s, 31 - kBit), one));
   }
+  static TORCHLNS_INLINE F fset1(float v) { return _mm256_set1_ps(v); }
+  static TORCHLNS_INLINE F floadu(const float* p) { return _mm256_loadu_ps(p); }
+  static TORCHLNS_INLINE F fmul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static TORCHLNS_INLINE F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static TORCHLNS_INLINE F fsub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static TORCHLNS_INLINE F fmin(F a, F b) { return _mm256_min_ps(a, b); }
+  static TORCHLNS_INLINE F fabs(F a) { return _mm256_and_ps(a, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF))); }
+  static TORCHLNS_INLINE I cvtt(F a) { return _mm256_cvttps_epi32(a); }
+  static TORCHLNS_INLINE I as_int(F a) { return _mm256_castps_si256(a); }
+  static TORCHLNS_INLINE I with_sign_of(I p, F v) {  // -p where v is negative (| 1: never 0)
+    return _mm256_sign_epi32(p, _mm256_or_si256(_mm256_castps_si256(v), _mm256_set1_epi32(1)));
+  }
   static TORCHLNS_INLINE void add_widen(int64_t* t, I v) {
     __m256i* q = reinterpret_cast<__m256i*>(t);
     q[0] = _mm256_add_epi64(q[0], _mm256_cvtepi32_epi64(_mm256_castsi256_si128(v)));
@@ -347,6 +528,8 @@ int direct_lanes() {
   return 0;
 #endif
 }
+
+bool direct_pairs_supported() { return direct_lanes() > 0; }
 
 bool direct_supported(int frac_bits) {
   const int lanes = direct_lanes();

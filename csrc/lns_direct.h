@@ -44,6 +44,27 @@
 // along the lanes; for depthwise and other narrow groups. Each output is summed by one lane
 // in k order, so the float32 sums are within the spec's bound and independent of threads.
 //
+// Note: product pairs
+// The table kernels above read 2^F (or 2^(F+1)) table entries per product in registers, which
+// fits one permute only for F <= 3 (AVX2) or F <= 4 (AVX-512). Wider F would need permute
+// trees or gathers, several times the cost. Product pairs need no table at all: an operand
+// is packed as two float32s, its head h = ±D[r] 2^q and its tail l = ±(2^(r/2^F) - D[r]) 2^q,
+// so that h + l is 2^(g/2^F) to about 48 bits. The product of two operands is then
+//     v = fma(h_x, h_w, fma(h_x, l_w, l_x h_w)),
+// one rounding of h_x h_w + (h_x l_w + l_x h_w), which lies within about 2^-46 (relative) of
+// the real 2^(G/2^F). Rounding to float32 gives the exact conversion's C_ext[t] 2^q unless
+// the real value lies within that distance of a rounding boundary; a P-bit LUT's entry is v
+// rounded again to P + 1 significant bits (Veltkamp's split: s = v (2^(23-P) + 1),
+// v' = s - (s - v)), which double rounding could spoil only as rarely. Neither is left to
+// chance: the scaling by 2^q is exact while every step stays a normal float32, so the steps
+// are run once per table over every pair of remainders at octave 0 (pair_tables), and a
+// table they do not reproduce bit for bit (Mitchell's, a rare unlucky LUT) keeps the other
+// kernels. The exponent ranges of the operands are then checked per call so that every
+// intermediate is normal (emin is the lowest exponent met at octave 0). The float32
+// accumulator adds v; the fixed one folds 2^-Λ into the weights' octave and truncates v
+// toward zero (cvtt), which is ±floor(|p|) exactly, after clamping |v| to 2^(W-1) where the
+// ranges allow saturation. The cost is a multiply and two FMAs per product, whatever F.
+//
 // This file is included once per instruction set (see Note: instruction sets in common.h)
 // inside a namespace that defines the vector type V; it has no include guard on purpose.
 
@@ -174,6 +195,111 @@ TORCHLNS_INLINE void cols_tile(const Args& a, const int32_t* const* xk, int64_t 
         const V::I s = V::add(V::loadu(xk[k] + j * W), wb);
         const V::I p = V::template negate_where<kSignBit<kMode>>(magnitude_fixed<kSaturate, kClampT, kMode>(s, table, table_hi, a.F, T), s, sign);
         acc[j] = V::add_nonzero(acc[j], p, s, flags);
+      }
+    }
+    for (int j = 0; j < NV; ++j) V::add_widen(total + j * W, acc[j]);
+  }
+  for (int c = 0; c < count; ++c) yi[c] = total[c];
+}
+
+// Product pairs (see Note: product pairs): the fixed-point product of a pair product v.
+template <bool kRound>
+TORCHLNS_INLINE V::F pair_round(V::F v, V::F sigma) {
+  if (!kRound) return v;
+  const V::F s = V::fmul(v, sigma);
+  return V::fsub(s, V::fsub(s, v));
+}
+
+template <bool kSat, bool kRound>
+TORCHLNS_INLINE V::I pair_fixed(V::F v, V::F sigma, V::F bound, V::I T) {
+  if (kSat) {  // clamped first, so that rounding cannot overflow
+    const V::I mag = V::minu(V::cvtt(pair_round<kRound>(V::fmin(V::fabs(v), bound), sigma)), T);  // 2^31: 0x80000000
+    return V::with_sign_of(mag, v);
+  }
+  return V::cvtt(pair_round<kRound>(v, sigma));
+}
+
+TORCHLNS_INLINE V::F pair_product(V::F xh, V::F xl, V::F wh, V::F wl) {
+  return V::fmadd(xh, wh, V::fmadd(xh, wl, V::fmul(xl, wh)));
+}
+
+// rows with product pairs: entries (k, head, tail); weights [k][head NB | tail NB].
+template <int NV, bool kSat, bool kRound>
+TORCHLNS_INLINE int64_t rows_span_pair(const Args& a, const int32_t* pairs, int64_t e, int64_t count, int32_t k_end,
+                                       const int32_t* wp, float* accf, int64_t* total) {
+  constexpr int W = V::lanes, NB = NV * W;
+  const float* wf = reinterpret_cast<const float*>(wp);
+  const auto bcast = [](int32_t bits) {
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return V::fset1(f);
+  };
+  const V::F sigma = V::fset1(a.sigma), bound = V::fset1(a.sat_bound);
+  if (!a.fixed) {
+    V::F acc[NV];
+    for (int j = 0; j < NV; ++j) acc[j] = V::fload(accf + j * W);
+    for (; e < count && pairs[3 * e] < k_end; ++e) {
+      const float* wk = wf + int64_t(pairs[3 * e]) * 2 * NB;
+      const V::F xh = bcast(pairs[3 * e + 1]), xl = bcast(pairs[3 * e + 2]);
+      for (int j = 0; j < NV; ++j)
+        acc[j] = V::fadd(acc[j], pair_round<kRound>(pair_product(xh, xl, V::fload(wk + j * W), V::fload(wk + NB + j * W)), sigma));
+    }
+    for (int j = 0; j < NV; ++j) V::fstore(accf + j * W, acc[j]);
+    return e;
+  }
+  const V::I T = V::set1(a.T);
+  while (e < count && pairs[3 * e] < k_end) {
+    const int64_t stop = std::min(count, e + a.chunk);  // no int32 lane can overflow within
+    V::I acc[NV];
+    for (int j = 0; j < NV; ++j) acc[j] = V::zero();
+    for (; e < stop && pairs[3 * e] < k_end; ++e) {
+      const float* wk = wf + int64_t(pairs[3 * e]) * 2 * NB;
+      const V::F xh = bcast(pairs[3 * e + 1]), xl = bcast(pairs[3 * e + 2]);
+      for (int j = 0; j < NV; ++j) {
+        const V::F v = pair_product(xh, xl, V::fload(wk + j * W), V::fload(wk + NB + j * W));
+        acc[j] = V::add(acc[j], pair_fixed<kSat, kRound>(v, sigma, bound, T));
+      }
+    }
+    for (int j = 0; j < NV; ++j) V::add_widen(total + j * W, acc[j]);
+  }
+  return e;
+}
+
+// columns with product pairs: x tails at xk[k] + a tail_delta; w: Kg heads then Kg tails.
+template <int NV, bool kSat, bool kRound>
+TORCHLNS_INLINE void cols_tile_pair(const Args& a, const int32_t* const* xk, int64_t tail_delta, int64_t K,
+                                    const int32_t* w, int count, float* yf, int64_t* yi) {
+  constexpr int W = V::lanes, LB = NV * W;
+  const float* wf = reinterpret_cast<const float*>(w);
+  const V::F sigma = V::fset1(a.sigma), bound = V::fset1(a.sat_bound);
+  if (!a.fixed) {
+    V::F acc[NV];
+    for (int j = 0; j < NV; ++j) acc[j] = V::fzero();
+    for (int64_t k = 0; k < K; ++k) {
+      if (w[k] == 0) continue;
+      const V::F wh = V::fset1(wf[k]), wl = V::fset1(wf[K + k]);
+      const float* xh = reinterpret_cast<const float*>(xk[k]);
+      for (int j = 0; j < NV; ++j)
+        acc[j] = V::fadd(acc[j], pair_round<kRound>(pair_product(V::floadu(xh + j * W), V::floadu(xh + tail_delta + j * W), wh, wl), sigma));
+    }
+    alignas(64) float tmp[LB];
+    for (int j = 0; j < NV; ++j) V::fstore(tmp + j * W, acc[j]);
+    for (int c = 0; c < count; ++c) yf[c] = tmp[c];
+    return;
+  }
+  const V::I T = V::set1(a.T);
+  alignas(64) int64_t total[LB] = {};
+  for (int64_t k0 = 0; k0 < K; k0 += a.chunk) {
+    const int64_t k1 = std::min(K, k0 + a.chunk);
+    V::I acc[NV];
+    for (int j = 0; j < NV; ++j) acc[j] = V::zero();
+    for (int64_t k = k0; k < k1; ++k) {
+      if (w[k] == 0) continue;
+      const V::F wh = V::fset1(wf[k]), wl = V::fset1(wf[K + k]);
+      const float* xh = reinterpret_cast<const float*>(xk[k]);
+      for (int j = 0; j < NV; ++j) {
+        const V::F v = pair_product(V::floadu(xh + j * W), V::floadu(xh + tail_delta + j * W), wh, wl);
+        acc[j] = V::add(acc[j], pair_fixed<kSat, kRound>(v, sigma, bound, T));
       }
     }
     for (int j = 0; j < NV; ++j) V::add_widen(total + j * W, acc[j]);

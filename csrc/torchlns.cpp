@@ -99,6 +99,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["capacity_bytes"] = s.capacity_bytes;
     return d;
   }, "Prepared-weight cache counters (see Note: prepared weights in csrc/weight_cache.h).");
+  m.def("direct_counts", [] {
+    const auto c = torchlns::direct_counts();
+    py::dict d;
+    d["table"] = c.table;
+    d["pairs"] = c.pairs;
+    d["declined"] = c.declined;
+    return d;
+  }, "How often the direct LNS kernels ran with tables, with product pairs, or declined a call.");
+  m.def("reset_direct_counts", &torchlns::reset_direct_counts, "Zero the direct-kernel counters.");
   m.def("clear_weight_cache", &torchlns::clear_weight_cache, "Drop every prepared weight.");
   m.def("set_weight_cache_capacity", &torchlns::set_weight_cache_capacity, "Cache capacity in bytes (0: off).");
   m.def("isa_env_error", &torchlns::isa_env_error, "Why TORCHLNS_ISA was refused, or an empty string.");

@@ -42,7 +42,7 @@ MACS = [  # (MAC, acc_lsb)
     (MACConfig(conversion="lut", lut_bits=3, accumulator="fixed", acc_bits=16), -6),
     (MACConfig(conversion="lut", lut_bits=1), None),  # an entry rounds to 2.0: not for the direct kernels
 ]
-FORMATS = [LNSFormat(8, 3), LNSFormat(8, 4), LNSFormat(6, 2), LNSFormat(5, 0), LNSFormat(10, 5)]
+FORMATS = [LNSFormat(8, 3), LNSFormat(8, 4), LNSFormat(6, 2), LNSFormat(5, 0), LNSFormat(10, 5), LNSFormat(12, 6)]
 
 
 def _codes(shape, fmt, g, p_zero=0.3, p_nan=0.0):
@@ -345,3 +345,105 @@ def test_fixed_products_keep_their_sign_at_every_isa(isa, fmt):
     args = mm_args(mm_case(6, 5, 37, fmt, seed=fmt.bits), fmt, MACConfig.chip(), -10)
     assert_same(_run(lambda: OPS.lns_mm(*args), isa, "direct"), reference.lns_mm_reference(*args),
                 f"lns_mm {fmt} chip {isa}")
+
+
+# ----------------------------------------------------------------------------------------
+# product pairs (see Note: product pairs in csrc/lns_direct.h)
+# ----------------------------------------------------------------------------------------
+VECTOR_ISAS = [i for i in ISAS if i != "baseline"]
+PAIR_MACS = [  # every conversion the pairs reproduce, both accumulators, saturation and W < 32
+    (MACConfig(), None),
+    (MACConfig(conversion="lut", lut_bits=8), None),
+    (MACConfig.chip(), -14),
+    (MACConfig.chip(), -40),
+    (MACConfig(accumulator="fixed", acc_bits=32), -14),
+    (MACConfig(conversion="lut", lut_bits=5, accumulator="fixed", acc_bits=16), -6),
+]
+
+
+def _counted(fn):
+    ops.reset_direct_kernel_counts()
+    out = fn()
+    return out, ops.direct_kernel_counts()
+
+
+def _expect_kernel(counts, fmt, isa, what):
+    table_f = 4 if isa == "avx512" else 3  # the widest F of the table kernels (see Note: direct kernels)
+    kind = "table" if fmt.frac_bits <= table_f else "pairs"
+    assert counts[kind] >= 1 and counts["declined"] == 0, f"{what}: expected the {kind} kernel, ran {counts}"
+
+
+@pytest.mark.parametrize("isa", VECTOR_ISAS)
+@pytest.mark.parametrize("fmt", [LNSFormat(8, 4), LNSFormat(8, 5), LNSFormat(10, 5), LNSFormat(12, 6), LNSFormat(9, 7)],
+                         ids=str)
+def test_every_product_of_every_code_pair_is_exact(isa, fmt):
+    """All (x, w) code pairs at once, each product alone in its own output (K = 1), so the
+    float32 accumulator adds nothing to it: tolerance 0 for every conversion and accumulator."""
+    codes = torch.arange(1 << fmt.bits, dtype=torch.int32)
+    if fmt.bits > 10:  # 4096^2 products: every magnitude with a sign, against a stride of partners
+        codes, partners = codes, codes[::7]
+    else:
+        partners = codes
+    c = lambda v: (torch.where(v >= 1 << 15, v - (1 << 16), v) if fmt.bits == 16 else v).to(fmt.code_dtype)  # noqa
+    x, w = c(codes).reshape(-1, 1), c(partners).reshape(-1, 1)
+    x = torch.where(x.to(torch.int32) == fmt.nan_code, 0, x.to(torch.int32)).to(fmt.code_dtype)
+    w = torch.where(w.to(torch.int32) == fmt.nan_code, 0, w.to(torch.int32)).to(fmt.code_dtype)
+    xo = torch.tensor([[-fmt.e_max + 3]], dtype=torch.int32)
+    wo = torch.tensor([[-fmt.e_max - (1 << fmt.frac_bits)]], dtype=torch.int32)
+    for mac, lsb in PAIR_MACS:
+        table = _table(fmt, mac)
+        args = (x, xo, w, wo, table, None, fmt.bits, fmt.bits, fmt.frac_bits, mac.fixed, mac.acc_bits,
+                lsb if mac.fixed else 0)
+        want = reference.lns_mm_reference(*args)
+        got, counts = _counted(lambda: _run(lambda: OPS.lns_mm(*args), isa, "direct"))
+        assert_same(got, want, f"every product {fmt} {mac} {isa}")
+        _expect_kernel(counts, fmt, isa, f"{fmt} {mac} {isa}")
+
+
+@pytest.mark.parametrize("isa", VECTOR_ISAS)
+@pytest.mark.parametrize("fmt", [LNSFormat(8, 4), LNSFormat(10, 5), LNSFormat(12, 6)], ids=str)
+def test_wide_formats_run_the_direct_kernels_on_every_shape(isa, fmt):
+    g = torch.Generator().manual_seed(fmt.bits)
+    for mac, lsb in PAIR_MACS:
+        table = _table(fmt, mac)
+        for (M, N, K) in [(9, 37, 300), (13, 5, 70), (1, 130, 17)]:
+            x, w = _codes((M, K), fmt, g, p_nan=0.01 if M > 5 else 0.0), _codes((N, K), fmt, g, p_nan=0.002)
+            args = (x, _offsets(1, fmt, g, per_row=False), w, _offsets(N, fmt, g), table,
+                    torch.randn(N, generator=g) * 2.0**-8, fmt.bits, fmt.bits, fmt.frac_bits, mac.fixed, mac.acc_bits,
+                    lsb if mac.fixed else 0)
+            want = reference.lns_mm_reference(*args)
+            got, counts = _counted(lambda: _run(lambda: OPS.lns_mm(*args), isa, "direct"))
+            abs_sum = None if mac.fixed else _abs_mm(args[0], args[1], w, args[3], table, fmt)
+            _check(got, want, mac.fixed, K, abs_sum, args[5], f"lns_mm {fmt} {mac} {isa} {(M, N, K)}")
+            _expect_kernel(counts, fmt, isa, f"lns_mm {fmt} {mac} {(M, N, K)}")
+        for case in CONVS:
+            N, C, H, W, Cout, k, stride, pb, pa, dil, groups = case
+            x = _codes((N, C, H, W), fmt, g, p_nan=0.005)
+            w = _codes((Cout, C // groups, k, k), fmt, g, p_zero=0.1, p_nan=0.01)
+            args = (x, _offsets(1, fmt, g, per_row=False).reshape(1, 1, 1, 1), w,
+                    _offsets(Cout, fmt, g).reshape(Cout, 1, 1, 1), table, torch.randn(Cout, generator=g) * 2.0**-8,
+                    fmt.bits, fmt.bits, fmt.frac_bits, mac.fixed, mac.acc_bits, lsb if mac.fixed else 0, list(stride),
+                    list(pb), list(pa), list(dil), groups)
+            with ops.reference_kernels():
+                want = reference.lns_conv_reference(*args)
+                abs_sum = None
+                if not mac.fixed:
+                    strip = lambda c: (c.to(torch.int32) & fmt.e_max).to(c.dtype)  # noqa: E731
+                    abs_sum = reference.lns_conv_reference(strip(x), args[1], strip(w), args[3], table, None,
+                                                           *args[6:9], False, 32, 0, *args[12:]).double()
+            got, counts = _counted(lambda: _run(lambda: OPS.lns_conv(*args), isa, "direct"))
+            _check(got, want, mac.fixed, C // groups * k * k, abs_sum, args[5], f"lns_conv {fmt} {mac} {isa} {case}")
+            _expect_kernel(counts, fmt, isa, f"lns_conv {fmt} {mac} {case}")
+
+
+def test_product_pairs_decline_what_they_cannot_reproduce():
+    """Mitchell's conversion is not a rounding of 2^(r/2^F): the pairs decline it, and another
+    kernel gives the reference's bits."""
+    fmt, mac = LNSFormat(10, 5), MACConfig(conversion="mitchell", accumulator="fixed", acc_bits=24)
+    from test_kernels import mm_args, mm_case
+
+    args = mm_args(mm_case(6, 40, 37, fmt, seed=3), fmt, mac, -10)
+    got, counts = _counted(lambda: OPS.lns_mm(*args))
+    assert_same(got, reference.lns_mm_reference(*args), "mitchell F=5")
+    if ISAS[-1] != "baseline":
+        assert counts["pairs"] == 0 and counts["declined"] >= 1, counts

@@ -17,4 +17,4 @@ from . import autograd  # noqa: F401  (registers the straight-through estimator'
 from .library import KERNEL_OPS, REFERENCE, SCHEMAS, TRITON_ERROR, cuda_kernels_on_cpu, reference_kernels  # noqa: F401
 from .backend import (ISAS, MAC_PATHS, TorchLNSBackendWarning, available_isas, backend_info,  # noqa: F401
                       clear_weight_cache, cpu_isa, force_isa, force_mac_path, has_native, isa, native, set_isa,
-                      weight_cache_info)
+                      weight_cache_info, direct_kernel_counts, reset_direct_kernel_counts)

@@ -20,7 +20,8 @@ import torch
 from . import library
 
 __all__ = ["TorchLNSBackendWarning", "backend_info", "has_native", "native", "ISAS", "isa", "cpu_isa", "set_isa",
-           "force_isa", "available_isas", "MAC_PATHS", "force_mac_path", "weight_cache_info", "clear_weight_cache"]
+           "force_isa", "available_isas", "MAC_PATHS", "force_mac_path", "weight_cache_info", "clear_weight_cache",
+           "direct_kernel_counts", "reset_direct_kernel_counts"]
 
 # Instruction-set levels of the native kernels, lowest first (see Note: instruction sets in
 # csrc/common.h). TORCHLNS_ISA=<level> forces one for a whole process; set_isa/force_isa
@@ -152,6 +153,18 @@ def force_mac_path(path: str) -> Iterator[None]:
         yield
     finally:
         _native.set_mac_path(before)
+
+
+def direct_kernel_counts() -> dict:
+    """How often the CPU's direct LNS kernels ran with tables (``table``), with product pairs
+    (``pairs``; see Note: product pairs in csrc/lns_direct.h), or declined a call (``declined``:
+    another kernel ran), since the last :func:`reset_direct_kernel_counts`."""
+    return dict(_native.direct_counts()) if has_native() else {"table": 0, "pairs": 0, "declined": 0}
+
+
+def reset_direct_kernel_counts() -> None:
+    if has_native():
+        _native.reset_direct_counts()
 
 
 def weight_cache_info() -> dict:
