@@ -82,3 +82,33 @@ def test_lns_conv2d_reference(benchmark, conv_operands):
     _, _, xq, wq, _ = conv_operands
     with ops.reference_kernels():
         benchmark.pedantic(torchlns.lns_conv2d, (xq, wq, None, 1, 1), rounds=1)
+
+
+# Wider formats and dynamic activations against LNS8 F=3 static on the same conv layer
+# (issue 27's targets: F <= 6 and bits <= 12 within 2x, dynamic per-block within 1.5x).
+WIDE = [torchlns.LNSFormat(8, 4), torchlns.LNSFormat(10, 5), torchlns.LNSFormat(12, 6)]
+
+
+@pytest.mark.benchmark(group="conv2d 8x64x56x56 formats (baseline LNS8 F=3)")
+@pytest.mark.parametrize("mac", [IDEAL_MAC, CHIP_MAC], ids=repr)
+def test_conv2d_lns8_f3_baseline(benchmark, conv_operands, mac):
+    _, _, xq, wq, y = conv_operands
+    benchmark.extra_info["baseline"] = mac is IDEAL_MAC
+    benchmark.pedantic(torchlns.lns_conv2d, (xq, wq, None, 1, 1), {"mac": mac, "acc_lsb": _acc_lsb(y, mac)}, rounds=3)
+
+
+@pytest.mark.benchmark(group="conv2d 8x64x56x56 formats (baseline LNS8 F=3)")
+@pytest.mark.parametrize("mac", [IDEAL_MAC, CHIP_MAC], ids=repr)
+@pytest.mark.parametrize("fmt", WIDE, ids=str)
+def test_conv2d_wide_format(benchmark, conv_operands, fmt, mac):
+    x, w, _, _, y = conv_operands
+    xq, wq = torchlns.LNSTensor.from_float(x, fmt), torchlns.LNSTensor.from_float(w, fmt, granularity="channel")
+    benchmark.pedantic(torchlns.lns_conv2d, (xq, wq, None, 1, 1), {"mac": mac, "acc_lsb": _acc_lsb(y, mac)}, rounds=3)
+
+
+@pytest.mark.benchmark(group="conv2d 8x64x56x56 activations (baseline static)")
+@pytest.mark.parametrize("block", [None, 32], ids=["static", "dynamic32"])
+def test_conv2d_dynamic_activations(benchmark, conv_operands, block):
+    x, _, _, wq, _ = conv_operands
+    benchmark.extra_info["baseline"] = block is None
+    benchmark.pedantic(torchlns.lns_conv2d, (x, wq, None, 1, 1), {"x_block_size": block, "fmt": LNS8}, rounds=3)

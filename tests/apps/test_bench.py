@@ -5,6 +5,8 @@ import json
 import pytest
 import torch
 
+import torchlns
+
 from torchlns.__main__ import main
 from torchlns.apps import bench
 from torchlns.apps.bench_models import NETWORKS, build
@@ -49,3 +51,16 @@ def test_bench_command_json(capsys):
     assert main(["bench", "--networks", "--repeats", "1", "--json", "--no-kernels"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["cpu"]["cpu"] and result["networks"] == []
+
+
+def test_wide_format_rows_name_the_kernel_and_time_dynamic_activations():
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(16, 64, generator=g), torch.randn(32, 64, generator=g) / 8
+    xc, wc = torch.randn(1, 8, 10, 10, generator=g).relu(), torch.randn(16, 8, 3, 3, generator=g) / 8
+    rows = bench.wide_format_rows(1, operands=((x, w, -20), (xc, wc, -20)))
+    names = [r.name for r in rows if r.group.endswith("formats")]
+    assert len(names) == 2 * 2 * len(bench.WIDE_FORMATS)  # two layers, two MACs
+    if torchlns.ops.isa() != "baseline":  # the direct kernels run every wide format, none declines
+        assert all("(table)" in n or "(pairs)" in n for n in names), names
+    dyn = [r for r in rows if r.group.endswith("activations")]
+    assert len(dyn) == 4 and all(r.ratio > 0 for r in dyn)

@@ -8,7 +8,11 @@ machines are noisy, so an absolute time means little):
   ideal MAC, LNS8 with the chip preset, FP8 e4m3 and INT8, against the float model's forward,
   at batch 8 and batch 1, 128x128 inputs;
 * **kernels**: encode/decode of 16M values against torch's float8 casts, ``lns_linear``
-  512x1024x1024 against ``F.linear``, ``lns_conv2d`` 8x64x56x56 3x3 against ``F.conv2d``.
+  512x1024x1024 against ``F.linear``, ``lns_conv2d`` 8x64x56x56 3x3 against ``F.conv2d``;
+* **wide formats and dynamic activations** (also in the kernels table): the same conv and
+  linear layers in LNS8 F=4, LNS10 F=5 and LNS12 F=6 against LNS8 F=3 on the same layer
+  and MAC (the kernel that ran, table or product pairs, is named), and with dynamic per-block
+  activations (blocks of 32) against static per-tensor ones.
 
 # Note: bench protocol
 Each measurement is the median of ``repeats`` timed calls after one warm-up call, and the
@@ -31,7 +35,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["cpu_info", "compare", "network_rows", "kernel_rows", "run", "add_arguments", "run_from_args", "FORMATS"]
+__all__ = ["cpu_info", "compare", "network_rows", "kernel_rows", "wide_format_rows", "run", "add_arguments", "run_from_args", "FORMATS"]
 
 # Extensions worth naming: what decides which kernels run and how fast torch's own are.
 _EXTENSIONS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
@@ -158,6 +162,62 @@ def kernel_rows(repeats: int = 5, log: Optional[Callable[[str], None]] = None) -
         lambda: lns_conv2d(xcq, wcq, None, 1, 1))
     add("conv2d 8x64x56x56 3x3", "LNS8 chip (fixed acc)", "F.conv2d", lambda: F.conv2d(xc, wc, None, 1, 1),
         lambda: lns_conv2d(xcq, wcq, None, 1, 1, mac=CHIP_MAC, acc_lsb=lsbc))
+    rows += wide_format_rows(repeats, log, operands=((x, w, lsb), (xc, wc, lsbc)))
+    return rows
+
+
+WIDE_FORMATS = ((8, 4), (10, 5), (12, 6))
+
+
+def wide_format_rows(repeats: int = 5, log: Optional[Callable[[str], None]] = None, operands=None) -> List[Row]:
+    """Wider LNS formats and dynamic per-block activations against LNS8 F=3 static on the same layer.
+
+    ``operands``: ((x, w, acc_lsb) of the linear layer, (x, w, acc_lsb) of the conv layer);
+    by default those of :func:`kernel_rows`.
+    """
+    from .. import CHIP_MAC, IDEAL_MAC, LNS8, LNSFormat, LNSTensor, lns_conv2d, lns_linear
+    from ..ops import backend
+
+    if operands is None:
+        g = torch.Generator().manual_seed(0)
+        x, w = torch.randn(512, 1024, generator=g), torch.randn(1024, 1024, generator=g) / 32
+        xc, wc = torch.randn(8, 64, 56, 56, generator=g).relu(), torch.randn(64, 64, 3, 3, generator=g) / 24
+        operands = ((x, w, _acc_lsb(F.linear(x, w), CHIP_MAC.acc_bits)),
+                    (xc, wc, _acc_lsb(F.conv2d(xc, wc, padding=1), CHIP_MAC.acc_bits)))
+    rows = []
+    layers = {"linear 512x1024x1024": (operands[0], lambda a, b, mac, lsb, **kw: lns_linear(a, b, None, mac, acc_lsb=lsb,
+                                                                                           **kw)),
+              "conv2d 8x64x56x56 3x3": (operands[1], lambda a, b, mac, lsb, **kw: lns_conv2d(a, b, None, 1, 1, mac=mac,
+                                                                                             acc_lsb=lsb, **kw))}
+    for layer, ((xf, wf, lsb), op) in layers.items():
+        for mac_name, mac in (("ideal", IDEAL_MAC), ("chip", CHIP_MAC)):
+            lsb_ = lsb if mac.fixed else None
+            base_name = f"LNS8 F=3 {mac_name}"
+            xq8, wq8 = LNSTensor.from_float(xf, LNS8), LNSTensor.from_float(wf, LNS8, granularity="channel")
+            base = lambda: op(xq8, wq8, mac, lsb_)  # noqa: E731
+            for bits, frac in WIDE_FORMATS:
+                fmt = LNSFormat(bits, frac)
+                xq, wq = LNSTensor.from_float(xf, fmt), LNSTensor.from_float(wf, fmt, granularity="channel")
+                cand = lambda a=xq, b=wq: op(a, b, mac, lsb_)  # noqa: E731
+                backend.reset_direct_kernel_counts()
+                with torch.no_grad():
+                    cand()
+                counts = backend.direct_kernel_counts()
+                kernel = max(("table", "pairs", "declined"), key=lambda k: counts.get(k, 0)) if any(
+                    counts.values()) else "none"
+                tb, tc = compare(base, cand, repeats)
+                rows.append(Row(f"{layer}: formats", f"LNS{bits} F={frac} {mac_name} ({kernel})", base_name,
+                                tb * 1e3, tc * 1e3, tc / tb))
+                if log:
+                    log(f"{layer:22s} LNS{bits} F={frac} {mac_name:5s} ({kernel}) {tc / tb:6.2f}x {base_name}")
+            wq8c = wq8
+            static = lambda: op(xf, wq8c, mac, lsb_, fmt=LNS8)  # noqa: E731
+            dynamic = lambda: op(xf, wq8c, mac, lsb_, fmt=LNS8, x_block_size=32)  # noqa: E731
+            tb, tc = compare(static, dynamic, repeats)
+            rows.append(Row(f"{layer}: activations", f"LNS8 dynamic per-block(32) {mac_name}",
+                            f"LNS8 static per-tensor {mac_name}", tb * 1e3, tc * 1e3, tc / tb))
+            if log:
+                log(f"{layer:22s} dynamic per-block(32) {mac_name:5s} {tc / tb:6.2f}x static")
     return rows
 
 

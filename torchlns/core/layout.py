@@ -63,9 +63,13 @@ def amax(x: torch.Tensor, granularity: str = "tensor", axis: Optional[int] = Non
     push every finite value of the group into underflow.
     """
     x = as_float32(x)
+    nd = x.dim()
+    if granularity == "block" and nd and x.numel():
+        fast = _block_amax_finite(x, axis, block_size)
+        if fast is not None:
+            return fast
     a = x.abs()
     a = torch.where(torch.isfinite(a), a, 0.0)
-    nd = x.dim()
     if granularity == "tensor":
         return (a.amax() if a.numel() else a.new_zeros(())).reshape([1] * nd)
     check_granularity(granularity)
@@ -82,6 +86,24 @@ def amax(x: torch.Tensor, granularity: str = "tensor", axis: Optional[int] = Non
     a = a.movedim(ax, -1)
     a = torch.nn.functional.pad(a, (0, nb * bs - n))
     return a.reshape(*a.shape[:-1], nb, bs).amax(-1).movedim(-1, ax)
+
+
+def _block_amax_finite(x: torch.Tensor, axis: Optional[int], block_size: Optional[int]) -> Optional[torch.Tensor]:
+    """Block max|x| in one pass of min/max reductions (no |x| or mask tensor), or None when a
+    block holds NaN or ±inf: those blocks need the masking path (dynamic activations run this
+    on every forward, and the masked form reads and writes the whole operand three times)."""
+    ax = norm_axis(-1 if axis is None else axis, x.dim())
+    bs = check_block_size(block_size)
+    n = x.shape[ax]
+    nb = -(-n // bs)
+    a = x.movedim(ax, -1)
+    if nb * bs != n:
+        a = torch.nn.functional.pad(a, (0, nb * bs - n))
+    lo, hi = torch.aminmax(a.reshape(*a.shape[:-1], nb, bs), dim=-1)
+    m = torch.maximum(hi, lo.neg())
+    if not bool(torch.isfinite(m).all()):
+        return None
+    return m.movedim(-1, ax)
 
 
 def compress(param: torch.Tensor, keep: tuple = ()) -> torch.Tensor:
