@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -48,20 +49,12 @@ at::Tensor im2col(const at::Tensor& t, const at::Tensor& idx) {
   return cols.permute({0, 3, 1, 2}).reshape({N * L, C * taps});
 }
 
-at::Tensor conv_by_im2col(const at::Tensor& x, const at::Tensor& x_offset, const at::Tensor& w,
-                          const at::Tensor& w_offset, const at::Tensor& table, const std::optional<at::Tensor>& bias,
-                          int64_t x_bits, int64_t w_bits, int64_t frac_bits, bool fixed, int64_t acc_bits,
-                          int64_t acc_lsb, IntArrayRef stride, IntArrayRef pad_before, int64_t Ho, int64_t Wo,
-                          IntArrayRef dilation, int64_t groups) {
-  const int64_t N = x.size(0), Cout = w.size(0), Cin_g = w.size(1);
-  const auto idx = im2col_index(x.size(2), x.size(3), w.size(2), w.size(3), stride, pad_before, dilation, Ho, Wo);
-  const int64_t Kg = Cin_g * idx.size(0);
-  const auto cols = im2col(x, idx);
-  const auto col_off = x_offset.numel() == 1 ? x_offset.reshape({1, 1}) : im2col(x_offset.expand(x.sizes()), idx);
-  const auto w2 = w.reshape({Cout, Kg});
-  const auto w_off = w_offset[0].numel() == 1 ? w_offset.reshape({w_offset.size(0), 1})  // per tensor or channel
-                                              : w_offset.expand(w.sizes()).reshape({Cout, Kg});
-  const int64_t Cout_g = Cout / groups;
+// lns_mm per group of (M, groups*Kg) columns against (Cout, Kg) weights -> (N, Cout, Ho, Wo).
+at::Tensor grouped_mm(const at::Tensor& cols, const at::Tensor& col_off, const at::Tensor& w2, const at::Tensor& w_off,
+                      const at::Tensor& table, const std::optional<at::Tensor>& bias, int64_t x_bits, int64_t w_bits,
+                      int64_t frac_bits, bool fixed, int64_t acc_bits, int64_t acc_lsb, int64_t N, int64_t Ho,
+                      int64_t Wo, int64_t groups) {
+  const int64_t Cout = w2.size(0), Kg = w2.size(1), Cout_g = Cout / groups;
   std::vector<at::Tensor> outs;
   for (int64_t gi = 0; gi < groups; ++gi) {
     const auto ks = at::indexing::Slice(gi * Kg, (gi + 1) * Kg);
@@ -74,6 +67,92 @@ at::Tensor conv_by_im2col(const at::Tensor& x, const at::Tensor& x_offset, const
                               frac_bits, fixed, acc_bits, acc_lsb));
   }
   return at::cat(outs, 1).reshape({N, Ho * Wo, Cout}).permute({0, 2, 1}).reshape({N, Cout, Ho, Wo}).contiguous();
+}
+
+// (Cout, Kg) weight codes and their offsets, per tensor or channel kept (Cout or 1, 1).
+std::pair<at::Tensor, at::Tensor> weight_rows(const at::Tensor& w, const at::Tensor& w_offset) {
+  const int64_t Cout = w.size(0), Kg = w[0].numel();
+  return {w.reshape({Cout, Kg}), w_offset[0].numel() == 1 ? w_offset.reshape({w_offset.size(0), 1})
+                                                          : w_offset.expand(w.sizes()).reshape({Cout, Kg})};
+}
+
+at::Tensor conv_by_im2col(const at::Tensor& x, const at::Tensor& x_offset, const at::Tensor& w,
+                          const at::Tensor& w_offset, const at::Tensor& table, const std::optional<at::Tensor>& bias,
+                          int64_t x_bits, int64_t w_bits, int64_t frac_bits, bool fixed, int64_t acc_bits,
+                          int64_t acc_lsb, IntArrayRef stride, IntArrayRef pad_before, int64_t Ho, int64_t Wo,
+                          IntArrayRef dilation, int64_t groups) {
+  const auto idx = im2col_index(x.size(2), x.size(3), w.size(2), w.size(3), stride, pad_before, dilation, Ho, Wo);
+  const auto cols = im2col(x, idx);
+  const auto col_off = x_offset.numel() == 1 ? x_offset.reshape({1, 1}) : im2col(x_offset.expand(x.sizes()), idx);
+  const auto [w2, w_off] = weight_rows(w, w_offset);
+  return grouped_mm(cols, col_off, w2, w_off, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits, acc_lsb,
+                    x.size(0), Ho, Wo, groups);
+}
+
+// Wide codes re-encoded per block of each receptive field, as im2col columns (N*L, C*kh*kw)
+// in PyTorch's (c, i, j) order: the rule of block_codes in torchlns/ops/reference.py (see
+// Note: dynamic blocks there), built per output position straight from the image.
+at::Tensor block_columns(const at::Tensor& x, int32_t x_off, int frac_bits, int64_t groups, int64_t kh, int64_t kw,
+                         IntArrayRef stride, IntArrayRef pad_before, IntArrayRef dilation, int64_t Ho, int64_t Wo,
+                         int64_t x_block, int64_t x_block_bits) {
+  TORCH_CHECK(x.scalar_type() == at::kShort, "lns_conv: dynamic blocks take 16-bit wide codes (int16)");
+  TORCH_CHECK(x_block >= 1 && x_block_bits >= 4 && x_block_bits <= 16,
+              "lns_conv: x_block must be positive and x_block_bits in 4..16");
+  const auto xc = x.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), taps = kh * kw, K = C * taps;
+  const int64_t Kg = K / groups, L = Ho * Wo;
+  auto out = at::empty({N * L, K}, x.options());
+  const int16_t* src = xc.data_ptr<int16_t>();
+  int16_t* dst = out.data_ptr<int16_t>();
+  const int32_t e_wide = (1 << 15) - 1, e_max = (1 << (x_block_bits - 1)) - 1, R = 1 << frac_bits;
+  const int32_t off_min = -126 * R - 1, off_max = 127 * R - e_max;
+  std::atomic<bool> unfit{false};
+  at::parallel_for(0, N * L, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<int32_t> codes(size_t(K) + 1);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t img = r / L, oh = (r % L) / Wo, ow = r % Wo;
+      int64_t k = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        const int16_t* plane = src + (img * C + c) * H * W;
+        for (int64_t i = 0; i < kh; ++i) {
+          const int64_t ih = oh * stride[0] - pad_before[0] + i * dilation[0];
+          for (int64_t j = 0; j < kw; ++j, ++k) {
+            const int64_t iw = ow * stride[1] - pad_before[1] + j * dilation[1];
+            codes[k] = (ih >= 0 && ih < H && iw >= 0 && iw < W) ? int32_t(uint16_t(plane[ih * W + iw])) : 0;
+          }
+        }
+      }
+      int16_t* o = dst + r * K;
+      for (int64_t gi = 0; gi < groups; ++gi)  // blocks restart in each group
+        for (int64_t b0 = gi * Kg; b0 < (gi + 1) * Kg; b0 += x_block) {
+          const int64_t b1 = std::min((gi + 1) * Kg, b0 + x_block);
+          int32_t top_mag = 0;  // the largest finite magnitude: g is monotone in it
+          for (int64_t e = b0; e < b1; ++e) {
+            const int32_t mag = codes[e] & e_wide;
+            if (mag < e_wide) top_mag = std::max(top_mag, mag);
+          }
+          const int32_t g_max = top_mag ? top_mag + x_off : 0;  // none: M = 0 puts 1.0 at E_max
+          const int32_t off = std::min(std::max(g_max - e_max, off_min), off_max), top = off + e_max;
+          for (int64_t e = b0; e < b1; ++e) {
+            const int32_t c = codes[e], mag = c & e_wide, neg = c > e_wide;
+            int32_t v = 0;
+            if (mag == 0) {
+              v = neg ? 0x8000 : 0;  // NaN stays NaN
+            } else {
+              const int32_t g_eff = mag == e_wide ? top : std::min(mag + x_off, top);
+              if (g_eff - off >= 1) {
+                const int32_t wide = g_eff - x_off;
+                if (wide < 1 || wide > e_wide) unfit = true;
+                v = wide | (neg << 15);
+              }
+            }
+            o[e] = int16_t(uint16_t(v));
+          }
+        }
+    }
+  });
+  TORCH_CHECK(!unfit, "lns_conv: dynamic blocks: a block's value does not fit the wide codes' offset ", x_off);
+  return out;
 }
 
 // sign * 2^q of each code, as float32 (0 for the zero and NaN codes): the A_i / V_i bases.
@@ -107,7 +186,7 @@ at::Tensor lns_conv_cpu(const at::Tensor& x, const at::Tensor& x_offset, const a
                         const at::Tensor& w_offset, const at::Tensor& table, const std::optional<at::Tensor>& bias,
                         int64_t x_bits, int64_t w_bits, int64_t frac_bits, bool fixed, int64_t acc_bits,
                         int64_t acc_lsb, IntArrayRef stride, IntArrayRef pad_before, IntArrayRef pad_after,
-                        IntArrayRef dilation, int64_t groups) {
+                        IntArrayRef dilation, int64_t groups, int64_t x_block, int64_t x_block_bits) {
   if (x.dim() == 5) {  // Conv3d: the depth taps stacked as channels (see stack_depth)
     TORCH_CHECK(w.dim() == 5 && stride.size() == 3 && pad_before.size() == 3 && pad_after.size() == 3 &&
                     dilation.size() == 3,
@@ -122,7 +201,8 @@ at::Tensor lns_conv_cpu(const at::Tensor& x, const at::Tensor& x_offset, const a
     const bool per_channel = w_offset.dim() == 0 || w_offset.numel() == w_offset.size(0);
     const auto wo = per_channel ? w_offset.reshape({-1, 1, 1, 1}) : w_offset.expand(w.sizes()).reshape(ws.sizes());
     const auto y = lns_conv_cpu(xs, xo, ws, wo, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits, acc_lsb,
-                                stride.slice(1), pad_before.slice(1), pad_after.slice(1), dilation.slice(1), groups);
+                                stride.slice(1), pad_before.slice(1), pad_after.slice(1), dilation.slice(1), groups,
+                                x_block, x_block_bits);
     return y.reshape({N, Do, Cout, y.size(2), y.size(3)}).transpose(1, 2).contiguous();
   }
   TORCH_CHECK(x.dim() == 4 && w.dim() == 4, "lns_conv: (N, C, H, W) and (Cout, C/groups, kh, kw) codes");
@@ -134,6 +214,19 @@ at::Tensor lns_conv_cpu(const at::Tensor& x, const at::Tensor& x_offset, const a
   for (int d = 0; d < 2; ++d)
     out_size[d] = (x.size(2 + d) + pad_before[d] + pad_after[d] - dilation[d] * (w.size(2 + d) - 1) - 1) / stride[d] + 1;
   const int64_t Ho = out_size[0], Wo = out_size[1];
+  if (x_block > 0) {  // dynamic per-block activations (see Note: dynamic blocks in torchlns/ops/reference.py)
+    TORCH_CHECK(x_offset.numel() == 1, "lns_conv: dynamic blocks take one offset for the wide codes");
+    const auto cols = block_columns(x, x_offset.reshape({-1})[0].item<int32_t>(), int(frac_bits), groups, w.size(2),
+                                    w.size(3), stride, pad_before, dilation, Ho, Wo, x_block, x_block_bits);
+    const auto col_off = x_offset.reshape({1, 1});
+    const auto [w2, w_off] = weight_rows(w, w_offset);
+    if (try_direct(mac_path()) && cols.numel() && w.numel())
+      if (auto y = lns_mm_direct(cols, col_off, w2, w_off, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits,
+                                 acc_lsb, groups, Ho * Wo))
+        return y->reshape({x.size(0), w.size(0), Ho, Wo});
+    return grouped_mm(cols, col_off, w2, w_off, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits, acc_lsb,
+                      x.size(0), Ho, Wo, groups);
+  }
   const bool symmetric = pad_before[0] == pad_after[0] && pad_before[1] == pad_after[1];
   const auto by_im2col = [&] {
     return conv_by_im2col(x, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits, acc_lsb,

@@ -195,30 +195,31 @@ std::vector<at::Tensor> weight_fields(const std::function<std::pair<at::Tensor, 
 // Rows of a (M, K) field matrix, as (k, field) pairs of their non-zero fields.
 struct MatrixRows : RowSource {
   const int32_t* fields;
-  int64_t K;
+  int64_t K, groups;
   int32_t zero;
-  MatrixRows(const int32_t* f, int64_t k, int32_t z) : fields(f), K(k), zero(z) {}
+  MatrixRows(const int32_t* f, int64_t k, int32_t z, int64_t g = 1) : fields(f), K(k), groups(g), zero(z) {}
   void build(int64_t m0, int64_t m1, int32_t* pairs, int32_t* counts) const override {
     const int S = entry();
-    for (int64_t m = m0; m < m1; ++m) {
-      const int32_t* f = fields + m * K;
-      int32_t* p = pairs + S * (m - m0) * K;
+    const int64_t Kg = K / groups;
+    for (int64_t seg = m0 * groups; seg < m1 * groups; ++seg) {  // (row, group): its Kg fields
+      const int32_t* f = fields + seg * Kg;
+      int32_t* p = pairs + S * (seg - m0 * groups) * Kg;
       int32_t c = 0;
       if (tail_delta) {
-        for (int64_t k = 0; k < K; ++k) {
+        for (int64_t k = 0; k < Kg; ++k) {
           p[3 * c] = int32_t(k);
           p[3 * c + 1] = f[k];
           p[3 * c + 2] = f[k + tail_delta];
           c += f[k] != zero;
         }
       } else {
-        for (int64_t k = 0; k < K; ++k) {  // branch-free compaction: half of a ReLU's outputs are zero
+        for (int64_t k = 0; k < Kg; ++k) {  // branch-free compaction: half of a ReLU's outputs are zero
           p[2 * c] = int32_t(k);
           p[2 * c + 1] = f[k];
           c += f[k] != zero;
         }
       }
-      counts[m - m0] = c;
+      counts[seg - m0 * groups] = c;
     }
   }
 };
@@ -257,9 +258,9 @@ struct TransposedCols : ColSource {
   int64_t K, M, ld;
   TransposedCols(const int32_t* x, int64_t k, int64_t m, int64_t l) : xt(x), K(k), M(m), ld(l) {}
   int64_t tasks() const override { return (M + direct_cols_run() - 1) / direct_cols_run(); }
-  int x_at(int64_t task, int64_t, const int32_t** xk) const override {
+  int x_at(int64_t task, int64_t g, const int32_t** xk) const override {  // K: per group
     const int64_t m0 = task * direct_cols_run();
-    for (int64_t k = 0; k < K; ++k) xk[k] = xt + k * ld + m0;
+    for (int64_t k = 0; k < K; ++k) xk[k] = xt + (g * K + k) * ld + m0;
     return int(std::min(direct_cols_run(), M - m0));
   }
   int64_t out_at(int64_t task, int64_t n) const override { return n * M + task * direct_cols_run(); }
@@ -281,14 +282,16 @@ void reset_direct_counts() { counts_table = 0, counts_pairs = 0, counts_declined
 std::optional<at::Tensor> lns_mm_direct(const at::Tensor& x, const at::Tensor& x_offset, const at::Tensor& w,
                                         const at::Tensor& w_offset, const at::Tensor& table,
                                         const std::optional<at::Tensor>& bias, int64_t x_bits, int64_t w_bits,
-                                        int64_t frac_bits, bool fixed, int64_t acc_bits, int64_t acc_lsb) {
+                                        int64_t frac_bits, bool fixed, int64_t acc_bits, int64_t acc_lsb,
+                                        int64_t groups, int64_t L) {
   const auto plan = plan_for(table, frac_bits, fixed, acc_bits, acc_lsb);
   if (!plan) return declined();
-  const int64_t M = x.size(0), N = w.size(0), K = x.size(1);
-  const bool by_rows = N >= direct_lanes() / 2;
-  const int64_t NB = by_rows ? direct_block(N) : 0;
-  const auto wf = weight_fields([&] { return std::make_pair(w, w_offset.expand({N, K})); }, w_bits, *plan, 1, NB, w,
-                                w_offset);
+  const int64_t M = x.size(0), N = w.size(0), K = x.size(1), Kg = w.size(1), Ng = N / groups;
+  TORCH_CHECK(K == groups * Kg && N == groups * Ng && (!L || M % L == 0), "lns_mm_direct: bad grouped shapes");
+  const bool by_rows = Ng >= direct_lanes() / 2;
+  const int64_t NB = by_rows ? direct_block(Ng) : 0;
+  const auto wf = weight_fields([&] { return std::make_pair(w, w_offset.expand({N, Kg})); }, w_bits, *plan, groups,
+                                NB, w, w_offset);
   const int64_t* wq = wf[1].data_ptr<int64_t>();
   const int pair = plan->pair ? 2 : 1;
   int32_t* fields = scratch(0, pair * M * K);
@@ -296,37 +299,49 @@ std::optional<at::Tensor> lns_mm_direct(const at::Tensor& x, const at::Tensor& x
   const auto args = args_for(*plan, xf.q_lo, xf.q_hi, int32_t(wq[0]), int32_t(wq[1]), wq[2] != 0);
   if (!args) return declined();
   count_run(*plan);
-  auto out = at::empty({M, N}, x.options().dtype(at::kFloat));
+  // (M, N), or channels first (M / L, N, L): the layout of a convolution's output.
+  auto out = L ? at::empty({M / L, N, L}, x.options().dtype(at::kFloat)) : at::empty({M, N}, x.options().dtype(at::kFloat));
   std::optional<at::Tensor> b32;
   if (bias.has_value()) b32 = bias->to(at::kFloat).contiguous();
   const float* b = b32 ? b32->data_ptr<float>() : nullptr;
   if (by_rows) {
-    MatrixRows src(fields, K, plan->x_layout.zero_field);
+    MatrixRows src(fields, K, plan->x_layout.zero_field, groups);
     if (plan->pair) src.tail_delta = M * K;
-    const OutputSink sink(*plan, b, out.data_ptr<float>(), N, 1, false);
-    if (M && N) direct_rows(*args, src, sink, M, 1, K, wf[0].data_ptr<int32_t>(), N, NB);
-  } else if (M && N) {  // few outputs: positions along the lanes, sums [n][m]
+    const OutputSink sink(*plan, b, out.data_ptr<float>(), N, L ? L : 1, L != 0);
+    if (M && N) direct_rows(*args, src, sink, M, groups, Kg, wf[0].data_ptr<int32_t>(), Ng, NB);
+  } else if (M && N) {  // few outputs per group: positions along the lanes, sums [n][m]
     const int64_t ld = M + direct_cols_run();
     int32_t* xt = scratch(1, pair * K * ld);
-    for (int h = 0; h < pair; ++h)
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t k = 0; k < K; ++k) xt[h * K * ld + k * ld + m] = fields[h * M * K + m * K + k];
+    at::parallel_for(0, pair * K, 16, [&](int64_t k0, int64_t k1) {
+      for (int64_t hk = k0; hk < k1; ++hk) {
+        const int64_t h = hk / K, k = hk % K;
+        const int32_t* f = fields + h * M * K + k;
+        int32_t* t = xt + hk * ld;
+        for (int64_t m = 0; m < M; ++m) t[m] = f[m * K];
+      }
+    });
     auto sums = at::zeros({N, M}, x.options().dtype(fixed ? at::kLong : at::kFloat));
-    TransposedCols src(xt, K, M, ld);
+    TransposedCols src(xt, Kg, M, ld);
     if (plan->pair) src.tail_delta = K * ld;
-    if (K)
-      direct_cols(*args, src, 1, K, wf[0].data_ptr<int32_t>(), N, fixed ? nullptr : sums.data_ptr<float>(),
+    if (Kg)
+      direct_cols(*args, src, groups, Kg, wf[0].data_ptr<int32_t>(), Ng, fixed ? nullptr : sums.data_ptr<float>(),
                   fixed ? sums.data_ptr<int64_t>() : nullptr);
     const float* sf = fixed ? nullptr : sums.data_ptr<float>();
     const int64_t* si = fixed ? sums.data_ptr<int64_t>() : nullptr;
     float* y = out.data_ptr<float>();
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t m = 0; m < M; ++m) y[m * N + n] = finish(*plan, sf, si, n * M + m, b ? b + n : nullptr);
+    at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n)
+        for (int64_t m = 0; m < M; ++m)
+          y[L ? ((m / L) * N + n) * L + m % L : m * N + n] = finish(*plan, sf, si, n * M + m, b ? b + n : nullptr);
+    });
   }
-  // NaN dominates its dot products (even against a zero partner).
+  // NaN dominates its dot products (even against a zero partner), within its group.
   const float nan = std::numeric_limits<float>::quiet_NaN();
-  if (xf.any_nan) out.masked_fill_(xf.nan.reshape({M, K}).any(1, true), nan);
-  if (wq[3]) out.masked_fill_(wf[2].reshape({1, N}), nan);
+  if (xf.any_nan) {
+    auto hit = xf.nan.reshape({M, groups, Kg}).any(2, true).expand({M, groups, Ng}).reshape({M, N});
+    out.masked_fill_(L ? hit.reshape({M / L, L, N}).permute({0, 2, 1}) : hit, nan);
+  }
+  if (wq[3]) out.masked_fill_(L ? wf[2].reshape({1, N, 1}) : wf[2].reshape({1, N}), nan);
   return out;
 }
 

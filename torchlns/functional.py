@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .core.checks import as_float32
+from .core.layout import amax, check_block_size
 from .core.formats import IDEAL_MAC, LNS8, Format, MACConfig
 from .core.geometry import (cols_to_image, conv_output_shape, conv_output_size, conv_padding, im2col, im2col_index,
                             ntuple, stack_depth)
@@ -228,6 +229,8 @@ def conv(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1, mac: MACCon
     b = _check_bias(bias, Cout, xt.device)
     if xq is not None and xq.fmt.mac_kind == "log":
         y = _lns_conv(xq, wq, as4d, b, mac, acc_lsb, geometry, w4[0].numel(), n)
+    elif xq is None and x_block_size is not None and _blocks_in_op(fmt, wq):
+        y = _lns_conv_blocks(as4d(as_float32(x)), wq, fmt, b, mac, acc_lsb, geometry, w4[0].numel(), n, x_block_size)
     elif xq is not None and xq.param.numel() == 1 and wq.block is None and wq.param.shape[1:].numel() == 1:
         y = _scaled_conv(xq, wq, as4d, b, mac, acc_lsb, geometry, w4[0].numel(), n)
     else:
@@ -458,6 +461,40 @@ def _lns_conv(xq: Coded, wq: Coded, as4d, bias, mac: MACConfig, acc_lsb, geometr
         as4d(xq.codes), x_off, w4, w_off, mac.table(F_, xq.codes.device), bias, xq.fmt.bits, wq.fmt.bits, F_,
         mac.fixed, mac.acc_bits, acc_lsb if mac.fixed else 0, list(geometry.stride),
         [p[0] for p in geometry.pads], [p[1] for p in geometry.pads], list(geometry.dilation), geometry.groups)
+
+
+# The wide codes that carry a float input's integer logs into lns_conv's dynamic blocks
+# (see Note: dynamic blocks in ops/reference.py): 16 bits hold every log a block can keep
+# (254 octaves above the flush point of the narrow format) for F <= 7.
+_WIDE_BITS, _WIDE_MAX_F = 16, 7
+
+
+def _blocks_in_op(fmt: Format, wq: Coded) -> bool:
+    return fmt.mac_kind == "log" and wq.fmt.mac_kind == "log" and fmt.frac_bits <= _WIDE_MAX_F
+
+
+def _lns_conv_blocks(x4: torch.Tensor, wq: Coded, fmt: Format, bias, mac: MACConfig, acc_lsb, geometry: _Geometry,
+                     Kg: int, n: int, block_size: int) -> torch.Tensor:
+    """Float input, dynamic per-block LNS activations: one ``torchlns::lns_conv`` call on the
+    input encoded once per tensor in wide codes; the op encodes each receptive field's blocks."""
+    fmt.check_partner(wq.fmt)
+    fmt.check_mac(mac, acc_lsb)
+    mac.check_reduction(Kg)
+    check_block_size(block_size)
+    # The wide codes are no LNSFormat (no offset keeps all 2^15 of their magnitudes normal
+    # floats); the same F and rounding give the same integer logs. The largest finite |x| sits
+    # one step below E_max16, so that ±inf (saturating to E_max16) stands apart.
+    e_wide = (1 << (_WIDE_BITS - 1)) - 1
+    off = fmt.integer_log(amax(x4)).reshape(1, 1, 1, 1).to(torch.int32) - (e_wide - 1)
+    buckets, _, F_, mitchell = fmt.encode_args(x4.device)
+    codes = _OPS.lns_encode(x4.contiguous(), off, buckets, _WIDE_BITS, F_, mitchell)
+    w_off = wq.expanded_param().to(torch.int32)
+    w4 = wq.codes.unsqueeze(2) if n == 1 else wq.codes
+    w_off = w_off.unsqueeze(2) if n == 1 else w_off
+    return _OPS.lns_conv(
+        codes, off, w4, w_off, mac.table(F_, x4.device), bias, _WIDE_BITS, wq.fmt.bits, F_, mac.fixed, mac.acc_bits,
+        acc_lsb if mac.fixed else 0, list(geometry.stride), [p[0] for p in geometry.pads],
+        [p[1] for p in geometry.pads], list(geometry.dilation), geometry.groups, block_size, fmt.bits)
 
 
 def _scaled_conv(xq: Coded, wq: Coded, as4d, bias, mac: MACConfig, acc_lsb, geometry: _Geometry, Kg: int,

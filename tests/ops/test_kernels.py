@@ -267,6 +267,11 @@ def opcheck_samples():
         w3 = OPS.lns_encode(torch.randn(6, 2, 2, 3, 3), off.reshape(1, 1, 1, 1, 1), thr, 8, 3, False)
         yield "lns_conv", (x3, off.reshape(1, 1, 1, 1, 1), w3, w_off.unsqueeze(-1), table, torch.randn(6), 8, 8, 3,
                            fixed, 32, lsb or 0, [2, 1, 2], [1, 1, 0], [0, 1, 1], [1, 1, 1], 2)
+        # Dynamic per-block activations: 16-bit wide codes, blocks re-encoded as 8-bit codes.
+        wide_off = torch.tensor([[[[-32760]]]], dtype=torch.int32)
+        xw = OPS.lns_encode(torch.randn(2, 4, 5, 7), wide_off, thr, 16, 3, False)
+        yield "lns_conv", (xw, wide_off, wc, w_off, table, torch.randn(6), 16, 8, 3, fixed, 32, lsb or 0, [1, 2],
+                           [1, 0], [1, 1], [1, 1], 2, 5, 8)
 
 
 @pytest.mark.parametrize("name,args", list(opcheck_samples()), ids=lambda v: v if isinstance(v, str) else "")

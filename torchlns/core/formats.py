@@ -287,11 +287,14 @@ class LNSFormat(Format, kind="lns"):
 
         ``M = 0`` (an all-zero or all-NaN group) takes the offset that puts 1.0 at ``E_max``.
         """
+        return (self.integer_log(m) - self.e_max).clamp(self.offset_min, self.offset_max)
+
+    def integer_log(self, m: torch.Tensor) -> torch.Tensor:
+        """``g(m)``, the integer log of each ``m > 0`` in units of ``2^-F`` as encoding rounds it (``g(1) = 0`` for ``m <= 0``)."""
         m = torch.where(m > 0, m, 1.0).to(torch.float32).contiguous()
         _, _, e, frac = float32_fields(m)
-        g = integer_log(e, frac, self.frac_bits, self.rounding == "mitchell",
-                        tables.buckets_tensor(self.frac_bits, m.device))
-        return (g - self.e_max).clamp(self.offset_min, self.offset_max)
+        return integer_log(e, frac, self.frac_bits, self.rounding == "mitchell",
+                           tables.buckets_tensor(self.frac_bits, m.device))
 
     @property
     def max_index(self) -> int:

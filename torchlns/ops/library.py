@@ -43,10 +43,13 @@ SCHEMAS = {
     ),
     # 2-D (4-D codes) or 3-D (5-D codes). Reference: im2col + lns_mm per group (3-D: the depth
     # taps stacked as channels first); CPU: the direct kernels (C++); CUDA: an implicit GEMM.
+    # x_block > 0: dynamic per-block activations (see Note: dynamic blocks in ops/reference.py);
+    # x holds wide codes, blocks of x_block elements of each receptive field are encoded as
+    # x_block_bits codes.
     "lns_conv": (
         "lns_conv(Tensor x, Tensor x_offset, Tensor w, Tensor w_offset, Tensor table, Tensor? bias, int x_bits, "
         "int w_bits, int frac_bits, bool fixed, int acc_bits, int acc_lsb, int[] stride, int[] pad_before, "
-        "int[] pad_after, int[] dilation, int groups) -> Tensor"
+        "int[] pad_after, int[] dilation, int groups, int x_block=0, int x_block_bits=0) -> Tensor"
     ),
     # The FP8/INT comparison MAC of spec section 5: matrix products of exact values.
     "scaled_mm": (
@@ -140,7 +143,7 @@ def _(x, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, fixed, a
 
 @torch.library.register_fake("torchlns::lns_conv")
 def _(x, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits, acc_lsb, stride, pad_before,
-      pad_after, dilation, groups):
+      pad_after, dilation, groups, x_block=0, x_block_bits=0):
     torch._check(x.dim() in (4, 5) and w.dim() == x.dim(),
                  lambda: "lns_conv takes (N, C, [D,] H, W) and (Cout, C/groups, [kd,] kh, kw) codes")
     sizes = [conv_output_size(x.shape[2 + d], w.shape[2 + d], stride[d], pad_before[d], pad_after[d], dilation[d])

@@ -186,10 +186,56 @@ def _conv_columns(x: torch.Tensor, w: torch.Tensor, stride, pad_before, pad_afte
     return im2col(x, idx, 0), idx, Ho, Wo, w.shape[1] * idx.shape[0]
 
 
+# Note: dynamic blocks
+# Dynamic per-block activations (spec section 3) give each run of x_block consecutive
+# elements of a receptive field (per group, in the weight's (c, [depth,] i, j) order) the
+# offset of its own maximum: off_b = clamp(g(M_b) - E_max, offset_min, offset_max) for the
+# x_block_bits format, M_b the largest finite |x| of the block (NaN and ±inf ignored). A code
+# is then E = g - off_b (E < 1 flushes to zero, E > E_max and ±inf saturate to E_max), so its
+# product uses the log g_eff = min(g, off_b + E_max), or none. Since g (the integer log of
+# |x|, rounded once) does not depend on the offset, and rounding is monotone, g(M_b) is the
+# largest g of the block: the whole encoding follows from the integer logs of the input,
+# taken once per element rather than once per receptive field. So the conv receives x
+# encoded once per tensor in a wide format (16 bits, the same F) with an offset that keeps
+# every finite value below E_max16 (±inf saturates to E_max16 and is told apart by it), and
+# each backend re-encodes the blocks of each receptive field from those integer logs: codes
+# of the same wide format holding g_eff, or zero, so that the MAC itself is the ordinary
+# one. The reference does it on im2col columns; the CPU kernel while it builds them.
+def block_codes(cols: torch.Tensor, x_offset: int, x_bits: int, frac_bits: int, groups: int, x_block: int,
+                x_block_bits: int) -> torch.Tensor:
+    """Wide codes of im2col columns (M, groups*Kg) re-encoded per block (see Note: dynamic blocks)."""
+    M, K = cols.shape
+    Kg = K // groups
+    mask, e_wide = (1 << x_bits) - 1, (1 << (x_bits - 1)) - 1
+    e_max = (1 << (x_block_bits - 1)) - 1
+    R = 1 << frac_bits
+    off_min, off_max = -126 * R - 1, 127 * R - e_max
+    c = cols.to(torch.int32) & mask
+    mag, neg = c & e_wide, c > e_wide
+    g = mag + x_offset
+    inf = mag == e_wide
+    finite = (mag > 0) & ~inf
+    nb = -(-Kg // x_block)
+    low = torch.iinfo(torch.int32).min
+    gb = torch.where(finite, g, low).reshape(M, groups, Kg)
+    gb = torch.nn.functional.pad(gb, (0, nb * x_block - Kg), value=low).reshape(M, groups, nb, x_block).amax(-1)
+    g_max = torch.where(gb == low, 0, gb)  # a block without a finite nonzero value: M = 0 puts 1.0 at E_max
+    off = (g_max - e_max).clamp(off_min, off_max)
+    off = off.repeat_interleave(x_block, dim=2)[:, :, :Kg].reshape(M, K)
+    g_eff = torch.where(inf, off + e_max, torch.minimum(g, off + e_max))
+    keep = (mag > 0) & (g_eff - off >= 1)
+    out = torch.where(keep, (g_eff - x_offset) | (neg.to(torch.int32) << (x_bits - 1)), 0)
+    out = torch.where((mag == 0) & neg, 1 << (x_bits - 1), out)  # NaN stays NaN
+    if x_bits == 16:
+        out = torch.where(out >= 1 << 15, out - (1 << 16), out)
+    return out.to(cols.dtype)
+
+
 def lns_conv_reference(x: torch.Tensor, x_offset: torch.Tensor, w: torch.Tensor, w_offset: torch.Tensor,
                        table: torch.Tensor, bias: Optional[torch.Tensor], x_bits: int, w_bits: int, frac_bits: int,
                        fixed: bool, acc_bits: int, acc_lsb: int, stride: Sequence[int], pad_before: Sequence[int],
-                       pad_after: Sequence[int], dilation: Sequence[int], groups: int) -> torch.Tensor:
+                       pad_after: Sequence[int], dilation: Sequence[int], groups: int, x_block: int = 0,
+                       x_block_bits: int = 0) -> torch.Tensor:
     """``torchlns::lns_conv``: (N, C, H, W) codes * (Cout, C/groups, kh, kw) codes -> float32.
 
     im2col of the codes (padding is the zero code) and of the offsets, then ``lns_mm`` per
@@ -199,9 +245,11 @@ def lns_conv_reference(x: torch.Tensor, x_offset: torch.Tensor, w: torch.Tensor,
     """
     if x.dim() == 5:
         return _conv3d_by_stacking(x, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits,
-                                   acc_lsb, stride, pad_before, pad_after, dilation, groups)
+                                   acc_lsb, stride, pad_before, pad_after, dilation, groups, x_block, x_block_bits)
     N, Cout = x.shape[0], w.shape[0]
     cols, idx, Ho, Wo, Kg = _conv_columns(x, w, stride, pad_before, pad_after, dilation)
+    if x_block:
+        cols = block_codes(cols, int(x_offset.reshape(-1)[0]), x_bits, frac_bits, groups, x_block, x_block_bits)
     col_off = x_offset.reshape(1, 1) if x_offset.numel() == 1 else im2col(x_offset.expand(x.shape), idx, 0)
     w2 = w.reshape(Cout, Kg)
     if w_offset[0].numel() == 1:  # per tensor or per output channel
@@ -221,7 +269,7 @@ def lns_conv_reference(x: torch.Tensor, x_offset: torch.Tensor, w: torch.Tensor,
 
 
 def _conv3d_by_stacking(x, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits, acc_lsb,
-                        stride, pad_before, pad_after, dilation, groups):
+                        stride, pad_before, pad_after, dilation, groups, x_block=0, x_block_bits=0):
     N, Cout, kd = x.shape[0], w.shape[0], w.shape[2]
     depth = ((pad_before[0], pad_after[0]), stride[0], dilation[0])
     xs, Do = stack_depth(x, kd, *depth, 0)
@@ -234,7 +282,7 @@ def _conv3d_by_stacking(x, x_offset, w, w_offset, table, bias, x_bits, w_bits, f
     wo = w_offset.reshape(-1, 1, 1, 1) if per_channel else w_offset.expand(w.shape).reshape(ws.shape)
     y = torch.ops.torchlns.lns_conv(xs, xo, ws, wo, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits, acc_lsb,
                                     list(stride[1:]), list(pad_before[1:]), list(pad_after[1:]), list(dilation[1:]),
-                                    groups)
+                                    groups, x_block, x_block_bits)
     return y.reshape(N, Do, *y.shape[1:]).transpose(1, 2).contiguous()
 
 

@@ -489,8 +489,17 @@ def _strides5(t: torch.Tensor) -> tuple:
 
 def lns_conv(x, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits, acc_lsb,
              stride: Sequence[int], pad_before: Sequence[int], pad_after: Sequence[int], dilation: Sequence[int],
-             groups: int, config=None, route=None):
-    """``torchlns::lns_conv`` on the GPU, 2-D or 3-D: an implicit GEMM (see the module docstring)."""
+             groups: int, x_block: int = 0, x_block_bits: int = 0, config=None, route=None):
+    """``torchlns::lns_conv`` on the GPU, 2-D or 3-D: an implicit GEMM (see the module docstring).
+
+    Dynamic per-block activations (``x_block``) re-encode each receptive field's blocks on
+    im2col columns (see Note: dynamic blocks in reference.py), whose ``lns_mm`` runs here."""
+    if x_block:
+        from . import reference
+
+        return reference.lns_conv_reference(x, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, fixed,
+                                            acc_bits, acc_lsb, stride, pad_before, pad_after, dilation, groups,
+                                            x_block, x_block_bits)
     n = x.dim() - 2
     Nb, C = x.shape[:2]
     Cout, C_G = w.shape[:2]
