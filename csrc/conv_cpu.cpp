@@ -89,9 +89,43 @@ at::Tensor conv_by_im2col(const at::Tensor& x, const at::Tensor& x_offset, const
                     x.size(0), Ho, Wo, groups);
 }
 
+// One receptive field's wide codes (as uint16 values in int32) re-encoded per block: the rule
+// of block_codes in torchlns/ops/reference.py. Branch-free, so that each ISA clone vectorizes
+// it. Returns whether some kept value fell outside the wide codes (a bad offset).
+TORCHLNS_INLINE bool row_blocks_impl(const int32_t* __restrict codes, int64_t K, int64_t Kg, int64_t x_block,
+                                     int32_t x_off, int32_t e_max, int32_t off_min, int32_t off_max,
+                                     int16_t* __restrict out) {
+  constexpr int32_t e_wide = (1 << 15) - 1;
+  int32_t unfit = 0;
+  for (int64_t g0 = 0; g0 < K; g0 += Kg)  // blocks restart in each group
+    for (int64_t b0 = g0; b0 < g0 + Kg; b0 += x_block) {
+      const int64_t b1 = std::min(g0 + Kg, b0 + x_block);
+      int32_t top_mag = 0;  // the largest finite magnitude: g is monotone in it (±inf is E_max16)
+      for (int64_t e = b0; e < b1; ++e) {
+        const int32_t mag = codes[e] & e_wide;
+        top_mag = std::max(top_mag, mag < e_wide ? mag : 0);
+      }
+      const int32_t g_max = top_mag ? top_mag + x_off : 0;  // none: M = 0 puts 1.0 at E_max
+      const int32_t off = std::min(std::max(g_max - e_max, off_min), off_max), top = off + e_max;
+      for (int64_t e = b0; e < b1; ++e) {
+        const int32_t c = codes[e], mag = c & e_wide, neg = c >> 15;
+        const int32_t g = mag == e_wide ? top : std::min(mag + x_off, top);
+        const int32_t keep = (mag != 0) & (g - off >= 1), wide = g - x_off;
+        unfit |= keep & ((wide < 1) | (wide > e_wide));
+        const int32_t v = keep ? (wide | (neg << 15)) : ((mag == 0) & neg) << 15;  // NaN stays NaN
+        out[e] = int16_t(uint16_t(v));
+      }
+    }
+  return unfit != 0;
+}
+TORCHLNS_ISA_CLONES(bool, row_blocks,
+                    (const int32_t* __restrict codes, int64_t K, int64_t Kg, int64_t x_block, int32_t x_off,
+                     int32_t e_max, int32_t off_min, int32_t off_max, int16_t* __restrict out),
+                    (codes, K, Kg, x_block, x_off, e_max, off_min, off_max, out))
+
 // Wide codes re-encoded per block of each receptive field, as im2col columns (N*L, C*kh*kw)
-// in PyTorch's (c, i, j) order: the rule of block_codes in torchlns/ops/reference.py (see
-// Note: dynamic blocks there), built per output position straight from the image.
+// in PyTorch's (c, i, j) order (see Note: dynamic blocks in torchlns/ops/reference.py), built
+// per output position straight from the image.
 at::Tensor block_columns(const at::Tensor& x, int32_t x_off, int frac_bits, int64_t groups, int64_t kh, int64_t kw,
                          IntArrayRef stride, IntArrayRef pad_before, IntArrayRef dilation, int64_t Ho, int64_t Wo,
                          int64_t x_block, int64_t x_block_bits) {
@@ -102,54 +136,31 @@ at::Tensor block_columns(const at::Tensor& x, int32_t x_off, int frac_bits, int6
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), taps = kh * kw, K = C * taps;
   const int64_t Kg = K / groups, L = Ho * Wo;
   auto out = at::empty({N * L, K}, x.options());
-  const int16_t* src = xc.data_ptr<int16_t>();
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(xc.data_ptr<int16_t>());
   int16_t* dst = out.data_ptr<int16_t>();
-  const int32_t e_wide = (1 << 15) - 1, e_max = (1 << (x_block_bits - 1)) - 1, R = 1 << frac_bits;
+  const int32_t e_max = (1 << (x_block_bits - 1)) - 1, R = 1 << frac_bits;
   const int32_t off_min = -126 * R - 1, off_max = 127 * R - e_max;
   std::atomic<bool> unfit{false};
   at::parallel_for(0, N * L, 16, [&](int64_t r0, int64_t r1) {
     std::vector<int32_t> codes(size_t(K) + 1);
+    std::vector<int64_t> tap_at(static_cast<size_t>(taps));
+    std::vector<int32_t> valid(static_cast<size_t>(taps));
+    bool bad = false;
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t img = r / L, oh = (r % L) / Wo, ow = r % Wo;
-      int64_t k = 0;
-      for (int64_t c = 0; c < C; ++c) {
-        const int16_t* plane = src + (img * C + c) * H * W;
-        for (int64_t i = 0; i < kh; ++i) {
+      for (int64_t i = 0, t = 0; i < kh; ++i)
+        for (int64_t j = 0; j < kw; ++j, ++t) {
           const int64_t ih = oh * stride[0] - pad_before[0] + i * dilation[0];
-          for (int64_t j = 0; j < kw; ++j, ++k) {
-            const int64_t iw = ow * stride[1] - pad_before[1] + j * dilation[1];
-            codes[k] = (ih >= 0 && ih < H && iw >= 0 && iw < W) ? int32_t(uint16_t(plane[ih * W + iw])) : 0;
-          }
+          const int64_t iw = ow * stride[1] - pad_before[1] + j * dilation[1];
+          valid[t] = ih >= 0 && ih < H && iw >= 0 && iw < W;
+          tap_at[t] = valid[t] ? ih * W + iw : 0;
         }
-      }
-      int16_t* o = dst + r * K;
-      for (int64_t gi = 0; gi < groups; ++gi)  // blocks restart in each group
-        for (int64_t b0 = gi * Kg; b0 < (gi + 1) * Kg; b0 += x_block) {
-          const int64_t b1 = std::min((gi + 1) * Kg, b0 + x_block);
-          int32_t top_mag = 0;  // the largest finite magnitude: g is monotone in it
-          for (int64_t e = b0; e < b1; ++e) {
-            const int32_t mag = codes[e] & e_wide;
-            if (mag < e_wide) top_mag = std::max(top_mag, mag);
-          }
-          const int32_t g_max = top_mag ? top_mag + x_off : 0;  // none: M = 0 puts 1.0 at E_max
-          const int32_t off = std::min(std::max(g_max - e_max, off_min), off_max), top = off + e_max;
-          for (int64_t e = b0; e < b1; ++e) {
-            const int32_t c = codes[e], mag = c & e_wide, neg = c > e_wide;
-            int32_t v = 0;
-            if (mag == 0) {
-              v = neg ? 0x8000 : 0;  // NaN stays NaN
-            } else {
-              const int32_t g_eff = mag == e_wide ? top : std::min(mag + x_off, top);
-              if (g_eff - off >= 1) {
-                const int32_t wide = g_eff - x_off;
-                if (wide < 1 || wide > e_wide) unfit = true;
-                v = wide | (neg << 15);
-              }
-            }
-            o[e] = int16_t(uint16_t(v));
-          }
-        }
+      const uint16_t* plane = src + img * C * H * W;
+      for (int64_t c = 0; c < C; ++c, plane += H * W)
+        for (int64_t t = 0; t < taps; ++t) codes[c * taps + t] = valid[t] ? int32_t(plane[tap_at[t]]) : 0;
+      bad |= row_blocks(codes.data(), K, Kg, x_block, x_off, e_max, off_min, off_max, dst + r * K);
     }
+    if (bad) unfit = true;
   });
   TORCH_CHECK(!unfit, "lns_conv: dynamic blocks: a block's value does not fit the wide codes' offset ", x_off);
   return out;

@@ -176,22 +176,29 @@ def run(args) -> List[dict]:
     distill(q, model, calib, steps=steps, augment=flip, validate_every=max(1, min(20, steps)), inplace=True)
     row("  + distillation", q, time.monotonic() - t)
     # Mixed precision among LNS formats (the chip's), searched on two calibration batches, at most 1.1x the
-    # stored bytes of all-LNS8; the chosen formats are then converted (calibrated on all of it), not recovered.
+    # stored bytes of all-LNS8; the chosen formats are then converted (calibrated on all of it) and recovered
+    # with bias correction and adaptive rounding, as above.
     from .. import mixed_precision, size_report
 
-    if args.smoke:  # covered by tests/deploy/test_mixed.py; four more conversions would double the smoke run
+    if args.smoke:  # covered by tests/deploy/test_mixed.py; more conversions would double the smoke run
         return _report(args, rows)
     t = time.monotonic()
     base = ConvertConfig(fmt=fmt, mac=CHIP_MAC)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         budget = 1.1 * size_report(q).total_bytes  # recovery changed no stored width
-        lns = [fmt, LNSFormat(8, min(fmt.frac_bits + 1, 6)), LNSFormat(10, 5)]
+        lns = [fmt, *(c for c in (LNSFormat(8, 3), LNSFormat(8, 4), LNSFormat(10, 5), LNSFormat(10, 6)) if c != fmt)]
         mp = mixed_precision(model, calib[:2], base, budget_bytes=budget, candidates=lns, points=4,
                              plot=args.out / "mixed_precision.png")
         mixed = convert(model, mp.config(base), calib)
     changed = ", ".join(f"{n} {c}" for c, n in _counts(mp.choices).items())
     row(f"mixed precision <= 1.1x bytes ({changed})", mixed, time.monotonic() - t)
+    t = time.monotonic()
+    bias_correction(mixed, model, calib, inplace=True)
+    row("  + bias correction", mixed, time.monotonic() - t)
+    t = time.monotonic()
+    adaptive_rounding(mixed, model, calib, iterations=rounds, inplace=True)
+    row("  + adaptive rounding", mixed, time.monotonic() - t)
     return _report(args, rows)
 
 

@@ -44,9 +44,15 @@ __all__ = ["mixed_precision", "MixedPrecisionResult", "default_candidates"]
 
 
 def default_candidates(fmt: Format) -> List[Format]:
-    """LNS8 with 3 and 4 fraction bits, LNS10 with 5, and INT8 (the base format first)."""
+    """LNS8 with 3 and 4 fraction bits, LNS10 with 5 and 6, and INT8 (the base format first).
+
+    LNS10 F=6 trades LNS10 F=5's range (2^16) for precision (2^8 range, steps of 2^(1/64)):
+    per-tensor activations of trained networks rarely use more, and precision is what 8-bit
+    LNS lacks (the direct kernels run every F up to 10 at LNS8's speed; see Note: product
+    pairs in csrc/lns_direct.h).
+    """
     out = [fmt]
-    for c in (LNSFormat(8, 3), LNSFormat(8, 4), LNSFormat(10, 5), IntFormat(8)):
+    for c in (LNSFormat(8, 3), LNSFormat(8, 4), LNSFormat(10, 5), LNSFormat(10, 6), IntFormat(8)):
         if c not in out:
             out.append(c)
     return out
