@@ -182,12 +182,13 @@ TORCHLNS_INLINE bool try_classes(MacPath p, int64_t frac_bits) {
 
 // The direct kernels (direct_mac.cpp); nullopt where they cannot run the case. lns_mm_direct's
 // groups: x (M, groups*Kg) against w (N, Kg), group g of the outputs reading x's g-th Kg
-// columns; L > 0: the output is channels first, (M / L, N, L).
+// columns; L > 0: the output is channels first, (M / L, N, L); kmajor_M >= 0: x is k-major,
+// (K, ld) with kmajor_M columns in use and ld >= kmajor_M + direct_cols_run().
 std::optional<at::Tensor> lns_mm_direct(const at::Tensor& x, const at::Tensor& x_offset, const at::Tensor& w,
                                         const at::Tensor& w_offset, const at::Tensor& table,
                                         const std::optional<at::Tensor>& bias, int64_t x_bits, int64_t w_bits,
                                         int64_t frac_bits, bool fixed, int64_t acc_bits, int64_t acc_lsb,
-                                        int64_t groups = 1, int64_t L = 0);
+                                        int64_t groups = 1, int64_t L = 0, int64_t kmajor_M = -1);
 std::optional<at::Tensor> lns_conv_direct(const at::Tensor& x, const at::Tensor& x_offset, const at::Tensor& w,
                                           const at::Tensor& w_offset, const at::Tensor& table,
                                           const std::optional<at::Tensor>& bias, int64_t x_bits, int64_t w_bits,

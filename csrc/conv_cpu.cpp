@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "common.h"
+#include "direct.h"
 
 namespace torchlns {
 namespace {
@@ -123,6 +124,83 @@ TORCHLNS_ISA_CLONES(bool, row_blocks,
                      int32_t e_max, int32_t off_min, int32_t off_max, int16_t* __restrict out),
                     (codes, K, Kg, x_block, x_off, e_max, off_min, off_max, out))
 
+// The same, k-major: columns (C*kh*kw, ld) with position n*L + l along each row (ld >= N*L;
+// the rest zero), for the columns kernel (depthwise and other narrow groups). Work items are
+// (image, block): the block's rows are gathered like unfold's, then every position's block
+// maximum, offset and codes run along the rows, which vectorizes where the per-position form
+// (a handful of taps per group) cannot.
+at::Tensor block_columns_kmajor(const at::Tensor& x, int32_t x_off, int frac_bits, int64_t groups, int64_t kh,
+                                int64_t kw, IntArrayRef stride, IntArrayRef pad_before, IntArrayRef dilation,
+                                int64_t Ho, int64_t Wo, int64_t x_block, int64_t x_block_bits, int64_t ld) {
+  TORCH_CHECK(x.scalar_type() == at::kShort, "lns_conv: dynamic blocks take 16-bit wide codes (int16)");
+  TORCH_CHECK(x_block >= 1 && x_block_bits >= 4 && x_block_bits <= 16,
+              "lns_conv: x_block must be positive and x_block_bits in 4..16");
+  const auto xc = x.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), taps = kh * kw, K = C * taps;
+  const int64_t Kg = K / groups, L = Ho * Wo, nb = (Kg + x_block - 1) / x_block;
+  auto out = at::zeros({K, ld}, x.options());
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(xc.data_ptr<int16_t>());
+  int16_t* dst = out.data_ptr<int16_t>();
+  constexpr int32_t e_wide = (1 << 15) - 1;
+  const int32_t e_max = (1 << (x_block_bits - 1)) - 1, R = 1 << frac_bits;
+  const int32_t off_min = -126 * R - 1, off_max = 127 * R - e_max;
+  std::atomic<bool> unfit{false};
+  at::parallel_for(0, N * groups * nb, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<int32_t> rows(static_cast<size_t>(x_block * L)), off(static_cast<size_t>(L)),
+        top(static_cast<size_t>(L));
+    int32_t bad = 0;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t img = t / (groups * nb), gi = (t / nb) % groups, b = t % nb;
+      const int64_t k0 = gi * Kg + b * x_block, k1 = std::min((gi + 1) * Kg, k0 + x_block), n = k1 - k0;
+      for (int64_t kk = 0; kk < n; ++kk) {  // unfold one row: tap (i, j) of channel c at every position
+        const int64_t k = k0 + kk, c = k / taps, i = (k % taps) / kw, j = k % kw;
+        const uint16_t* plane = src + (img * C + c) * H * W;
+        int32_t* r = rows.data() + kk * L;
+        for (int64_t oh = 0; oh < Ho; ++oh) {
+          const int64_t ih = oh * stride[0] - pad_before[0] + i * dilation[0];
+          int32_t* ro = r + oh * Wo;
+          if (ih < 0 || ih >= H) {
+            std::fill(ro, ro + Wo, 0);
+            continue;
+          }
+          const uint16_t* in = plane + ih * W;
+          for (int64_t ow = 0; ow < Wo; ++ow) {
+            const int64_t iw = ow * stride[1] - pad_before[1] + j * dilation[1];
+            ro[ow] = (iw >= 0 && iw < W) ? int32_t(in[iw]) : 0;
+          }
+        }
+      }
+      std::fill(top.begin(), top.end(), 0);
+      for (int64_t kk = 0; kk < n; ++kk) {
+        const int32_t* r = rows.data() + kk * L;
+        for (int64_t l = 0; l < L; ++l) {
+          const int32_t mag = r[l] & e_wide;
+          top[l] = std::max(top[l], mag < e_wide ? mag : 0);
+        }
+      }
+      for (int64_t l = 0; l < L; ++l) {  // a position without a finite nonzero value: M = 0 puts 1.0 at E_max
+        const int32_t g_max = top[l] ? top[l] + x_off : 0;
+        off[l] = std::min(std::max(g_max - e_max, off_min), off_max);
+        top[l] = off[l] + e_max;
+      }
+      for (int64_t kk = 0; kk < n; ++kk) {
+        const int32_t* r = rows.data() + kk * L;
+        int16_t* o = dst + (k0 + kk) * ld + img * L;
+        for (int64_t l = 0; l < L; ++l) {
+          const int32_t c = r[l], mag = c & e_wide, neg = c >> 15;
+          const int32_t g = mag == e_wide ? top[l] : std::min(mag + x_off, top[l]);
+          const int32_t keep = (mag != 0) & (g - off[l] >= 1), wide = g - x_off;
+          bad |= keep & ((wide < 1) | (wide > e_wide));
+          o[l] = int16_t(uint16_t(keep ? (wide | (neg << 15)) : ((mag == 0) & neg) << 15));
+        }
+      }
+    }
+    if (bad) unfit = true;
+  });
+  TORCH_CHECK(!unfit, "lns_conv: dynamic blocks: a block's value does not fit the wide codes' offset ", x_off);
+  return out;
+}
+
 // Wide codes re-encoded per block of each receptive field, as im2col columns (N*L, C*kh*kw)
 // in PyTorch's (c, i, j) order (see Note: dynamic blocks in torchlns/ops/reference.py), built
 // per output position straight from the image.
@@ -227,10 +305,21 @@ at::Tensor lns_conv_cpu(const at::Tensor& x, const at::Tensor& x_offset, const a
   const int64_t Ho = out_size[0], Wo = out_size[1];
   if (x_block > 0) {  // dynamic per-block activations (see Note: dynamic blocks in torchlns/ops/reference.py)
     TORCH_CHECK(x_offset.numel() == 1, "lns_conv: dynamic blocks take one offset for the wide codes");
-    const auto cols = block_columns(x, x_offset.reshape({-1})[0].item<int32_t>(), int(frac_bits), groups, w.size(2),
-                                    w.size(3), stride, pad_before, dilation, Ho, Wo, x_block, x_block_bits);
+    const int32_t off = x_offset.reshape({-1})[0].item<int32_t>();
     const auto col_off = x_offset.reshape({1, 1});
     const auto [w2, w_off] = weight_rows(w, w_offset);
+    const int64_t M = x.size(0) * Ho * Wo;
+    if (try_direct(mac_path()) && direct_lanes() && w.size(0) / groups < direct_lanes() / 2 && M && w.numel()) {
+      // narrow groups: the columns kernel, on k-major columns
+      const auto cols_t = block_columns_kmajor(x, off, int(frac_bits), groups, w.size(2), w.size(3), stride,
+                                               pad_before, dilation, Ho, Wo, x_block, x_block_bits,
+                                               M + direct_cols_run());
+      if (auto y = lns_mm_direct(cols_t, col_off, w2, w_off, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits,
+                                 acc_lsb, groups, Ho * Wo, M))
+        return y->reshape({x.size(0), w.size(0), Ho, Wo});
+    }
+    const auto cols = block_columns(x, off, int(frac_bits), groups, w.size(2), w.size(3), stride, pad_before,
+                                    dilation, Ho, Wo, x_block, x_block_bits);
     if (try_direct(mac_path()) && cols.numel() && w.numel())
       if (auto y = lns_mm_direct(cols, col_off, w2, w_off, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits,
                                  acc_lsb, groups, Ho * Wo))

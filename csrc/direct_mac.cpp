@@ -283,19 +283,24 @@ std::optional<at::Tensor> lns_mm_direct(const at::Tensor& x, const at::Tensor& x
                                         const at::Tensor& w_offset, const at::Tensor& table,
                                         const std::optional<at::Tensor>& bias, int64_t x_bits, int64_t w_bits,
                                         int64_t frac_bits, bool fixed, int64_t acc_bits, int64_t acc_lsb,
-                                        int64_t groups, int64_t L) {
+                                        int64_t groups, int64_t L, int64_t kmajor_M) {
   const auto plan = plan_for(table, frac_bits, fixed, acc_bits, acc_lsb);
   if (!plan) return declined();
-  const int64_t M = x.size(0), N = w.size(0), K = x.size(1), Kg = w.size(1), Ng = N / groups;
+  // k-major x: (K, ld) with M columns in use and ld >= M + direct_cols_run() (the columns
+  // kernel reads whole runs), for the columns kernel only.
+  const bool kmajor = kmajor_M >= 0;
+  const int64_t M = kmajor ? kmajor_M : x.size(0), K = x.size(kmajor ? 0 : 1), N = w.size(0), Kg = w.size(1),
+                Ng = N / groups;
   TORCH_CHECK(K == groups * Kg && N == groups * Ng && (!L || M % L == 0), "lns_mm_direct: bad grouped shapes");
-  const bool by_rows = Ng >= direct_lanes() / 2;
+  TORCH_CHECK(!kmajor || x.size(1) >= M + direct_cols_run(), "lns_mm_direct: k-major x needs run padding");
+  const bool by_rows = Ng >= direct_lanes() / 2 && !kmajor;
   const int64_t NB = by_rows ? direct_block(Ng) : 0;
   const auto wf = weight_fields([&] { return std::make_pair(w, w_offset.expand({N, Kg})); }, w_bits, *plan, groups,
                                 NB, w, w_offset);
   const int64_t* wq = wf[1].data_ptr<int64_t>();
   const int pair = plan->pair ? 2 : 1;
-  int32_t* fields = scratch(0, pair * M * K);
-  const PackedFields xf = packed_fields(x, x_offset.expand({M, K}), x_bits, plan->F, plan->x_layout, fields);
+  int32_t* fields = scratch(0, pair * x.numel());
+  const PackedFields xf = packed_fields(x, x_offset.expand(x.sizes()), x_bits, plan->F, plan->x_layout, fields);
   const auto args = args_for(*plan, xf.q_lo, xf.q_hi, int32_t(wq[0]), int32_t(wq[1]), wq[2] != 0);
   if (!args) return declined();
   count_run(*plan);
@@ -310,16 +315,23 @@ std::optional<at::Tensor> lns_mm_direct(const at::Tensor& x, const at::Tensor& x
     const OutputSink sink(*plan, b, out.data_ptr<float>(), N, L ? L : 1, L != 0);
     if (M && N) direct_rows(*args, src, sink, M, groups, Kg, wf[0].data_ptr<int32_t>(), Ng, NB);
   } else if (M && N) {  // few outputs per group: positions along the lanes, sums [n][m]
-    const int64_t ld = M + direct_cols_run();
-    int32_t* xt = scratch(1, pair * K * ld);
-    at::parallel_for(0, pair * K, 16, [&](int64_t k0, int64_t k1) {
-      for (int64_t hk = k0; hk < k1; ++hk) {
-        const int64_t h = hk / K, k = hk % K;
-        const int32_t* f = fields + h * M * K + k;
-        int32_t* t = xt + hk * ld;
-        for (int64_t m = 0; m < M; ++m) t[m] = f[m * K];
-      }
-    });
+    const int64_t ld = kmajor ? x.size(1) : M + direct_cols_run();
+    int32_t* xt = fields;
+    if (!kmajor) {  // transposed in tiles, so that both sides move along cache lines
+      constexpr int64_t kTile = 32;
+      xt = scratch(1, pair * K * ld);
+      const int64_t ktiles = (K + kTile - 1) / kTile;
+      at::parallel_for(0, pair * ktiles, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t h = t / ktiles, k0 = (t % ktiles) * kTile, k1 = std::min(K, k0 + kTile);
+          const int32_t* f = fields + h * M * K;
+          int32_t* o = xt + h * K * ld;
+          for (int64_t m0 = 0; m0 < M; m0 += kTile)
+            for (int64_t k = k0; k < k1; ++k)
+              for (int64_t m = m0; m < std::min(M, m0 + kTile); ++m) o[k * ld + m] = f[m * K + k];
+        }
+      });
+    }
     auto sums = at::zeros({N, M}, x.options().dtype(fixed ? at::kLong : at::kFloat));
     TransposedCols src(xt, Kg, M, ld);
     if (plan->pair) src.tail_delta = K * ld;
@@ -338,7 +350,9 @@ std::optional<at::Tensor> lns_mm_direct(const at::Tensor& x, const at::Tensor& x
   // NaN dominates its dot products (even against a zero partner), within its group.
   const float nan = std::numeric_limits<float>::quiet_NaN();
   if (xf.any_nan) {
-    auto hit = xf.nan.reshape({M, groups, Kg}).any(2, true).expand({M, groups, Ng}).reshape({M, N});
+    auto hit = kmajor ? xf.nan.reshape({groups, Kg, x.size(1)}).narrow(2, 0, M).any(1).t().unsqueeze(2)
+                            .expand({M, groups, Ng}).reshape({M, N})
+                      : xf.nan.reshape({M, groups, Kg}).any(2, true).expand({M, groups, Ng}).reshape({M, N});
     out.masked_fill_(L ? hit.reshape({M / L, L, N}).permute({0, 2, 1}) : hit, nan);
   }
   if (wq[3]) out.masked_fill_(L ? wf[2].reshape({1, N, 1}) : wf[2].reshape({1, N}), nan);
