@@ -90,34 +90,45 @@ at::Tensor conv_by_im2col(const at::Tensor& x, const at::Tensor& x_offset, const
                     x.size(0), Ho, Wo, groups);
 }
 
+// The rule of block_codes in torchlns/ops/reference.py (see Note: dynamic blocks there), in
+// two steps shared by both layouts below: a block's offset from its largest finite wide
+// magnitude (g is monotone in it; ±inf is E_max16), then each wide code re-encoded: the wide
+// code of its kept log, zero, or NaN. bad collects kept values the wide codes cannot hold.
+constexpr int32_t kWideMax = (1 << 15) - 1;
+
+TORCHLNS_INLINE int32_t block_offset(int32_t top_mag, int32_t x_off, int32_t e_max, int32_t off_min,
+                                     int32_t off_max) {
+  const int32_t g_max = top_mag ? top_mag + x_off : 0;  // none: M = 0 puts 1.0 at E_max
+  return std::min(std::max(g_max - e_max, off_min), off_max);
+}
+
+TORCHLNS_INLINE int16_t block_code(int32_t c, int32_t off, int32_t e_max, int32_t x_off, int32_t& bad) {
+  const int32_t top = off + e_max, mag = c & kWideMax, neg = c >> 15;
+  const int32_t g = mag == kWideMax ? top : std::min(mag + x_off, top);
+  const int32_t keep = (mag != 0) & (g - off >= 1), wide = g - x_off;
+  bad |= keep & ((wide < 1) | (wide > kWideMax));
+  return int16_t(uint16_t(keep ? (wide | (neg << 15)) : ((mag == 0) & neg) << 15));  // NaN stays NaN
+}
+
 // One receptive field's wide codes (as uint16 values in int32) re-encoded per block: the rule
 // of block_codes in torchlns/ops/reference.py. Branch-free, so that each ISA clone vectorizes
 // it. Returns whether some kept value fell outside the wide codes (a bad offset).
 TORCHLNS_INLINE bool row_blocks_impl(const int32_t* __restrict codes, int64_t K, int64_t Kg, int64_t x_block,
                                      int32_t x_off, int32_t e_max, int32_t off_min, int32_t off_max,
                                      int16_t* __restrict out) {
-  constexpr int32_t e_wide = (1 << 15) - 1;
-  int32_t unfit = 0;
+  int32_t bad = 0;
   for (int64_t g0 = 0; g0 < K; g0 += Kg)  // blocks restart in each group
     for (int64_t b0 = g0; b0 < g0 + Kg; b0 += x_block) {
       const int64_t b1 = std::min(g0 + Kg, b0 + x_block);
-      int32_t top_mag = 0;  // the largest finite magnitude: g is monotone in it (±inf is E_max16)
+      int32_t top_mag = 0;
       for (int64_t e = b0; e < b1; ++e) {
-        const int32_t mag = codes[e] & e_wide;
-        top_mag = std::max(top_mag, mag < e_wide ? mag : 0);
+        const int32_t mag = codes[e] & kWideMax;
+        top_mag = std::max(top_mag, mag < kWideMax ? mag : 0);
       }
-      const int32_t g_max = top_mag ? top_mag + x_off : 0;  // none: M = 0 puts 1.0 at E_max
-      const int32_t off = std::min(std::max(g_max - e_max, off_min), off_max), top = off + e_max;
-      for (int64_t e = b0; e < b1; ++e) {
-        const int32_t c = codes[e], mag = c & e_wide, neg = c >> 15;
-        const int32_t g = mag == e_wide ? top : std::min(mag + x_off, top);
-        const int32_t keep = (mag != 0) & (g - off >= 1), wide = g - x_off;
-        unfit |= keep & ((wide < 1) | (wide > e_wide));
-        const int32_t v = keep ? (wide | (neg << 15)) : ((mag == 0) & neg) << 15;  // NaN stays NaN
-        out[e] = int16_t(uint16_t(v));
-      }
+      const int32_t off = block_offset(top_mag, x_off, e_max, off_min, off_max);
+      for (int64_t e = b0; e < b1; ++e) out[e] = block_code(codes[e], off, e_max, x_off, bad);
     }
-  return unfit != 0;
+  return bad != 0;
 }
 TORCHLNS_ISA_CLONES(bool, row_blocks,
                     (const int32_t* __restrict codes, int64_t K, int64_t Kg, int64_t x_block, int32_t x_off,
@@ -141,13 +152,12 @@ at::Tensor block_columns_kmajor(const at::Tensor& x, int32_t x_off, int frac_bit
   auto out = at::zeros({K, ld}, x.options());
   const uint16_t* src = reinterpret_cast<const uint16_t*>(xc.data_ptr<int16_t>());
   int16_t* dst = out.data_ptr<int16_t>();
-  constexpr int32_t e_wide = (1 << 15) - 1;
   const int32_t e_max = (1 << (x_block_bits - 1)) - 1, R = 1 << frac_bits;
   const int32_t off_min = -126 * R - 1, off_max = 127 * R - e_max;
   std::atomic<bool> unfit{false};
   at::parallel_for(0, N * groups * nb, 1, [&](int64_t t0, int64_t t1) {
     std::vector<int32_t> rows(static_cast<size_t>(x_block * L)), off(static_cast<size_t>(L)),
-        top(static_cast<size_t>(L));
+        top(static_cast<size_t>(L));  // per position: the block's largest finite magnitude, then its offset
     int32_t bad = 0;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t img = t / (groups * nb), gi = (t / nb) % groups, b = t % nb;
@@ -174,25 +184,15 @@ at::Tensor block_columns_kmajor(const at::Tensor& x, int32_t x_off, int frac_bit
       for (int64_t kk = 0; kk < n; ++kk) {
         const int32_t* r = rows.data() + kk * L;
         for (int64_t l = 0; l < L; ++l) {
-          const int32_t mag = r[l] & e_wide;
-          top[l] = std::max(top[l], mag < e_wide ? mag : 0);
+          const int32_t mag = r[l] & kWideMax;
+          top[l] = std::max(top[l], mag < kWideMax ? mag : 0);
         }
       }
-      for (int64_t l = 0; l < L; ++l) {  // a position without a finite nonzero value: M = 0 puts 1.0 at E_max
-        const int32_t g_max = top[l] ? top[l] + x_off : 0;
-        off[l] = std::min(std::max(g_max - e_max, off_min), off_max);
-        top[l] = off[l] + e_max;
-      }
+      for (int64_t l = 0; l < L; ++l) off[l] = block_offset(top[l], x_off, e_max, off_min, off_max);
       for (int64_t kk = 0; kk < n; ++kk) {
         const int32_t* r = rows.data() + kk * L;
         int16_t* o = dst + (k0 + kk) * ld + img * L;
-        for (int64_t l = 0; l < L; ++l) {
-          const int32_t c = r[l], mag = c & e_wide, neg = c >> 15;
-          const int32_t g = mag == e_wide ? top[l] : std::min(mag + x_off, top[l]);
-          const int32_t keep = (mag != 0) & (g - off[l] >= 1), wide = g - x_off;
-          bad |= keep & ((wide < 1) | (wide > e_wide));
-          o[l] = int16_t(uint16_t(keep ? (wide | (neg << 15)) : ((mag == 0) & neg) << 15));
-        }
+        for (int64_t l = 0; l < L; ++l) o[l] = block_code(r[l], off[l], e_max, x_off, bad);
       }
     }
     if (bad) unfit = true;

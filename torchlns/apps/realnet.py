@@ -79,7 +79,7 @@ def crops(img, n: int, size: int, seed: int) -> torch.Tensor:
     """The whole photo, then ``n - 1`` random crops of half to all of each side (half of them mirrored),
     resized to ``size`` and normalised as the network was trained: ``(rgb - 127) / 128``."""
     g = torch.Generator().manual_seed(seed)
-    t = torch.from_numpy(img).permute(2, 0, 1).float()[None]
+    t = torch.tensor(img).permute(2, 0, 1).float()[None]  # a copy: bundled photos are read-only arrays
     H, W = t.shape[-2:]
     out = []
     for i in range(n):
