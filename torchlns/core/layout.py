@@ -64,7 +64,8 @@ def amax(x: torch.Tensor, granularity: str = "tensor", axis: Optional[int] = Non
     """
     x = as_float32(x)
     nd = x.dim()
-    if granularity == "block" and nd and x.numel():
+    # The fast path branches on the data, which torch.compile cannot trace into one graph.
+    if granularity == "block" and nd and x.numel() and not torch.compiler.is_compiling():
         fast = _block_amax_finite(x, axis, block_size)
         if fast is not None:
             return fast
