@@ -156,7 +156,7 @@ at::Tensor block_columns_kmajor(const at::Tensor& x, int32_t x_off, int frac_bit
   const int32_t off_min = -126 * R - 1, off_max = 127 * R - e_max;
   std::atomic<bool> unfit{false};
   at::parallel_for(0, N * groups * nb, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<int32_t> rows(static_cast<size_t>(x_block * L)), off(static_cast<size_t>(L)),
+    std::vector<int32_t> rows(static_cast<size_t>(std::min(x_block, Kg) * L)), off(static_cast<size_t>(L)),
         top(static_cast<size_t>(L));  // per position: the block's largest finite magnitude, then its offset
     int32_t bad = 0;
     for (int64_t t = t0; t < t1; ++t) {

@@ -96,8 +96,8 @@ std::optional<DirectArgs> args_for(const Plan& p, int32_t x_lo, int32_t x_hi, in
     // Products lie below 2^(q_hi + 1) (C may be 2.0, and q_hi holds the carry).
     const int64_t q_lo = int64_t(x_lo) + w_lo + shift, q_hi = int64_t(x_hi) + w_hi + shift + 1;
     if (q_hi + 1 > 127) return std::nullopt;
-    if (!p.fixed) {
-      if (q_lo + emin < -126) return std::nullopt;
+    if (!p.fixed) {  // and Veltkamp's v (2^(23-P) + 1) stays finite
+      if (q_lo + emin < -126 || (a.sigma != 0.0f && q_hi + 2 + std::ilogb(a.sigma) > 127)) return std::nullopt;
       return a;
     }
     // Fixed: products below 2^-1 truncate to 0 however they round, so only octaves >= -2 need

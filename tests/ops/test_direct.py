@@ -447,3 +447,22 @@ def test_product_pairs_decline_what_they_cannot_reproduce():
     assert_same(got, reference.lns_mm_reference(*args), "mitchell F=5")
     if ISAS[-1] != "baseline":
         assert counts["pairs"] == 0 and counts["declined"] >= 1, counts
+
+
+@pytest.mark.parametrize("isa", VECTOR_ISAS)
+def test_product_pairs_near_the_float32_ceiling(isa):
+    """Products near 2^127: a LUT's rounding step would overflow there, so the pairs must
+    decline (or stay exact), never return inf or NaN."""
+    fmt = LNSFormat(10, 5)
+    g = torch.Generator().manual_seed(7)
+    x, w = _codes((6, 40), fmt, g, p_zero=0.0), _codes((20, 40), fmt, g, p_zero=0.0)
+    R = 1 << fmt.frac_bits
+    for top in (100, 118, 124):  # the largest product's octave, about
+        xo = torch.tensor([[top // 2 * R - fmt.e_max]], dtype=torch.int32)
+        wo = torch.full((20, 1), (top - top // 2) * R - fmt.e_max, dtype=torch.int32)
+        for mac in (MACConfig(conversion="lut", lut_bits=8), MACConfig()):
+            args = (x, xo, w, wo, _table(fmt, mac), None, fmt.bits, fmt.bits, fmt.frac_bits, False, 32, 0)
+            want = reference.lns_mm_reference(*args)
+            got = _run(lambda: OPS.lns_mm(*args), isa, "direct")
+            abs_sum = _abs_mm(x, xo, w, wo, args[4], fmt)
+            _check(got, want, False, 40, abs_sum, None, f"ceiling {top} {mac} {isa}")
