@@ -317,6 +317,8 @@ at::Tensor lns_conv_cpu(const at::Tensor& x, const at::Tensor& x_offset, const a
       if (auto y = lns_mm_direct(cols_t, col_off, w2, w_off, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits,
                                  acc_lsb, groups, Ho * Wo, M))
         return y->reshape({x.size(0), w.size(0), Ho, Wo});
+      return grouped_mm(cols_t.narrow(1, 0, M).t(), col_off, w2, w_off, table, bias, x_bits, w_bits, frac_bits, fixed,
+                        acc_bits, acc_lsb, x.size(0), Ho, Wo, groups);
     }
     const auto cols = block_columns(x, off, int(frac_bits), groups, w.size(2), w.size(3), stride, pad_before,
                                     dilation, Ho, Wo, x_block, x_block_bits);

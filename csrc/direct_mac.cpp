@@ -79,6 +79,12 @@ std::optional<Plan> plan_for(const at::Tensor& table, int64_t frac_bits, bool fi
   return p;
 }
 
+// How many fixed-point products of magnitude up to min(biggest, T) an int32 lane can sum.
+int64_t int32_chunk(double biggest, int64_t T) {
+  const double bound = std::max(1.0, std::min(biggest, double(T)));
+  return std::max<int64_t>(1, int64_t(std::floor(2147483647.0 / bound)));
+}
+
 // Kernel arguments for operands whose octaves span [x_lo, x_hi] and [w_lo, w_hi]; nullopt
 // when a float32 product could leave the normal range (the class form or the scalar kernel
 // then runs).
@@ -105,8 +111,7 @@ std::optional<DirectArgs> args_for(const Plan& p, int32_t x_lo, int32_t x_hi, in
     if (-2 + emin < -126) return std::nullopt;
     a.saturate = q_hi + 1 >= p.acc_bits - 1;
     a.sat_bound = float(std::ldexp(1.0, int(p.acc_bits - 1)));
-    const double bound = std::max(1.0, std::min(std::ldexp(1.0, int(std::min<int64_t>(q_hi + 1, 62))), double(p.T)));
-    a.chunk = std::max<int64_t>(1, int64_t(std::floor(2147483647.0 / bound)));
+    a.chunk = int32_chunk(std::ldexp(1.0, int(std::min<int64_t>(q_hi + 1, 62))), p.T);
     return a;
   }
   const int64_t q_lo = int64_t(x_lo) + w_lo, q_hi = int64_t(x_hi) + w_hi + 1;  // +1: the carry of r_x + r_w
@@ -120,8 +125,7 @@ std::optional<DirectArgs> args_for(const Plan& p, int32_t x_lo, int32_t x_hi, in
   const double biggest = a.saturate ? double(p.T)
                                     : std::ldexp(double(p.tabs.L_max), int(q_hi - p.acc_lsb - p.tabs.P));
   a.clamp_T = biggest > double(p.T);
-  const double bound = std::max(1.0, std::min(biggest, double(p.T)));
-  a.chunk = std::max<int64_t>(1, int64_t(std::floor(2147483647.0 / bound)));
+  a.chunk = int32_chunk(biggest, p.T);
   return a;
 }
 

@@ -446,6 +446,12 @@ class _Geometry(NamedTuple):
     groups: int
 
 
+def _conv_weight(wq: Coded, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """An LNS weight's codes and int32 offsets as ``lns_conv`` takes them (conv1d: a height-1 kernel)."""
+    w_off = wq.expanded_param().to(torch.int32)
+    return (wq.codes.unsqueeze(2), w_off.unsqueeze(2)) if n == 1 else (wq.codes, w_off)
+
+
 def _lns_conv(xq: Coded, wq: Coded, as4d, bias, mac: MACConfig, acc_lsb, geometry: _Geometry, Kg: int,
               n: int) -> torch.Tensor:
     """Coded LNS input: one ``torchlns::lns_conv`` call."""
@@ -453,9 +459,7 @@ def _lns_conv(xq: Coded, wq: Coded, as4d, bias, mac: MACConfig, acc_lsb, geometr
     xq.fmt.check_mac(mac, acc_lsb)
     mac.check_reduction(Kg)
     x_off = as4d(xq.expanded_param()).to(torch.int32)
-    w_off = wq.expanded_param().to(torch.int32)
-    w4 = wq.codes.unsqueeze(2) if n == 1 else wq.codes
-    w_off = w_off.unsqueeze(2) if n == 1 else w_off
+    w4, w_off = _conv_weight(wq, n)
     F_ = xq.fmt.frac_bits
     return _OPS.lns_conv(
         as4d(xq.codes), x_off, w4, w_off, mac.table(F_, xq.codes.device), bias, xq.fmt.bits, wq.fmt.bits, F_,
@@ -488,9 +492,7 @@ def _lns_conv_blocks(x4: torch.Tensor, wq: Coded, fmt: Format, bias, mac: MACCon
     off = fmt.integer_log(amax(x4)).reshape(1, 1, 1, 1).to(torch.int32) - (e_wide - 1)
     buckets, _, F_, mitchell = fmt.encode_args(x4.device)
     codes = _OPS.lns_encode(x4.contiguous(), off, buckets, _WIDE_BITS, F_, mitchell)
-    w_off = wq.expanded_param().to(torch.int32)
-    w4 = wq.codes.unsqueeze(2) if n == 1 else wq.codes
-    w_off = w_off.unsqueeze(2) if n == 1 else w_off
+    w4, w_off = _conv_weight(wq, n)
     return _OPS.lns_conv(
         codes, off, w4, w_off, mac.table(F_, x4.device), bias, _WIDE_BITS, wq.fmt.bits, F_, mac.fixed, mac.acc_bits,
         acc_lsb if mac.fixed else 0, list(geometry.stride), [p[0] for p in geometry.pads],

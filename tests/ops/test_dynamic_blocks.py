@@ -160,3 +160,21 @@ def test_gpu_kernels_run_dynamic_blocks_exactly():
             got = run()
     assert launches == [False, False], launches  # lns_mm per group, not the implicit-GEMM conv
     assert_same(got, want, "dynamic blocks through the GPU kernels")
+
+
+@native
+def test_narrow_groups_the_direct_kernels_decline_still_match():
+    """Mitchell's table at F=5 has no direct kernel: the depthwise dynamic conv then runs lns_mm
+    per group on the same k-major columns."""
+    g = torch.Generator().manual_seed(8)
+    fmt, mac = LNSFormat(10, 5), MACConfig(conversion="mitchell", accumulator="fixed", acc_bits=24)
+    x = _input((2, 8, 7, 7), g)
+    wq = LNSTensor.from_float(torch.randn(8, 1, 3, 3, generator=g), fmt, granularity="channel")
+
+    def run():
+        return torchlns.lns_conv2d(x, wq, None, 1, 1, 1, 8, mac=mac, acc_lsb=-9, x_block_size=32, fmt=fmt)
+    with ops.reference_kernels():
+        want = run()
+    for isa in ISAS:
+        with ops.force_isa(isa):
+            assert_same(run(), want, f"mitchell F=5 depthwise dynamic {isa}")

@@ -190,29 +190,26 @@ def wide_format_rows(repeats: int = 5, log: Optional[Callable[[str], None]] = No
               "conv2d 8x64x56x56 3x3": (operands[1], lambda a, b, mac, lsb, **kw: lns_conv2d(a, b, None, 1, 1, mac=mac,
                                                                                              acc_lsb=lsb, **kw))}
     for layer, ((xf, wf, lsb), op) in layers.items():
+        coded = {fmt: (LNSTensor.from_float(xf, fmt), LNSTensor.from_float(wf, fmt, granularity="channel"))
+                 for fmt in (LNS8, *(LNSFormat(b, f) for b, f in WIDE_FORMATS))}
         for mac_name, mac in (("ideal", IDEAL_MAC), ("chip", CHIP_MAC)):
             lsb_ = lsb if mac.fixed else None
             base_name = f"LNS8 F=3 {mac_name}"
-            xq8, wq8 = LNSTensor.from_float(xf, LNS8), LNSTensor.from_float(wf, LNS8, granularity="channel")
-            base = lambda: op(xq8, wq8, mac, lsb_)  # noqa: E731
-            for bits, frac in WIDE_FORMATS:
-                fmt = LNSFormat(bits, frac)
-                xq, wq = LNSTensor.from_float(xf, fmt), LNSTensor.from_float(wf, fmt, granularity="channel")
-                cand = lambda a=xq, b=wq: op(a, b, mac, lsb_)  # noqa: E731
+            base = lambda: op(*coded[LNS8], mac, lsb_)  # noqa: E731
+            for fmt in list(coded)[1:]:
+                cand = lambda f=fmt: op(*coded[f], mac, lsb_)  # noqa: E731
                 backend.reset_direct_kernel_counts()
                 with torch.no_grad():
                     cand()
-                counts = backend.direct_kernel_counts()
-                kernel = max(("table", "pairs", "declined"), key=lambda k: counts.get(k, 0)) if any(
-                    counts.values()) else "none"
+                kernel = "/".join(k for k, n in backend.direct_kernel_counts().items() if n) or "none"
                 tb, tc = compare(base, cand, repeats)
-                rows.append(Row(f"{layer}: formats", f"LNS{bits} F={frac} {mac_name} ({kernel})", base_name,
-                                tb * 1e3, tc * 1e3, tc / tb))
+                name = f"LNS{fmt.bits} F={fmt.frac_bits} {mac_name} ({kernel})"
+                rows.append(Row(f"{layer}: formats", name, base_name, tb * 1e3, tc * 1e3, tc / tb))
                 if log:
-                    log(f"{layer:22s} LNS{bits} F={frac} {mac_name:5s} ({kernel}) {tc / tb:6.2f}x {base_name}")
-            wq8c = wq8
-            static = lambda: op(xf, wq8c, mac, lsb_, fmt=LNS8)  # noqa: E731
-            dynamic = lambda: op(xf, wq8c, mac, lsb_, fmt=LNS8, x_block_size=32)  # noqa: E731
+                    log(f"{layer:22s} {name} {tc / tb:6.2f}x {base_name}")
+            w8 = coded[LNS8][1]
+            static = lambda: op(xf, w8, mac, lsb_, fmt=LNS8)  # noqa: E731
+            dynamic = lambda: op(xf, w8, mac, lsb_, fmt=LNS8, x_block_size=32)  # noqa: E731
             tb, tc = compare(static, dynamic, repeats)
             rows.append(Row(f"{layer}: activations", f"LNS8 dynamic per-block(32) {mac_name}",
                             f"LNS8 static per-tensor {mac_name}", tb * 1e3, tc * 1e3, tc / tb))

@@ -150,6 +150,11 @@ def run(args) -> List[dict]:
         print(f"{name:<34} agreement {100 * r['agreement']:5.1f}%  SQNR {r['sqnr']:5.1f} dB  KL {r['kl']:.3f}  "
               f"labelled {r['labelled']}  ({seconds:.0f} s)", flush=True)
 
+    def step(name, m, method):  # a recovery method on m in place, and its row
+        t = time.monotonic()
+        method()
+        row(name, m, time.monotonic() - t)
+
     row("float32", model)
     fmt = LNSFormat(8, args.frac_bits)
     with warnings.catch_warnings():
@@ -159,22 +164,18 @@ def run(args) -> List[dict]:
             t = time.monotonic()
             row(name, convert(model, cfg, calib), time.monotonic() - t)
         t = time.monotonic()
-        q = convert(model, ConvertConfig(fmt=fmt, mac=CHIP_MAC), calib)
+        base = ConvertConfig(fmt=fmt, mac=CHIP_MAC)
+        q = convert(model, base, calib)
     print(q.conversion_report.__str__().splitlines()[0])
     row(f"{fmt} chip preset", q, time.monotonic() - t)
-    t = time.monotonic()
-    bias_correction(q, model, calib, inplace=True)
-    row("  + bias correction", q, time.monotonic() - t)
-    t = time.monotonic()
-    adaptive_rounding(q, model, calib, iterations=rounds, inplace=True)
-    row("  + adaptive rounding", q, time.monotonic() - t)
-    t = time.monotonic()
+    step("  + bias correction", q, lambda: bias_correction(q, model, calib, inplace=True))
+    step("  + adaptive rounding", q, lambda: adaptive_rounding(q, model, calib, iterations=rounds, inplace=True))
 
     def flip(x):
         return torch.where(torch.rand(x.shape[0], 1, 1, 1) < 0.5, x.flip(-1), x)
 
-    distill(q, model, calib, steps=steps, augment=flip, validate_every=max(1, min(20, steps)), inplace=True)
-    row("  + distillation", q, time.monotonic() - t)
+    step("  + distillation", q, lambda: distill(q, model, calib, steps=steps, augment=flip,
+                                                validate_every=max(1, min(20, steps)), inplace=True))
     # Mixed precision among LNS formats (the chip's), searched on two calibration batches, at most 1.1x the
     # stored bytes of all-LNS8; the chosen formats are then converted (calibrated on all of it) and recovered
     # with bias correction and adaptive rounding, as above.
@@ -183,22 +184,18 @@ def run(args) -> List[dict]:
     if args.smoke:  # covered by tests/deploy/test_mixed.py; more conversions would double the smoke run
         return _report(args, rows)
     t = time.monotonic()
-    base = ConvertConfig(fmt=fmt, mac=CHIP_MAC)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         budget = 1.1 * size_report(q).total_bytes  # recovery changed no stored width
-        lns = [fmt, *(c for c in (LNSFormat(8, 3), LNSFormat(8, 4), LNSFormat(10, 5), LNSFormat(10, 6)) if c != fmt)]
+        lns = list(dict.fromkeys([fmt, LNSFormat(8, 3), LNSFormat(8, 4), LNSFormat(10, 5), LNSFormat(10, 6)]))
         mp = mixed_precision(model, calib[:2], base, budget_bytes=budget, candidates=lns, points=4,
                              plot=args.out / "mixed_precision.png")
         mixed = convert(model, mp.config(base), calib)
     changed = ", ".join(f"{n} {c}" for c, n in _counts(mp.choices).items())
     row(f"mixed precision <= 1.1x bytes ({changed})", mixed, time.monotonic() - t)
-    t = time.monotonic()
-    bias_correction(mixed, model, calib, inplace=True)
-    row("  + bias correction", mixed, time.monotonic() - t)
-    t = time.monotonic()
-    adaptive_rounding(mixed, model, calib, iterations=rounds, inplace=True)
-    row("  + adaptive rounding", mixed, time.monotonic() - t)
+    step("  + bias correction", mixed, lambda: bias_correction(mixed, model, calib, inplace=True))
+    step("  + adaptive rounding", mixed, lambda: adaptive_rounding(mixed, model, calib, iterations=rounds,
+                                                                    inplace=True))
     return _report(args, rows)
 
 
