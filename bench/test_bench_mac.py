@@ -112,3 +112,22 @@ def test_conv2d_dynamic_activations(benchmark, conv_operands, block):
     x, _, _, wq, _ = conv_operands
     benchmark.extra_info["baseline"] = block is None
     benchmark.pedantic(torchlns.lns_conv2d, (x, wq, None, 1, 1), {"x_block_size": block, "fmt": LNS8}, rounds=3)
+
+
+@pytest.fixture(scope="module")
+def depthwise_operands():
+    """A MobileNetV2-like 3x3 depthwise layer on ReLU6 outputs (8x144x56x56)."""
+    g = torch.Generator().manual_seed(1)
+    x = (2 * torch.randn(8, 144, 56, 56, generator=g)).clamp(0, 6)
+    return x, torchlns.LNSTensor.from_float(torch.randn(144, 1, 3, 3, generator=g) / 3, LNS8, granularity="channel")
+
+
+@pytest.mark.benchmark(group="depthwise 8x144x56x56 activations (baseline static)")
+@pytest.mark.parametrize("block", [None, 32], ids=["static", "dynamic32"])
+def test_depthwise_dynamic_activations(benchmark, depthwise_operands, block):
+    # Dynamic blocks of narrow groups run the static kernel and repair the positions a block
+    # changes (see Note: dynamic blocks by repair in csrc/conv_cpu.cpp).
+    x, wq = depthwise_operands
+    benchmark.extra_info["baseline"] = block is None
+    benchmark.pedantic(torchlns.lns_conv2d, (x, wq, None, 1, 1, 1, 144), {"x_block_size": block, "fmt": LNS8},
+                       rounds=3)

@@ -170,9 +170,13 @@ void set_mac_path(MacPath path);
 // beyond it 2^F class products cost more than the scalar kernel), then the scalar kernel.
 // How often the direct kernels ran with tables, with product pairs, or declined a call
 // (another kernel then ran): the tests check which kernel a case reaches, the bench reports it.
+// Dynamic blocks of narrow groups (see Note: dynamic blocks by repair in conv_cpu.cpp): the
+// static kernel alone, the static kernel with repaired positions, or the k-major columns.
+enum class BlocksPath { unchanged = 0, repaired = 1, columns = 2 };
 struct DirectCounts {
-  int64_t table, pairs, declined;
+  int64_t table, pairs, declined, blocks_unchanged, blocks_repaired, blocks_columns;
 };
+void count_blocks_path(BlocksPath p);
 DirectCounts direct_counts();
 void reset_direct_counts();
 TORCHLNS_INLINE bool try_direct(MacPath p) { return p == MacPath::automatic || p == MacPath::direct; }
@@ -195,6 +199,17 @@ std::optional<at::Tensor> lns_conv_direct(const at::Tensor& x, const at::Tensor&
                                           int64_t frac_bits, bool fixed, int64_t acc_bits, int64_t acc_lsb,
                                           at::IntArrayRef stride, at::IntArrayRef pad_before, at::IntArrayRef dilation,
                                           int64_t Ho, int64_t Wo, int64_t groups);
+
+// The columns kernel over per-group segments of a flat k-major code buffer (the repair of
+// dynamic blocks in conv_cpu.cpp): group g (w's rows g Ng..) has S[g] columns, its k-th row
+// at codes[seg[g] + k ld[g] ..] with ld[g] >= S[g] + direct_cols_run(). Returns the finished
+// outputs (bias, epilogue, NaN), group g's at [sum of Ng S[g'] for g' < g] + (n - g Ng) S[g] + j.
+std::optional<at::Tensor> lns_cols_segments(const at::Tensor& codes, const at::Tensor& x_offset,
+                                            const std::vector<int64_t>& seg, const std::vector<int64_t>& ld,
+                                            const std::vector<int64_t>& S, const at::Tensor& w,
+                                            const at::Tensor& w_offset, const at::Tensor& table,
+                                            const std::optional<at::Tensor>& bias, int64_t x_bits, int64_t w_bits,
+                                            int64_t frac_bits, bool fixed, int64_t acc_bits, int64_t acc_lsb);
 
 // torchlns::lns_mm on the CPU (mac_cpu.cpp); the convolution kernel calls it per group.
 at::Tensor lns_mm_cpu(const at::Tensor& x, const at::Tensor& x_offset, const at::Tensor& w, const at::Tensor& w_offset,

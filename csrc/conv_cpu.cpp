@@ -135,6 +135,80 @@ TORCHLNS_ISA_CLONES(bool, row_blocks,
                      int32_t e_max, int32_t off_min, int32_t off_max, int16_t* __restrict out),
                     (codes, K, Kg, x_block, x_off, e_max, off_min, off_max, out))
 
+// Where the taps of a narrow-group convolution's blocks lie, for the k-major builder and the
+// repair below: the wide codes (uint16), the geometry, and the block rule's constants.
+struct NarrowBlocks {
+  const uint16_t* src;
+  int64_t N, C, H, W, groups, kh, kw, taps, Kg, Ho, Wo, L, x_block, nb;
+  int64_t stride[2], pad[2], dilation[2];
+  int32_t x_off, e_max, off_min, off_max;
+
+  NarrowBlocks(const at::Tensor& xc, int32_t x_off_, int frac_bits, int64_t groups_, int64_t kh_, int64_t kw_,
+               IntArrayRef stride_, IntArrayRef pad_before, IntArrayRef dilation_, int64_t Ho_, int64_t Wo_,
+               int64_t x_block_, int64_t x_block_bits)
+      : src(nullptr), N(xc.size(0)), C(xc.size(1)), H(xc.size(2)),
+        W(xc.size(3)), groups(groups_), kh(kh_), kw(kw_), taps(kh_ * kw_), Kg(xc.size(1) * kh_ * kw_ / groups_),
+        Ho(Ho_), Wo(Wo_), L(Ho_ * Wo_), x_block(x_block_), nb((Kg + x_block_ - 1) / x_block_), x_off(x_off_) {
+    TORCH_CHECK(xc.scalar_type() == at::kShort, "lns_conv: dynamic blocks take 16-bit wide codes (int16)");
+    TORCH_CHECK(x_block >= 1 && x_block_bits >= 4 && x_block_bits <= 16,
+                "lns_conv: x_block must be positive and x_block_bits in 4..16");
+    src = reinterpret_cast<const uint16_t*>(xc.data_ptr<int16_t>());
+    for (int d = 0; d < 2; ++d) stride[d] = stride_[d], pad[d] = pad_before[d], dilation[d] = dilation_[d];
+    const int32_t R = 1 << frac_bits;
+    e_max = (1 << (x_block_bits - 1)) - 1, off_min = -126 * R - 1, off_max = 127 * R - e_max;
+  }
+  // rows[kk L + l] = the wide code of tap k0 + kk (k over (c, i, j)) at every position of image img.
+  void gather(int64_t img, int64_t k0, int64_t n, int32_t* rows) const {
+    for (int64_t kk = 0; kk < n; ++kk) {
+      const int64_t k = k0 + kk, c = k / taps, i = (k % taps) / kw, j = k % kw;
+      const uint16_t* plane = src + (img * C + c) * H * W;
+      int32_t* r = rows + kk * L;
+      for (int64_t oh = 0; oh < Ho; ++oh) {
+        const int64_t ih = oh * stride[0] - pad[0] + i * dilation[0];
+        int32_t* ro = r + oh * Wo;
+        if (ih < 0 || ih >= H) {
+          std::fill(ro, ro + Wo, 0);
+          continue;
+        }
+        const uint16_t* in = plane + ih * W;
+        for (int64_t ow = 0; ow < Wo; ++ow) {
+          const int64_t iw = ow * stride[1] - pad[1] + j * dilation[1];
+          ro[ow] = (iw >= 0 && iw < W) ? int32_t(in[iw]) : 0;
+        }
+      }
+    }
+  }
+  // Every position's block offset, from n gathered rows.
+  void offsets(const int32_t* rows, int64_t n, int32_t* top, int32_t* off) const {
+    std::fill(top, top + L, 0);
+    for (int64_t kk = 0; kk < n; ++kk) {
+      const int32_t* r = rows + kk * L;
+      for (int64_t l = 0; l < L; ++l) {
+        const int32_t mag = r[l] & kWideMax;
+        top[l] = std::max(top[l], mag < kWideMax ? mag : 0);
+      }
+    }
+    for (int64_t l = 0; l < L; ++l) off[l] = block_offset(top[l], x_off, e_max, off_min, off_max);
+  }
+  // Block b of group gi: its first k and length.
+  std::pair<int64_t, int64_t> block(int64_t gi, int64_t b) const {
+    const int64_t k0 = gi * Kg + b * x_block;
+    return {k0, std::min((gi + 1) * Kg, k0 + x_block) - k0};
+  }
+  // The receptive field of group gi at position r = img L + l, as wide codes in (c, i, j) order.
+  void field(int64_t gi, int64_t r, int32_t* codes) const {
+    const int64_t img = r / L, oh = (r % L) / Wo, ow = r % Wo, Cg = C / groups;
+    for (int64_t i = 0, t = 0; i < kh; ++i)
+      for (int64_t j = 0; j < kw; ++j, ++t) {
+        const int64_t ih = oh * stride[0] - pad[0] + i * dilation[0];
+        const int64_t iw = ow * stride[1] - pad[1] + j * dilation[1];
+        const bool inside = ih >= 0 && ih < H && iw >= 0 && iw < W;
+        const uint16_t* plane = src + (img * C + gi * Cg) * H * W + (inside ? ih * W + iw : 0);
+        for (int64_t c = 0; c < Cg; ++c) codes[c * taps + t] = inside ? int32_t(plane[c * H * W]) : 0;
+      }
+  }
+};
+
 // The same, k-major: columns (C*kh*kw, ld) with position n*L + l along each row (ld >= N*L;
 // the rest zero), for the columns kernel (depthwise and other narrow groups). Work items are
 // (image, block): the block's rows are gathered like unfold's, then every position's block
@@ -143,62 +217,185 @@ TORCHLNS_ISA_CLONES(bool, row_blocks,
 at::Tensor block_columns_kmajor(const at::Tensor& x, int32_t x_off, int frac_bits, int64_t groups, int64_t kh,
                                 int64_t kw, IntArrayRef stride, IntArrayRef pad_before, IntArrayRef dilation,
                                 int64_t Ho, int64_t Wo, int64_t x_block, int64_t x_block_bits, int64_t ld) {
-  TORCH_CHECK(x.scalar_type() == at::kShort, "lns_conv: dynamic blocks take 16-bit wide codes (int16)");
-  TORCH_CHECK(x_block >= 1 && x_block_bits >= 4 && x_block_bits <= 16,
-              "lns_conv: x_block must be positive and x_block_bits in 4..16");
   const auto xc = x.contiguous();
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), taps = kh * kw, K = C * taps;
-  const int64_t Kg = K / groups, L = Ho * Wo, nb = (Kg + x_block - 1) / x_block;
-  auto out = at::zeros({K, ld}, x.options());
-  const uint16_t* src = reinterpret_cast<const uint16_t*>(xc.data_ptr<int16_t>());
+  const NarrowBlocks nb(xc, x_off, frac_bits, groups, kh, kw, stride, pad_before, dilation, Ho, Wo, x_block,
+                        x_block_bits);
+  const int64_t L = nb.L;
+  auto out = at::zeros({nb.C * nb.taps, ld}, x.options());
   int16_t* dst = out.data_ptr<int16_t>();
-  const int32_t e_max = (1 << (x_block_bits - 1)) - 1, R = 1 << frac_bits;
-  const int32_t off_min = -126 * R - 1, off_max = 127 * R - e_max;
   std::atomic<bool> unfit{false};
-  at::parallel_for(0, N * groups * nb, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<int32_t> rows(static_cast<size_t>(std::min(x_block, Kg) * L)), off(static_cast<size_t>(L)),
-        top(static_cast<size_t>(L));  // per position: the block's largest finite magnitude, then its offset
+  at::parallel_for(0, nb.N * groups * nb.nb, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<int32_t> rows(static_cast<size_t>(std::min(x_block, nb.Kg) * L)), off(static_cast<size_t>(L)),
+        top(static_cast<size_t>(L));
     int32_t bad = 0;
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t img = t / (groups * nb), gi = (t / nb) % groups, b = t % nb;
-      const int64_t k0 = gi * Kg + b * x_block, k1 = std::min((gi + 1) * Kg, k0 + x_block), n = k1 - k0;
-      for (int64_t kk = 0; kk < n; ++kk) {  // unfold one row: tap (i, j) of channel c at every position
-        const int64_t k = k0 + kk, c = k / taps, i = (k % taps) / kw, j = k % kw;
-        const uint16_t* plane = src + (img * C + c) * H * W;
-        int32_t* r = rows.data() + kk * L;
-        for (int64_t oh = 0; oh < Ho; ++oh) {
-          const int64_t ih = oh * stride[0] - pad_before[0] + i * dilation[0];
-          int32_t* ro = r + oh * Wo;
-          if (ih < 0 || ih >= H) {
-            std::fill(ro, ro + Wo, 0);
-            continue;
-          }
-          const uint16_t* in = plane + ih * W;
-          for (int64_t ow = 0; ow < Wo; ++ow) {
-            const int64_t iw = ow * stride[1] - pad_before[1] + j * dilation[1];
-            ro[ow] = (iw >= 0 && iw < W) ? int32_t(in[iw]) : 0;
-          }
-        }
-      }
-      std::fill(top.begin(), top.end(), 0);
-      for (int64_t kk = 0; kk < n; ++kk) {
-        const int32_t* r = rows.data() + kk * L;
-        for (int64_t l = 0; l < L; ++l) {
-          const int32_t mag = r[l] & kWideMax;
-          top[l] = std::max(top[l], mag < kWideMax ? mag : 0);
-        }
-      }
-      for (int64_t l = 0; l < L; ++l) off[l] = block_offset(top[l], x_off, e_max, off_min, off_max);
+      const int64_t img = t / (groups * nb.nb);
+      const auto [k0, n] = nb.block((t / nb.nb) % groups, t % nb.nb);
+      nb.gather(img, k0, n, rows.data());
+      nb.offsets(rows.data(), n, top.data(), off.data());
       for (int64_t kk = 0; kk < n; ++kk) {
         const int32_t* r = rows.data() + kk * L;
         int16_t* o = dst + (k0 + kk) * ld + img * L;
-        for (int64_t l = 0; l < L; ++l) o[l] = block_code(r[l], off[l], e_max, x_off, bad);
+        for (int64_t l = 0; l < L; ++l) o[l] = block_code(r[l], off[l], nb.e_max, x_off, bad);
       }
     }
     if (bad) unfit = true;
   });
   TORCH_CHECK(!unfit, "lns_conv: dynamic blocks: a block's value does not fit the wide codes' offset ", x_off);
   return out;
+}
+
+// Note: dynamic blocks by repair
+// Re-encoding a block (see Note: dynamic blocks in torchlns/ops/reference.py) leaves a wide
+// code as it is unless the block flushes it (below the block's offset), caps it (an offset
+// clamped at the top of the range) or it is ±inf. Where no code of a receptive field
+// changes, the dynamic output is the static convolution of the wide codes: the same
+// products, summed by the same columns kernel in the same k order. Narrow groups (depthwise)
+// would otherwise need k-major columns, kh·kw copies of the input, 4-5x the static kernel.
+// So, per (image, group): its planes' largest finite and smallest nonzero magnitudes, and
+// ±inf, bound every block's offset; when nothing can change there (the common case: 2^F·15.9
+// octaves of range in 8-bit codes) the group is done. In the other groups every position's
+// blocks are checked with block_code itself. The static kernel runs on the wide codes, and
+// the changed positions' re-encoded receptive fields go through the same columns kernel in
+// per-group segments (lns_cols_segments) and overwrite theirs. When more than a quarter of
+// the positions change, the k-major columns cost less, and run instead.
+std::optional<at::Tensor> blocks_by_repair(const at::Tensor& x, const at::Tensor& x_offset, const at::Tensor& w,
+                                           const at::Tensor& w_offset, const at::Tensor& table,
+                                           const std::optional<at::Tensor>& bias, int64_t x_bits, int64_t w_bits,
+                                           int64_t frac_bits, bool fixed, int64_t acc_bits, int64_t acc_lsb,
+                                           IntArrayRef stride, IntArrayRef pad_before, IntArrayRef dilation,
+                                           int64_t Ho, int64_t Wo, int64_t groups, int64_t x_block,
+                                           int64_t x_block_bits) {
+  const auto xc = x.contiguous();
+  const int32_t x_off = x_offset.reshape({-1})[0].item<int32_t>();
+  const NarrowBlocks nb(xc, x_off, int(frac_bits), groups, w.size(2), w.size(3), stride, pad_before, dilation, Ho,
+                        Wo, x_block, x_block_bits);
+  const int64_t N = nb.N, G = groups, L = nb.L, Cg = nb.C / G, HW = nb.H * nb.W, Kg = nb.Kg, Ng = w.size(0) / G;
+  // 1. Per (image, group): the wide magnitudes that some block could change: those below the
+  // bound on every block's flush threshold, from the group's largest finite magnitude (a
+  // block's offset grows with its maximum), those a clamped top offset caps, and ±inf.
+  std::vector<int32_t> lo_ok(static_cast<size_t>(N * G)), hi_ok(static_cast<size_t>(N * G));
+  at::parallel_for(0, N * G, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const uint16_t* p = nb.src + t * Cg * HW;
+      int32_t top = 0;
+      for (int64_t e = 0; e < Cg * HW; ++e) {
+        const int32_t mag = p[e] & kWideMax;
+        top = std::max(top, mag < kWideMax ? mag : 0);
+      }
+      const int32_t g_top = top + x_off - nb.e_max;
+      lo_ok[t] = top ? std::max(g_top, nb.off_min) + 1 - x_off : 1;  // kept magnitudes are >= lo_ok[t]
+      hi_ok[t] = std::min(nb.off_max + nb.e_max - x_off, kWideMax - 1);  // and <= hi_ok[t]
+    }
+  });
+  // 2. The positions whose receptive fields hold such a magnitude (a few, in most layers; a
+  // position repaired that needed none gets the same value).
+  std::vector<uint8_t> changed(static_cast<size_t>(N * G * L), 0);
+  at::parallel_for(0, N * G, 1, [&](int64_t t0, int64_t t1) {
+    constexpr int64_t kChunk = 256;
+    for (int64_t t = t0; t < t1; ++t) {
+      const uint16_t* p = nb.src + t * Cg * HW;
+      uint8_t* flag = changed.data() + t * L;
+      const int32_t lo = lo_ok[t], hi = hi_ok[t];
+      for (int64_t e0 = 0; e0 < Cg * HW; e0 += kChunk) {
+        const int64_t e1 = std::min(Cg * HW, e0 + kChunk);
+        int32_t any = 0;  // branch-free, so that it vectorizes; chunks without one are skipped
+        for (int64_t e = e0; e < e1; ++e) {
+          const int32_t mag = p[e] & kWideMax;
+          any |= ((mag != 0) & (mag < lo)) | (mag > hi);
+        }
+        if (!any) continue;
+        for (int64_t e = e0; e < e1; ++e) {
+          const int32_t mag = p[e] & kWideMax;
+          if (!(((mag != 0) & (mag < lo)) | (mag > hi))) continue;
+          const int64_t ih = (e % HW) / nb.W, iw = e % nb.W;
+          for (int64_t i = 0; i < nb.kh; ++i) {
+            const int64_t u = ih + nb.pad[0] - i * nb.dilation[0];
+            if (u < 0 || u % nb.stride[0] || u / nb.stride[0] >= Ho) continue;
+            for (int64_t j = 0; j < nb.kw; ++j) {
+              const int64_t v = iw + nb.pad[1] - j * nb.dilation[1];
+              if (v < 0 || v % nb.stride[1] || v / nb.stride[1] >= Wo) continue;
+              flag[(u / nb.stride[0]) * Wo + v / nb.stride[1]] = 1;
+            }
+          }
+        }
+      }
+    }
+  });
+  std::vector<int64_t> S(static_cast<size_t>(G), 0);
+  int64_t total = 0;
+  for (int64_t t = 0; t < N * G; ++t) {
+    const int64_t n = std::count(changed.begin() + t * L, changed.begin() + (t + 1) * L, uint8_t(1));
+    S[t % G] += n, total += n;
+  }
+  if (4 * total > N * G * L) return std::nullopt;
+  // 3. The static kernel on the wide codes, those magnitudes zeroed: only the positions
+  // repaired below see them, and ±inf or a flushed 2^-126 would keep the kernel from running.
+  at::Tensor xs = xc;
+  if (total) {
+    xs = xc.clone();
+    int16_t* q = xs.data_ptr<int16_t>();
+    at::parallel_for(0, N * G, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t)
+        for (int64_t e = t * Cg * HW; e < (t + 1) * Cg * HW; ++e) {
+          const int32_t mag = uint16_t(q[e]) & kWideMax;
+          if (((mag != 0) & (mag < lo_ok[t])) | (mag > hi_ok[t])) q[e] = 0;
+        }
+    });
+  }
+  auto y = lns_conv_direct(xs, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits,
+                           acc_lsb, stride, pad_before, dilation, Ho, Wo, groups);
+  if (!y || !total) {
+    if (y) count_blocks_path(BlocksPath::unchanged);
+    return y;
+  }
+  // 4. The changed positions' columns, per group, re-encoded; their outputs overwrite the static ones.
+  const int64_t run = direct_cols_run();
+  std::vector<int64_t> seg(static_cast<size_t>(G)), ld(static_cast<size_t>(G)), first(static_cast<size_t>(G));
+  int64_t size = 0;
+  for (int64_t g = 0, j = 0; g < G; j += S[g], ++g) ld[g] = S[g] + run, seg[g] = size, size += Kg * ld[g], first[g] = j;
+  auto codes = at::zeros({size}, x.options());
+  auto where = at::empty({total}, x.options().dtype(at::kLong));  // img L + l of each changed column, group by group
+  int16_t* dst = codes.data_ptr<int16_t>();
+  int64_t* pos = where.data_ptr<int64_t>();
+  std::atomic<bool> unfit{false};
+  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+    std::vector<int32_t> field(static_cast<size_t>(Kg) + 1);
+    std::vector<int16_t> coded(static_cast<size_t>(Kg) + 1);
+    bool bad = false;
+    for (int64_t g = g0; g < g1; ++g) {
+      int64_t j = 0;
+      for (int64_t img = 0; img < N; ++img) {
+        const uint8_t* flag = changed.data() + (img * G + g) * L;
+        for (int64_t l = 0; l < L; ++l) {
+          if (!flag[l]) continue;
+          nb.field(g, img * L + l, field.data());
+          bad |= row_blocks(field.data(), Kg, Kg, x_block, x_off, nb.e_max, nb.off_min, nb.off_max, coded.data());
+          for (int64_t k = 0; k < Kg; ++k) dst[seg[g] + k * ld[g] + j] = coded[k];
+          pos[first[g] + j++] = img * L + l;
+        }
+      }
+    }
+    if (bad) unfit = true;
+  });
+  TORCH_CHECK(!unfit, "lns_conv: dynamic blocks: a block's value does not fit the wide codes' offset ", x_off);
+  const auto [w2, w_off] = weight_rows(w, w_offset);
+  const auto vals = lns_cols_segments(codes, x_offset, seg, ld, S, w2, w_off, table, bias, x_bits, w_bits, frac_bits,
+                                      fixed, acc_bits, acc_lsb);
+  if (!vals) return std::nullopt;
+  const float* v = vals->data_ptr<float>();
+  float* out = y->data_ptr<float>();
+  const int64_t Cout = w.size(0);
+  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      for (int64_t j = 0; j < S[g]; ++j) {
+        const int64_t img = pos[first[g] + j] / L, l = pos[first[g] + j] % L;
+        for (int64_t n = 0; n < Ng; ++n) out[(img * Cout + g * Ng + n) * L + l] = v[Ng * first[g] + n * S[g] + j];
+      }
+    }
+  });
+  count_blocks_path(BlocksPath::repaired);
+  return y;
 }
 
 // Wide codes re-encoded per block of each receptive field, as im2col columns (N*L, C*kh*kw)
@@ -310,7 +507,11 @@ at::Tensor lns_conv_cpu(const at::Tensor& x, const at::Tensor& x_offset, const a
     const auto [w2, w_off] = weight_rows(w, w_offset);
     const int64_t M = x.size(0) * Ho * Wo;
     if (try_direct(mac_path()) && direct_lanes() && w.size(0) / groups < direct_lanes() / 2 && M && w.numel()) {
-      // narrow groups: the columns kernel, on k-major columns
+      // narrow groups: the static columns kernel with changed positions repaired, else on k-major columns
+      if (auto y = blocks_by_repair(x, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits,
+                                    acc_lsb, stride, pad_before, dilation, Ho, Wo, groups, x_block, x_block_bits))
+        return *y;
+      count_blocks_path(BlocksPath::columns);
       const auto cols_t = block_columns_kmajor(x, off, int(frac_bits), groups, w.size(2), w.size(3), stride,
                                                pad_before, dilation, Ho, Wo, x_block, x_block_bits,
                                                M + direct_cols_run());

@@ -140,6 +140,7 @@ inline void cols(const DirectArgs& a, const ColSource& src, int64_t groups, int6
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t task = t / groups, g = t % groups;
       const int count = src.x_at(task, g, xk.data());
+      if (count <= 0) continue;  // a source whose groups have fewer runs than others
       for (int64_t n = g * Ng; n < (g + 1) * Ng; ++n) {
         const int64_t out = src.out_at(task, n);
         float* of = yf ? yf + out : nullptr;

@@ -17,6 +17,7 @@ namespace torchlns {
 namespace {
 
 std::atomic<int64_t> counts_table{0}, counts_pairs{0}, counts_declined{0};
+std::atomic<int64_t> counts_blocks[3] = {{0}, {0}, {0}};
 
 struct Plan {
   bool fixed = false;
@@ -280,8 +281,15 @@ void count_run(const Plan& p) { (p.pair ? counts_pairs : counts_table).fetch_add
 
 }  // namespace
 
-DirectCounts direct_counts() { return {counts_table.load(), counts_pairs.load(), counts_declined.load()}; }
-void reset_direct_counts() { counts_table = 0, counts_pairs = 0, counts_declined = 0; }
+DirectCounts direct_counts() {
+  return {counts_table.load(), counts_pairs.load(), counts_declined.load(), counts_blocks[0].load(),
+          counts_blocks[1].load(), counts_blocks[2].load()};
+}
+void reset_direct_counts() {
+  counts_table = 0, counts_pairs = 0, counts_declined = 0;
+  for (auto& c : counts_blocks) c = 0;
+}
+void count_blocks_path(BlocksPath p) { counts_blocks[int(p)].fetch_add(1, std::memory_order_relaxed); }
 
 std::optional<at::Tensor> lns_mm_direct(const at::Tensor& x, const at::Tensor& x_offset, const at::Tensor& w,
                                         const at::Tensor& w_offset, const at::Tensor& table,
@@ -360,6 +368,96 @@ std::optional<at::Tensor> lns_mm_direct(const at::Tensor& x, const at::Tensor& x
     out.masked_fill_(L ? hit.reshape({M / L, L, N}).permute({0, 2, 1}) : hit, nan);
   }
   if (wq[3]) out.masked_fill_(L ? wf[2].reshape({1, N, 1}) : wf[2].reshape({1, N}), nan);
+  return out;
+}
+
+namespace {
+
+// Columns of per-group segments of a flat k-major code buffer: group g's S[g] columns at
+// seg[g] + k * ld[g] + j; sums at sums_at[g] + (n - g Ng) ld[g] + j. Groups with fewer runs
+// than others have none left for the later tasks (count 0: the driver skips them).
+struct SegmentCols : ColSource {
+  const int32_t* xf;
+  const std::vector<int64_t>&seg, &ld, &S, &sums_at;
+  int64_t Kg, Ng, runs;
+  SegmentCols(const int32_t* f, const std::vector<int64_t>& seg_, const std::vector<int64_t>& ld_,
+              const std::vector<int64_t>& S_, const std::vector<int64_t>& sums_at_, int64_t kg, int64_t ng)
+      : xf(f), seg(seg_), ld(ld_), S(S_), sums_at(sums_at_), Kg(kg), Ng(ng), runs(0) {
+    for (const int64_t s : S) runs = std::max(runs, (s + direct_cols_run() - 1) / direct_cols_run());
+  }
+  int64_t tasks() const override { return runs; }
+  int x_at(int64_t task, int64_t g, const int32_t** xk) const override {
+    const int64_t m0 = task * direct_cols_run();
+    if (m0 >= S[g]) return 0;
+    for (int64_t k = 0; k < Kg; ++k) xk[k] = xf + seg[g] + k * ld[g] + m0;
+    return int(std::min(direct_cols_run(), S[g] - m0));
+  }
+  int64_t out_at(int64_t task, int64_t n) const override {
+    const int64_t g = n / Ng;
+    return sums_at[g] + (n - g * Ng) * ld[g] + task * direct_cols_run();
+  }
+};
+
+}  // namespace
+
+std::optional<at::Tensor> lns_cols_segments(const at::Tensor& codes, const at::Tensor& x_offset,
+                                            const std::vector<int64_t>& seg, const std::vector<int64_t>& ld,
+                                            const std::vector<int64_t>& S, const at::Tensor& w,
+                                            const at::Tensor& w_offset, const at::Tensor& table,
+                                            const std::optional<at::Tensor>& bias, int64_t x_bits, int64_t w_bits,
+                                            int64_t frac_bits, bool fixed, int64_t acc_bits, int64_t acc_lsb) {
+  const auto plan = plan_for(table, frac_bits, fixed, acc_bits, acc_lsb);
+  if (!plan) return declined();
+  const int64_t groups = int64_t(S.size()), N = w.size(0), Kg = w.size(1), Ng = N / groups;
+  TORCH_CHECK(N == groups * Ng && seg.size() == S.size() && ld.size() == S.size() && codes.dim() == 1,
+              "lns_cols_segments: bad segments");
+  for (int64_t g = 0; g < groups; ++g)
+    TORCH_CHECK(ld[g] >= S[g] + direct_cols_run() && seg[g] + Kg * ld[g] <= codes.numel(),
+                "lns_cols_segments: a segment needs run padding");
+  const auto wf = weight_fields([&] { return std::make_pair(w, w_offset.expand({N, Kg})); }, w_bits, *plan, groups,
+                                0, w, w_offset);
+  const int64_t* wq = wf[1].data_ptr<int64_t>();
+  const int pair = plan->pair ? 2 : 1;
+  int32_t* fields = scratch(0, pair * codes.numel());
+  const PackedFields xf = packed_fields(codes, x_offset.reshape({1}).expand(codes.sizes()), x_bits, plan->F,
+                                        plan->x_layout, fields);
+  const auto args = args_for(*plan, xf.q_lo, xf.q_hi, int32_t(wq[0]), int32_t(wq[1]), wq[2] != 0);
+  if (!args) return declined();
+  count_run(*plan);
+  std::vector<int64_t> sums_at(static_cast<size_t>(groups)), out_at(static_cast<size_t>(groups));
+  int64_t total = 0, outs = 0;
+  for (int64_t g = 0; g < groups; ++g) sums_at[g] = total, total += Ng * ld[g], out_at[g] = outs, outs += Ng * S[g];
+  int32_t* buf = scratch(2, fixed ? 2 * total : total);
+  float* sf = fixed ? nullptr : reinterpret_cast<float*>(buf);
+  int64_t* si = fixed ? reinterpret_cast<int64_t*>(buf) : nullptr;
+  SegmentCols src(fields, seg, ld, S, sums_at, Kg, Ng);
+  if (plan->pair) src.tail_delta = codes.numel();
+  if (Kg) {
+    direct_cols(*args, src, groups, Kg, wf[0].data_ptr<int32_t>(), Ng, sf, si);
+  } else if (fixed) {
+    std::fill(si, si + total, 0);
+  } else {
+    std::fill(sf, sf + total, 0.0f);
+  }
+  std::optional<at::Tensor> b32;
+  if (bias.has_value()) b32 = bias->to(at::kFloat).contiguous();
+  const float* b = b32 ? b32->data_ptr<float>() : nullptr;
+  auto out = at::empty({outs}, codes.options().dtype(at::kFloat));
+  float* y = out.data_ptr<float>();
+  const bool* x_nan = xf.any_nan ? xf.nan.data_ptr<bool>() : nullptr;
+  const bool* w_nan = wq[3] ? wf[2].data_ptr<bool>() : nullptr;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g)
+      for (int64_t j = 0; j < S[g]; ++j) {
+        bool hit = false;  // NaN dominates its dot products (even against a zero partner)
+        for (int64_t k = 0; x_nan && k < Kg; ++k) hit |= x_nan[seg[g] + k * ld[g] + j];
+        for (int64_t n = g * Ng; n < (g + 1) * Ng; ++n)
+          y[out_at[g] + (n - g * Ng) * S[g] + j] =
+              hit || (w_nan && w_nan[n]) ? nan : finish(*plan, sf, si, sums_at[g] + (n - g * Ng) * ld[g] + j,
+                                                        b ? b + n : nullptr);
+      }
+  });
   return out;
 }
 

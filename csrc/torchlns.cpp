@@ -105,8 +105,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["table"] = c.table;
     d["pairs"] = c.pairs;
     d["declined"] = c.declined;
+    d["blocks_unchanged"] = c.blocks_unchanged;
+    d["blocks_repaired"] = c.blocks_repaired;
+    d["blocks_columns"] = c.blocks_columns;
     return d;
-  }, "How often the direct LNS kernels ran with tables, with product pairs, or declined a call.");
+  }, "How often the direct LNS kernels ran with tables, with product pairs, or declined a call, and how dynamic blocks of narrow groups ran.");
   m.def("reset_direct_counts", &torchlns::reset_direct_counts, "Zero the direct-kernel counters.");
   m.def("clear_weight_cache", &torchlns::clear_weight_cache, "Drop every prepared weight.");
   m.def("set_weight_cache_capacity", &torchlns::set_weight_cache_capacity, "Cache capacity in bytes (0: off).");

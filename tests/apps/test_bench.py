@@ -57,10 +57,12 @@ def test_wide_format_rows_name_the_kernel_and_time_dynamic_activations():
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(16, 64, generator=g), torch.randn(32, 64, generator=g) / 8
     xc, wc = torch.randn(1, 8, 10, 10, generator=g).relu(), torch.randn(16, 8, 3, 3, generator=g) / 8
-    rows = bench.wide_format_rows(1, operands=((x, w, -20), (xc, wc, -20)))
+    xd, wd = torch.randn(2, 8, 9, 9, generator=g).clamp(0, 6), torch.randn(8, 1, 3, 3, generator=g)
+    rows = bench.wide_format_rows(1, operands=((x, w, -20), (xc, wc, -20), (xd, wd, -20)))
     names = [r.name for r in rows if r.group.endswith("formats")]
-    assert len(names) == 2 * 2 * len(bench.WIDE_FORMATS)  # two layers, two MACs
+    assert len(names) == 3 * 2 * len(bench.WIDE_FORMATS)  # three layers (one depthwise), two MACs
     if torchlns.ops.isa() != "baseline":  # the direct kernels run every wide format, none declines
         assert all("(table)" in n or "(pairs)" in n for n in names), names
     dyn = [r for r in rows if r.group.endswith("activations")]
-    assert len(dyn) == 4 and all(r.ratio > 0 for r in dyn)
+    assert len(dyn) == 6 and all(r.ratio > 0 for r in dyn)
+    assert any(r.group.startswith("depthwise 2x8x9x9") for r in dyn)

@@ -178,3 +178,61 @@ def test_narrow_groups_the_direct_kernels_decline_still_match():
     for isa in ISAS:
         with ops.force_isa(isa):
             assert_same(run(), want, f"mitchell F=5 depthwise dynamic {isa}")
+
+
+def _narrow_input(kind, shape, g, cap=True):
+    """Inputs that send a narrow-group dynamic conv down each path (see Note: dynamic blocks by
+    repair in csrc/conv_cpu.cpp): no code any block changes, a few positions to repair, or so
+    many that the k-major columns run."""
+    if kind == "unchanged":  # 2^±3 everywhere, zeros: no block flushes anything (LNS8 F=4 spans 2^7.9)
+        return torch.exp2(6 * torch.rand(shape, generator=g) - 3) * torch.randn(shape, generator=g).sign().relu()
+    x = torch.randn(shape, generator=g) * 4
+    if kind == "columns":  # every element 2^±40 apart: flushes at most positions
+        return x * torch.exp2(40 * torch.rand(shape, generator=g) - 20)
+    flat = x.view(-1)  # a few flushed, saturating, capped, NaN and negative-zero inputs
+    n = flat.numel()
+    for i, v in [(n // 5 + 7, 1e-30), (n // 3, math.inf), (n // 2, -3e38 if cap else 1.0), (n // 2 + 1, math.nan),
+                 (2 * n // 3, -1e-25), (n - 2, -0.0), (n // 4 + 5, 2e-39)]:  # a subnormal amid normal neighbours
+        flat[i] = v
+    return x
+
+
+@native
+@pytest.mark.parametrize("kind", ["unchanged", "repaired", "columns"])
+@pytest.mark.parametrize("fmt", [LNSFormat(8, 3), LNSFormat(8, 4), LNSFormat(10, 5)], ids=str)
+def test_narrow_group_blocks_take_each_path_bit_for_bit(kind, fmt):
+    g = torch.Generator().manual_seed(11)
+    cases = [  # (N, C, H, W, Cout, k, stride, padding, dilation, groups, block)
+        (2, 6, 9, 9, 6, 3, 1, 1, 1, 6, 32),  # depthwise
+        (2, 6, 10, 9, 12, 3, 2, 1, 1, 6, 4),  # multiplier 2, stride 2, blocks of 4 taps
+        (2, 16, 8, 8, 16, 3, 1, 2, 2, 8, 5),  # 2 channels per group, dilation 2, four blocks per group
+    ]
+    for (N, C, H, W, Cout, k, s, p, d, groups, bs) in cases:
+        # Capped at 2^127 (a clamped top offset): the product pairs' exponent guard declines it.
+        x = _narrow_input(kind, (N, C, H, W), g, cap=fmt.frac_bits == 3)
+        w = torch.randn(Cout, C // groups, k, k, generator=g) / 16  # float32 products of -3e38 stay finite
+        wq = LNSTensor.from_float(w, fmt, granularity="channel")
+        bias = torch.randn(Cout, generator=g)
+        for mac, lsb in [(CHIP_MAC, -12), (IDEAL_MAC, None)]:
+            def run():
+                return torchlns.lns_conv2d(x, wq, bias, s, p, d, groups, mac=mac, acc_lsb=lsb, x_block_size=bs,
+                                           fmt=fmt)
+            with ops.reference_kernels():
+                want = run()
+            for isa in [i for i in ISAS if i != "baseline"]:
+                with ops.force_isa(isa):
+                    ops.reset_direct_kernel_counts()
+                    got = run()
+                    counts = ops.direct_kernel_counts()
+                what = f"{kind} {fmt} {(N, C, H, W, Cout, groups, bs)} {mac} {isa}"
+                assert counts[f"blocks_{kind}"] == 1 and counts["declined"] == 0, (what, counts)
+                if mac.fixed:
+                    assert_same(got, want, what)
+                else:  # the same products; float32 sums within the spec's K 2^-24 sum|p| of the reference's
+                    with ops.reference_kernels():  # |x| flushes where x does
+                        abs_sum = torchlns.lns_conv2d(x.abs(), LNSTensor.from_float(w.abs(), fmt, granularity="channel"),
+                                                      bias.abs(), s, p, d, groups, x_block_size=bs, fmt=fmt).double()
+                    assert torch.equal(torch.isnan(got), torch.isnan(want)), what
+                    ok = ~torch.isnan(want)
+                    bound = (C // groups * k * k + 1) * 2.0**-24 * abs_sum[ok] + 2.0**-24 * want[ok].double().abs()
+                    assert ((got[ok].double() - want[ok].double()).abs() <= bound + 2.0**-149).all(), what

@@ -172,8 +172,9 @@ WIDE_FORMATS = ((8, 4), (10, 5), (12, 6))
 def wide_format_rows(repeats: int = 5, log: Optional[Callable[[str], None]] = None, operands=None) -> List[Row]:
     """Wider LNS formats and dynamic per-block activations against LNS8 F=3 static on the same layer.
 
-    ``operands``: ((x, w, acc_lsb) of the linear layer, (x, w, acc_lsb) of the conv layer);
-    by default those of :func:`kernel_rows`.
+    ``operands``: ((x, w, acc_lsb) of the linear layer, (x, w, acc_lsb) of the conv layer, and
+    optionally of a 3x3 depthwise conv); by default those of :func:`kernel_rows` and a
+    MobileNetV2-like depthwise layer on ReLU6 outputs (8x144x56x56).
     """
     from .. import CHIP_MAC, IDEAL_MAC, LNS8, LNSFormat, LNSTensor, lns_conv2d, lns_linear
     from ..ops import backend
@@ -184,11 +185,18 @@ def wide_format_rows(repeats: int = 5, log: Optional[Callable[[str], None]] = No
         xc, wc = torch.randn(8, 64, 56, 56, generator=g).relu(), torch.randn(64, 64, 3, 3, generator=g) / 24
         operands = ((x, w, _acc_lsb(F.linear(x, w), CHIP_MAC.acc_bits)),
                     (xc, wc, _acc_lsb(F.conv2d(xc, wc, padding=1), CHIP_MAC.acc_bits)))
+    if len(operands) == 2:
+        g = torch.Generator().manual_seed(1)
+        xd, wd = (2 * torch.randn(8, 144, 56, 56, generator=g)).clamp(0, 6), torch.randn(144, 1, 3, 3, generator=g) / 3
+        operands = (*operands, (xd, wd, _acc_lsb(F.conv2d(xd, wd, padding=1, groups=144), CHIP_MAC.acc_bits)))
     rows = []
     layers = {"linear 512x1024x1024": (operands[0], lambda a, b, mac, lsb, **kw: lns_linear(a, b, None, mac, acc_lsb=lsb,
                                                                                            **kw)),
               "conv2d 8x64x56x56 3x3": (operands[1], lambda a, b, mac, lsb, **kw: lns_conv2d(a, b, None, 1, 1, mac=mac,
                                                                                              acc_lsb=lsb, **kw))}
+    dw = operands[2][0].shape
+    layers[f"depthwise {'x'.join(map(str, dw))} 3x3"] = (operands[2], lambda a, b, mac, lsb, **kw: lns_conv2d(
+        a, b, None, 1, 1, 1, dw[1], mac=mac, acc_lsb=lsb, **kw))
     for layer, ((xf, wf, lsb), op) in layers.items():
         coded = {fmt: (LNSTensor.from_float(xf, fmt), LNSTensor.from_float(wf, fmt, granularity="channel"))
                  for fmt in (LNS8, *(LNSFormat(b, f) for b, f in WIDE_FORMATS))}

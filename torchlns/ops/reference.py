@@ -200,7 +200,9 @@ def _conv_columns(x: torch.Tensor, w: torch.Tensor, stride, pad_before, pad_afte
 # every finite value below E_max16 (±inf saturates to E_max16 and is told apart by it), and
 # each backend re-encodes the blocks of each receptive field from those integer logs: codes
 # of the same wide format holding g_eff, or zero, so that the MAC itself is the ordinary
-# one. The reference does it on im2col columns; the CPU kernel while it builds them.
+# one. The reference does it on im2col columns; the CPU kernel while it builds them, or, for
+# depthwise and other narrow groups, only where a block changes a code (see Note: dynamic
+# blocks by repair in csrc/conv_cpu.cpp).
 def block_codes(cols: torch.Tensor, x_offset: int, x_bits: int, frac_bits: int, groups: int, x_block: int,
                 x_block_bits: int) -> torch.Tensor:
     """Wide codes of im2col columns (M, groups*Kg) re-encoded per block (see Note: dynamic blocks)."""
