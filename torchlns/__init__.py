@@ -55,6 +55,7 @@ from .nn import (  # noqa: F401
 )
 from .transforms import (  # noqa: F401
     ConversionReport,
+    ErrorSplit,
     FoldReport,
     Inputs,
     SensitivityReport,
@@ -67,6 +68,7 @@ from .transforms import (  # noqa: F401
     convert,
     distill,
     enable_qat,
+    error_split,
     fold_batchnorm,
     recover,
     sensitivity,

@@ -661,41 +661,48 @@ def _straight_through(t: Optional[torch.Tensor], value: torch.Tensor) -> torch.T
     return _StraightThrough.apply(t, value)
 
 
-def fake_linear(x, w: Coded, bias, *, fmt: Format, x_param=None, x_block_size=None, w_master=None) -> torch.Tensor:
-    """``F.linear`` of the dequantized operands, with straight-through gradients into ``x`` and ``w_master``."""
+def fake_input(x, fmt: Format, *, x_param=None, x_block_size=None, channel_axis: int = -1) -> torch.Tensor:
+    """``x`` as the chip encodes it, decoded to float32 (per tensor with ``x_param``, or per
+    block of ``x_block_size`` along ``channel_axis``)."""
     x = as_float32(x)
-    xq = _encode(x, fmt, "x", block_size=x_block_size, param=x_param)
-    return F.linear(_straight_through(x, xq.dequantize()), _straight_through(w_master, w.dequantize()), bias)
+    if x_block_size is None:
+        return _encode(x, fmt, "x", param=x_param).dequantize()
+    return Coded.encode(x.detach(), fmt, "block", channel_axis, x_block_size).dequantize()
+
+
+def fake_linear(x, w: Coded, bias, *, fmt: Format, x_param=None, x_block_size=None, w_master=None,
+                quantize_x: bool = True) -> torch.Tensor:
+    """``F.linear`` of the dequantized operands, with straight-through gradients into ``x`` and ``w_master``
+    (``quantize_x=False``: ``x`` as it is, for the weights-only error of ``error_split``)."""
+    x = as_float32(x)
+    xd = fake_input(x, fmt, x_param=x_param, x_block_size=x_block_size) if quantize_x else x
+    return F.linear(_straight_through(x, xd), _straight_through(w_master, w.dequantize()), bias)
 
 
 def fake_conv(x, w: Coded, bias, stride, padding, dilation, groups, *, n: int, fmt: Format, x_param=None,
-              x_block_size=None, w_master=None) -> torch.Tensor:
+              x_block_size=None, w_master=None, quantize_x: bool = True) -> torch.Tensor:
     """``F.conv{n}d`` of the dequantized operands, with straight-through gradients into ``x`` and ``w_master``.
 
     Dynamic per-block activations are fake-quantized in blocks along the channels, since an
     input element has no single value when the chip encodes each receptive field.
     """
     x = as_float32(x)
-    if x_block_size is None:
-        xq = _encode(x, fmt, "x", param=x_param)
-    else:
-        xq = Coded.encode(x.detach(), fmt, "block", 1 if x.dim() == n + 2 else 0, x_block_size)
+    xd = fake_input(x, fmt, x_param=x_param, x_block_size=x_block_size,
+                    channel_axis=1 if x.dim() == n + 2 else 0) if quantize_x else x
     op = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[n]
-    return op(_straight_through(x, xq.dequantize()), _straight_through(w_master, w.dequantize()), bias, stride,
-              padding, dilation, groups)
+    return op(_straight_through(x, xd), _straight_through(w_master, w.dequantize()), bias, stride, padding, dilation,
+              groups)
 
 
 def fake_conv_transpose(x, w: Coded, bias, stride, padding, output_padding, groups, dilation, *, n: int, fmt: Format,
-                        x_param=None, x_block_size=None, w_master=None) -> torch.Tensor:
+                        x_param=None, x_block_size=None, w_master=None, quantize_x: bool = True) -> torch.Tensor:
     """``F.conv_transpose{n}d`` of the dequantized operands; ``w`` is the layers' conv-layout weight."""
     x = as_float32(x)
-    if x_block_size is None:
-        xq = _encode(x, fmt, "x", param=x_param)
-    else:
-        xq = Coded.encode(x.detach(), fmt, "block", 1 if x.dim() == n + 2 else 0, x_block_size)
+    xd = fake_input(x, fmt, x_param=x_param, x_block_size=x_block_size,
+                    channel_axis=1 if x.dim() == n + 2 else 0) if quantize_x else x
     op = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[n]
     wt = conv_weight_as_transpose(_straight_through(w_master, w.dequantize()), groups)
-    return op(_straight_through(x, xq.dequantize()), wt, bias, stride, padding, output_padding, groups, dilation)
+    return op(_straight_through(x, xd), wt, bias, stride, padding, output_padding, groups, dilation)
 
 
 # ----------------------------------------------------------------------------------------

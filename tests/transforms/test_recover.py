@@ -172,3 +172,65 @@ def test_magnitude_ladder_round_trips_every_code_of_every_format():
         finite = torch.isfinite(value) & (index > 0)
         assert torch.equal(back[finite], codes[finite]), fmt
         assert (index <= fmt.max_index).all(), fmt
+
+
+# ----------------------------------------------------------------------------------------
+# error_split (see Note: error split in transforms/recover.py)
+# ----------------------------------------------------------------------------------------
+def test_error_split_runs_each_row_as_its_definition(trained):
+    """One linear layer: each row's outputs are F.linear of the operands the row quantizes."""
+    torch.manual_seed(0)
+    lin = nn.Linear(24, 10).eval()
+    x = [torch.randn(16, 24) * 3 for _ in range(2)]
+    q = _convert(lin, x, mac=CHIP_MAC)
+    layer = q
+    w_q, b = layer.weight.dequantize(), layer.bias.detach()
+    split = torchlns.error_split(q, lin, x)
+    assert [r["model"] for r in split.rows] == ["weights only", "activations only", "weights and activations", "chip"]
+
+    def sqnr(fn):
+        yf = torch.cat([lin(t) for t in x]).double()
+        y = torch.cat([fn(t) for t in x]).double()
+        return (10 * torch.log10(yf.pow(2).sum() / (y - yf).pow(2).sum())).item()
+
+    def act(t):  # the input as the chip encodes it
+        return torchlns.decode(torchlns.encode(t, layer.fmt, layer.input_param), layer.fmt, layer.input_param)
+    with torch.no_grad():
+        assert split["weights only"]["sqnr"] == pytest.approx(sqnr(lambda t: F.linear(t, w_q, b)), abs=1e-6)
+        assert split["activations only"]["sqnr"] == pytest.approx(sqnr(lambda t: lin(act(t))), abs=1e-6)
+        assert split["weights and activations"]["sqnr"] == pytest.approx(
+            sqnr(lambda t: F.linear(act(t), w_q, b)), abs=1e-6)
+        assert split["chip"]["sqnr"] == pytest.approx(sqnr(q), abs=1e-6)
+
+
+def test_error_split_of_exact_operands_is_error_free():
+    """Powers of two are exact in LNS8: weights that are have no weights-only error, inputs that are none
+    on the activations side."""
+    lin = nn.Linear(8, 4, bias=False).eval()
+    with torch.no_grad():
+        lin.weight.copy_(torch.exp2(torch.randint(-4, 3, (4, 8)).float()) * torch.randn(4, 8).sign())
+    grid = [torch.exp2(torch.randint(-6, 4, (5, 8)).float())]
+    q = _convert(lin, grid)
+    split = torchlns.error_split(q, lin, grid)
+    assert split["weights only"]["sqnr"] == float("inf") and split["activations only"]["sqnr"] == float("inf")
+    off_grid = [torch.rand(5, 8) + 0.1]
+    split = torchlns.error_split(q, lin, off_grid)
+    assert split["weights only"]["sqnr"] == float("inf") and split["activations only"]["sqnr"] < 60
+    assert "activations only" in str(split)
+
+
+def test_error_split_on_a_network_leaves_the_model_alone_and_refuses_bad_input(trained):
+    model, calib, held = trained
+    q = _convert(model, calib, mac=CHIP_MAC)
+    q.train()
+    before = _stored(q)
+    split = torchlns.error_split(q, model, held)
+    assert q.training and all(torch.equal(v, _stored(q)[k]) for k, v in before.items())
+    rows = {r["model"]: r for r in split.rows}
+    assert all(0 < r["sqnr"] < 80 and 0 <= r["agreement"] <= 1 for r in split.rows), split.rows
+    x = torch.cat(held) if isinstance(held, list) else held
+    assert rows["chip"]["sqnr"] == pytest.approx(_fidelity(copy.deepcopy(q).eval(), model, x)[0], abs=1e-3)
+    with pytest.raises(ValueError, match="calibration data is empty"):
+        torchlns.error_split(q, model, [])
+    with pytest.raises(ValueError, match="not the model qmodel came from"):
+        torchlns.error_split(q, nn.Sequential(nn.Linear(3, 3)), held)

@@ -126,7 +126,7 @@ def score(model, x: torch.Tensor, y_float: torch.Tensor, labels: torch.Tensor) -
 
 def run(args) -> List[dict]:
     from .. import (CHIP_MAC, FP8_E4M3, INT8, ConvertConfig, LNSFormat, adaptive_rounding, bias_correction, convert,
-                    distill)
+                    distill, error_split)
 
     torch.manual_seed(0)
     evals, calibs = (EVAL[1:3], CALIBRATION[:2]) if args.smoke else (EVAL, CALIBRATION)
@@ -144,8 +144,8 @@ def run(args) -> List[dict]:
         y_float = torch.cat([model(b) for b in x_eval.split(24)])
     rows = []
 
-    def row(name, m, seconds=0.0):
-        rows.append(dict(model=name, seconds=seconds, **score(m, x_eval, y_float, labels)))
+    def row(name, m, seconds=0.0, scored=None):
+        rows.append(dict(model=name, seconds=seconds, **(scored or score(m, x_eval, y_float, labels))))
         r = rows[-1]
         print(f"{name:<34} agreement {100 * r['agreement']:5.1f}%  SQNR {r['sqnr']:5.1f} dB  KL {r['kl']:.3f}  "
               f"labelled {r['labelled']}  ({seconds:.0f} s)", flush=True)
@@ -168,6 +168,13 @@ def run(args) -> List[dict]:
         q = convert(model, base, calib)
     print(q.conversion_report.__str__().splitlines()[0])
     row(f"{fmt} chip preset", q, time.monotonic() - t)
+    # What recovery of stored fields is up against (see Note: error split in transforms/recover.py):
+    # with every weight exact, the activations' rounding alone.
+    t = time.monotonic()
+    split = error_split(q, model, list(x_eval.split(24)))
+    for r in split.rows[:2]:
+        row(f"  error split: {r['model']}", None, (time.monotonic() - t) / 2,
+            dict(agreement=r["agreement"], sqnr=r["sqnr"], kl=r["kl"], labelled="-"))
     step("  + bias correction", q, lambda: bias_correction(q, model, calib, inplace=True))
     step("  + adaptive rounding", q, lambda: adaptive_rounding(q, model, calib, iterations=rounds, inplace=True))
 

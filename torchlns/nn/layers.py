@@ -155,6 +155,22 @@ class _CodedLayer(nn.Module):
             return self._fake(x, self._coded_weight(), master, **call)
         return self._chip(x, self._coded_weight(), master, **call)
 
+    def fake_forward(self, x: torch.Tensor, *, quantize_input: bool = True, **call) -> torch.Tensor:
+        """The fake-quantized forward (see Note: fake-quantized training), whatever the mode;
+        ``quantize_input=False`` keeps the input float (the weights-only error of ``error_split``)."""
+        if self.input_pad is not None:
+            x = F.pad(x, self._input_pad_amounts(x))
+        return self._fake(x, self._coded_weight(), self._master() if self.training else None,
+                          quantize_x=quantize_input, **call)
+
+    def fake_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The float input as this layer's chip encodes it, decoded (per tensor, or dynamic blocks
+        as the fake-quantized forward takes them)."""
+        kw = self._fake_kwargs()
+        axis = (1 if x.dim() == self._n + 2 else 0) if isinstance(self, _LNSConvNd) else -1  # blocks run along channels
+        return functional.fake_input(x, kw["fmt"], x_param=kw.get("x_param"), x_block_size=kw.get("x_block_size"),
+                                     channel_axis=axis)
+
     def _input_pad_amounts(self, x) -> tuple:
         if not self.input_pad.same:  # fixed pads (the only kind a linear layer takes)
             return self.input_pad.pads
@@ -405,8 +421,8 @@ class LNSLinear(_CodedLayer):
     def _chip(self, x, w: Coded, master):
         return functional.linear(x, w, self.bias, self.mac, w_master=master, **self._mac_kwargs())
 
-    def _fake(self, x, w: Coded, master):
-        return functional.fake_linear(x, w, self.bias, w_master=master, **self._fake_kwargs())
+    def _fake(self, x, w: Coded, master, quantize_x: bool = True):
+        return functional.fake_linear(x, w, self.bias, w_master=master, quantize_x=quantize_x, **self._fake_kwargs())
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " + self._extra_repr_tail()
@@ -465,10 +481,10 @@ class _LNSConvNd(_CodedLayer):
         return functional.conv(x, w, self.bias, self.stride, padding, self.dilation, self.groups, self.mac,
                                n=self._n, w_master=master, **self._mac_kwargs())
 
-    def _fake(self, x, w: Coded, master):
+    def _fake(self, x, w: Coded, master, quantize_x: bool = True):
         x, padding = self._padded(x)
         return functional.fake_conv(x, w, self.bias, self.stride, padding, self.dilation, self.groups, n=self._n,
-                                    w_master=master, **self._fake_kwargs())
+                                    w_master=master, quantize_x=quantize_x, **self._fake_kwargs())
 
     def get_extra_state(self):
         return {**super().get_extra_state(), "padding_mode": self.padding_mode}
@@ -559,10 +575,11 @@ class _LNSConvTransposeNd(_LNSConvNd):
                                          self.mac, n=self._n, w_master=master, weight_as_conv=True,
                                          **self._mac_kwargs())
 
-    def _fake(self, x, w: Coded, master, output_size=None):
+    def _fake(self, x, w: Coded, master, output_size=None, quantize_x: bool = True):
         op = self._output_padding(x, output_size)
         return functional.fake_conv_transpose(x, w, self.bias, self.stride, self.padding, op, self.groups,
-                                              self.dilation, n=self._n, w_master=master, **self._fake_kwargs())
+                                              self.dilation, n=self._n, w_master=master, quantize_x=quantize_x,
+                                              **self._fake_kwargs())
 
     def get_extra_state(self):
         return {**super().get_extra_state(), "output_padding": self.output_padding}

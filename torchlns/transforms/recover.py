@@ -54,7 +54,8 @@ from .cluster import _disabled
 from .convert import call_model
 from .fold import fold_batchnorm
 
-__all__ = ["recover", "bias_correction", "adaptive_rounding", "distill", "RecoveryReport", "METHODS"]
+__all__ = ["recover", "bias_correction", "adaptive_rounding", "distill", "error_split", "ErrorSplit", "RecoveryReport",
+           "METHODS"]
 
 METHODS = ("bias", "rounding", "distill")
 
@@ -753,6 +754,77 @@ def _augmented(item, augment):
     if isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
         return type(item)([augment(item[0]), *item[1:]])
     return item
+
+
+# ----------------------------------------------------------------------------------------
+# error_split
+# ----------------------------------------------------------------------------------------
+# Note: error split
+# Where a converted model's error comes from, split as AIMET's QuantAnalyzer splits it: every
+# chip layer runs one way at a time, on the same data, against the float twin:
+#   * weights only: the fake-quantized forward (float math on the decoded weights), its input float;
+#   * activations only: the float layer, on its input as the chip encodes it;
+#   * weights and activations: the fake-quantized forward, i.e. an ideal MAC (exact products, float sums);
+#   * chip: the model as converted (its MAC: LUT conversion, fixed accumulator, saturation).
+# Recovery changes only what the chip stores, weight codes and biases, not how activations
+# are rounded: with every weight exact, the activations-only row is what bias correction and
+# adaptive rounding can at best come back to (they may pass it by a little, by compensating
+# systematic errors). Beyond it lie a finer activation format (``mixed_precision``) or a
+# network trained to tolerate the rounding (``distill``, with far more data and steps).
+@dataclass
+class ErrorSplit:
+    """Fidelity (``agreement``, ``sqnr``, ``kl`` as ``recover`` measures it) of each row of Note: error split."""
+
+    rows: List[dict]
+
+    def __getitem__(self, name: str) -> dict:
+        for r in self.rows:
+            if r["model"] == name:
+                return r
+        raise KeyError(f"no row {name!r}; rows: {[r['model'] for r in self.rows]}")
+
+    def __str__(self) -> str:
+        return "error split (against the float model):\n" + format_table(
+            ("quantized", "agreement", "SQNR dB", "KL"),
+            [(r["model"], f"{r['agreement']:.1%}", f"{r['sqnr']:.1f}", f"{r['kl']:.4f}") for r in self.rows],
+            right=(1, 2, 3))
+
+
+SPLIT_ROWS = ("weights only", "activations only", "weights and activations", "chip")
+
+
+class _Split(nn.Module):
+    """A chip layer run one way of Note: error split."""
+
+    def __init__(self, chip: _CodedLayer, float_layer: nn.Module, row: str):
+        super().__init__()
+        self.chip, self.float_layer, self.row = chip, float_layer, row
+
+    def forward(self, x, *args, **kwargs):
+        if self.row == "activations only":
+            return self.float_layer(self.chip.fake_input(x), *args, **kwargs)
+        return self.chip.fake_forward(x, *args, quantize_input=self.row != "weights only", **kwargs)
+
+
+@torch.no_grad()
+def error_split(qmodel: nn.Module, reference: nn.Module, data: Iterable, *, forward_fn: Optional[Callable] = None,
+                output_fn: Optional[Callable] = None) -> ErrorSplit:
+    """How much of ``qmodel``'s error its weights, its activations and its MAC each cause (see
+    Note: error split), on ``data`` (items as ``convert`` takes them) against ``reference``, the
+    float model it came from. The activations-only row bounds what recovery of stored weights can win."""
+    model, twin, items = _prepare(qmodel, reference, data, forward_fn, inplace=True)
+    floats = dict(twin.named_modules())
+    rows = []
+    for row in SPLIT_ROWS:
+        hybrid = copy.deepcopy(model).eval()  # qmodel itself keeps its mode and state
+        chips = _chip_layers(hybrid) if row != "chip" else {}
+        if "" in chips:
+            hybrid = _Split(chips[""], floats[""], row)
+        else:
+            for fqn, chip in chips.items():
+                hybrid.set_submodule(fqn, _Split(chip, floats[fqn], row))
+        rows.append(dict(model=row, **fidelity(hybrid, twin, items, forward_fn, output_fn)))
+    return ErrorSplit(rows)
 
 
 # ----------------------------------------------------------------------------------------
