@@ -161,26 +161,26 @@ def _ensure_cwd_on_path() -> None:
         sys.path.append(cwd)
 
 
-def _import_callable(spec: str) -> Callable[[], Any]:
+def _import_callable(spec: str, option: str = "--model-class") -> Callable[..., Any]:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise ModelError(f"--model-class must look like pkg.module:callable, got {spec!r}")
+        raise ModelError(f"{option} must look like pkg.module:callable, got {spec!r}")
     if not all(part.isidentifier() for part in module_name.split(".")) or \
             not all(part.isidentifier() for part in attr.split(".")):
-        raise ModelError(f"--model-class {spec}: {module_name!r}:{attr!r} is not a dotted module path and a name "
+        raise ModelError(f"{option} {spec}: {module_name!r}:{attr!r} is not a dotted module path and a name "
                          "(relative imports and file paths are not accepted)")
     _ensure_cwd_on_path()
     try:
         obj = importlib.import_module(module_name)
     except (ImportError, SyntaxError) as e:
-        raise ModelError(f"--model-class {spec}: cannot import module {module_name!r} ({_first_line(e)})") from None
+        raise ModelError(f"{option} {spec}: cannot import module {module_name!r} ({_first_line(e)})") from None
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise ModelError(f"--model-class {spec}: module {module_name!r} has no attribute {attr!r}") from None
+            raise ModelError(f"{option} {spec}: module {module_name!r} has no attribute {attr!r}") from None
     if not callable(obj):
-        raise ModelError(f"--model-class {spec}: {attr!r} is of type {type(obj).__name__}, not a class or a function")
+        raise ModelError(f"{option} {spec}: {attr!r} is of type {type(obj).__name__}, not a class or a function")
     return obj
 
 
@@ -198,6 +198,11 @@ def _from_state_dict(state: Mapping, spec: str, path: str, what: str) -> nn.Modu
         raise ModelError(f"--model-class {spec}: calling it with no arguments failed ({_first_line(e)})") from None
     if not isinstance(model, nn.Module):
         raise ModelError(f"--model-class {spec} returned a {type(model).__name__}, not an nn.Module")
+    return _load_into(model, state, f"--model-class {spec}", path, what)
+
+
+def _load_into(model: nn.Module, state: Mapping, source: str, path: str, what: str) -> nn.Module:
+    """``model`` with ``state`` loaded strictly, or a ModelError naming every mismatch."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -218,7 +223,7 @@ def _from_state_dict(state: Mapping, spec: str, path: str, what: str) -> nn.Modu
                     "pass the converted module (convert's -o file) with --trust-pickle")
         elif any(isinstance(v, Mapping) for v in state.values()):
             hint = f"; it may be a training checkpoint (entries: {_names([str(k) for k in state])})"
-        raise ModelError(f"{what} {path} does not fit {type(model).__name__} from --model-class {spec}: "
+        raise ModelError(f"{what} {path} does not fit {type(model).__name__} from {source}: "
                          f"{'; '.join(problems)}{hint}")
     try:
         model.load_state_dict(state, strict=True)
@@ -257,10 +262,73 @@ def load_model(path: str, *, model_class: Optional[str] = None, trust_pickle: bo
     raise ModelError(f"{what} {path} holds a {type(obj).__name__}, not a model or a state_dict")
 
 
+def _factory_value(text: str) -> Any:
+    """A --factory-arg value: a Python literal (1, 0.5, True, None, 'x', (1, 2)) or else the text itself."""
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def factory_kwargs(pairs: Sequence[str]) -> dict:
+    kwargs = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise CLIError(f"--factory-arg must look like name=value, got {pair!r}")
+        kwargs[key] = _factory_value(value)
+    return kwargs
+
+
+def model_from_factory(spec: str, kwargs: Mapping[str, Any]) -> nn.Module:
+    """The ready model ``pkg.module:callable(**kwargs)`` returns (see Note: loading models safely)."""
+    factory = _import_callable(spec, "--model-factory")
+    try:
+        model = factory(**kwargs)
+    except Exception as e:  # noqa: BLE001 - the user's code: one line saying what failed
+        args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        raise ModelError(f"--model-factory {spec}: calling it with ({args}) failed: "
+                         f"{type(e).__name__}: {_first_line(e)}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"--model-factory {spec} returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def build_model(path: Optional[str], args: argparse.Namespace, what: str = "MODEL") -> nn.Module:
+    """MODEL from its file, or from ``--model-factory`` (whose model then takes the file's
+    state_dict, if a file is given too)."""
+    spec = getattr(args, "model_factory", None)
+    if spec is None:
+        if path is None:
+            raise CLIError(f"give {what} (a model file) or --model-factory pkg.module:callable")
+        return load_model(path, model_class=args.model_class, trust_pickle=args.trust_pickle, what=what)
+    if args.model_class is not None:
+        raise CLIError("--model-class and --model-factory both build the model; give one")
+    model = model_from_factory(spec, factory_kwargs(args.factory_arg))
+    if path is not None:
+        try:
+            state = _safe_load(path, what)
+        except _Pickled as e:
+            raise ModelError(f"{what} {path} is a pickled object ({e.name}); with --model-factory it must be a "
+                             "state_dict for the factory's model") from None
+        if not isinstance(state, Mapping):
+            raise ModelError(f"{what} {path} holds a {type(state).__name__}, not a state_dict for the factory's model")
+        _load_into(model, state, f"--model-factory {spec}", path, what)
+    return model.eval()
+
+
+def model_name(path: Optional[str], args: argparse.Namespace) -> str:
+    """How messages name a model: its file, or its factory."""
+    return path if path is not None else f"--model-factory {args.model_factory}"
+
+
 @dataclass
 class Data:
     inputs: Any  # a tensor (N, ...), a list of tensors (positional inputs) or a dict (keyword inputs)
     targets: Optional[torch.Tensor] = None
+    images: Any = None  # the ImageSet, when DATA names image files
 
     @property
     def samples(self) -> int:
@@ -276,18 +344,42 @@ class Data:
         return [Inputs(*parts) for parts in zip(*(t.split(batch_size) for t in self.inputs))]
 
 
+def data_from_args(path: str, args: argparse.Namespace) -> Data:
+    """DATA with the image options of the command (see ``_data_options``)."""
+    return load_data(path, image_size=getattr(args, "image_size", 224),
+                     normalization=getattr(args, "normalize", "imagenet"), skip_bad=getattr(args, "skip_bad", False),
+                     progress=False if getattr(args, "json", False) else None)
+
+
 def _first_tensor(inputs) -> torch.Tensor:
     if isinstance(inputs, torch.Tensor):
         return inputs
     return next(iter(inputs.values())) if isinstance(inputs, Mapping) else inputs[0]
 
 
-def load_data(path: str) -> Data:
+def load_data(path: str, *, image_size: int = 224, normalization: str = "imagenet", skip_bad: bool = False,
+              progress: Optional[bool] = None) -> Data:
     """A tensor ``(N, ...)`` of inputs, or a dict with ``"inputs"`` (and optionally ``"targets"``).
 
     ``"inputs"`` may also be a list of tensors (a model with several positional inputs, such as
-    a stereo pair) or a dict of tensors (keyword inputs), each with the same N.
+    a stereo pair) or a dict of tensors (keyword inputs), each with the same N. A folder of
+    images, a glob or an image file is read as images (see Note: image data on the command
+    line in apps/images.py), with class folders giving the targets.
     """
+    from .images import ImageDataError, is_image_spec, load_images
+
+    if is_image_spec(path) and not path.endswith(".pt"):
+        import warnings
+
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                images = load_images(path, image_size, normalization, skip_bad=skip_bad, progress=progress)
+        except ImageDataError as e:
+            raise DataError(str(e)) from None
+        for w in caught:  # the images --skip-bad left out, named on one line
+            print(f"torchlns: warning: {w.message}", file=sys.stderr)
+        return Data(images.inputs, images.targets, images)
     try:
         obj = _safe_load(path, "DATA")
     except _Pickled as e:
@@ -408,8 +500,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.cluster_scope is not None and args.cluster is None:
         raise CLIError("--cluster-scope needs --cluster C")
 
-    model = load_model(args.model, model_class=args.model_class, trust_pickle=args.trust_pickle)
-    data = load_data(args.calib)
+    model = build_model(args.model, args)
+    name = model_name(args.model, args)
+    data = data_from_args(args.calib, args)
     batches = data.items(args.batch_size)
     if args.max_batches is not None:
         batches = batches[:args.max_batches]
@@ -421,14 +514,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
     config = config_for(args.format, calibrator=args.calibrator, activation=args.activation, cluster=args.cluster,
                         cluster_scope=args.cluster_scope or "layer", keep_float=args.keep_float or ())
     with torch.no_grad():  # the data must fit the float model before calibration starts
-        _forward(model.eval(), batches[0], "MODEL", args.model, check=True)
+        _forward(model.eval(), batches[0], "MODEL", name, check=True)
     try:
         qmodel = convert(model, config, calibration_data=batches)
     except ValueError as e:  # convert's own user-facing checks (e.g. layers calibration never reached)
         raise CLIError(f"conversion failed: {' '.join(str(e).split())}") from None
 
     n = sum(_first_tensor(b.args if isinstance(b, Inputs) else b).shape[0] for b in batches)
-    print(f"converted {args.model} ({type(model).__name__}) to {args.format}: {config.fmt}"
+    print(f"converted {name} ({type(model).__name__}) to {args.format}: {config.fmt}"
           + (f", {config.mac}" if config.fmt.mac_kind == "log" else "")
           + f"; calibrated on {n} inputs in {len(batches)} batches")
     print()
@@ -476,7 +569,7 @@ def _check_writable(path: str, what: str, inputs: Sequence[tuple] = ()) -> Path:
     if not out.resolve().parent.is_dir():
         raise FileError(f"cannot write {what} {path}: directory {out.parent} does not exist")
     for given, name in inputs:
-        if Path(given).exists() and Path(given).resolve() == out.resolve():
+        if given is not None and Path(given).exists() and Path(given).resolve() == out.resolve():
             raise FileError(f"{what} {path} would overwrite {name} {given}")
     return out
 
@@ -501,7 +594,7 @@ def _write_image(qmodel: nn.Module, path: str) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     _check_writable(args.output, "-o", ((args.model, "MODEL"),))
-    model = load_model(args.model, model_class=args.model_class, trust_pickle=args.trust_pickle)
+    model = build_model(args.model, args)
     _write_image(model, args.output)
     return 0
 
@@ -557,12 +650,13 @@ def cmd_cost(args: argparse.Namespace) -> int:
                                               ("activation_sram_bytes", args.activation_sram_kib)) if kib is not None}
     if overrides:
         chip = chip.replace(name=f"{chip.name} (modified)", **overrides)
-    model = load_model(args.model, model_class=args.model_class, trust_pickle=args.trust_pickle)
-    data = load_data(args.calib) if args.calib is not None else None
+    model = build_model(args.model, args)
+    name = model_name(args.model, args)
+    data = data_from_args(args.calib, args) if args.calib is not None else None
     x = _example(data, args.input_shape)
     if args.compare:
         with torch.no_grad():  # the data must fit the float model before calibration starts
-            _run(lambda: call_model(model, x), x, "MODEL", args.model)
+            _run(lambda: call_model(model, x), x, "MODEL", name)
         batches = data.items(args.batch_size)
         if args.max_batches is not None:
             batches = batches[:args.max_batches]
@@ -570,20 +664,20 @@ def cmd_cost(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(dict(chip=chip.name, models=result.to_dicts()), indent=2))
         else:
-            print(f"{args.model} ({type(model).__name__}) on input {_describe(x)}, one inference:")
+            print(f"{name} ({type(model).__name__}) on input {_describe(x)}, one inference:")
             print(result)
         return 0
-    report = _run(lambda: cost_report(model, x, chip), x, "MODEL", args.model)  # any output: a detector's dict too
+    report = _run(lambda: cost_report(model, x, chip), x, "MODEL", name)  # any output: a detector's dict too
     if args.json:
         print(json.dumps(dict(chip=chip.name, totals=report.totals(), layers=report.to_dicts()), indent=2))
     else:
-        print(f"{args.model} ({type(model).__name__}) on input {_describe(x)}, one inference:")
+        print(f"{name} ({type(model).__name__}) on input {_describe(x)}, one inference:")
         print(report)
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    model = load_model(args.model, model_class=args.model_class, trust_pickle=args.trust_pickle)
+    model = build_model(args.model, args)
     report = size_report(model)
     coverage = getattr(model, "conversion_report", None)
     if args.json:
@@ -603,13 +697,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
-    model = load_model(args.model, model_class=args.model_class, trust_pickle=args.trust_pickle)
-    data = load_data(args.data)
+    model = build_model(args.model, args)
+    name = model_name(args.model, args)
+    data = data_from_args(args.data, args)
     batches = data.items(args.batch_size)
     if args.max_batches is not None:
         batches = batches[:args.max_batches]
     with torch.no_grad():
-        _forward(model.eval(), batches[0], "MODEL", args.model, check=True)
+        _forward(model.eval(), batches[0], "MODEL", name, check=True)
     config = config_for(args.format, calibrator=args.calibrator, activation=args.activation)
     try:
         report = sensitivity(model, config, batches, k=args.k, progress=not args.json and None)
@@ -621,7 +716,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
                                                 overrides={n: None for n in s.kept}) for s in report.suggestions]),
                          indent=2))
     else:
-        print(f"{args.model} ({type(model).__name__}) in {args.format} on {data.samples} inputs:")
+        print(f"{name} ({type(model).__name__}) in {args.format} on {data.samples} inputs:")
         print(report)
     return 0
 
@@ -636,6 +731,10 @@ class Comparison:
     accuracy_name: Optional[str] = None
     accuracy_float: Optional[float] = None
     accuracy_converted: Optional[float] = None
+    kl: Optional[float] = None  # mean KL(float || converted) of the softmax over dim 1
+    top5_float: Optional[float] = None
+    top5_converted: Optional[float] = None
+    kl_per_sample: Optional[torch.Tensor] = None
 
 
 def compare_outputs(ref: torch.Tensor, out: torch.Tensor, targets: Optional[torch.Tensor] = None) -> Comparison:
@@ -649,6 +748,9 @@ def compare_outputs(ref: torch.Tensor, out: torch.Tensor, targets: Optional[torc
     if ref.dim() >= 2:
         pr, po = ref.argmax(1), out.argmax(1)
         c.agreement = metrics.agreement(pr, po)
+        kl = torch.nn.functional.kl_div(o.log_softmax(1), r.log_softmax(1), log_target=True, reduction="none").sum(1)
+        c.kl_per_sample = kl.reshape(kl.shape[0], -1).mean(1)
+        c.kl = float(c.kl_per_sample.mean())
         if targets is not None:
             if targets.shape != pr.shape or targets.is_floating_point() or targets.dtype == torch.bool:
                 raise DataError(f"targets of shape {_describe(targets)} do not match the outputs: expected integer "
@@ -656,20 +758,28 @@ def compare_outputs(ref: torch.Tensor, out: torch.Tensor, targets: Optional[torc
             c.accuracy_name = "top-1 accuracy" if ref.dim() == 2 else "pixel accuracy"
             c.accuracy_float = float((pr == targets).double().mean())
             c.accuracy_converted = float((po == targets).double().mean())
+            if ref.dim() == 2 and ref.shape[1] >= 5:
+                c.top5_float = float((r.topk(5, 1).indices == targets[:, None]).any(1).double().mean())
+                c.top5_converted = float((o.topk(5, 1).indices == targets[:, None]).any(1).double().mean())
     elif targets is not None:
         raise DataError(f"targets need outputs of shape (N, classes, ...); the outputs have shape {tuple(ref.shape)}")
     return c
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    fmodel = load_model(args.float_model, model_class=args.model_class, trust_pickle=args.trust_pickle,
-                        what="FLOAT_MODEL")
-    qmodel = load_model(args.converted_model, model_class=args.model_class, trust_pickle=args.trust_pickle,
+    float_path, converted_path = args.float_model, args.converted_model
+    if args.model_factory is not None and converted_path is None:  # the factory builds the float model
+        float_path, converted_path = None, float_path
+    if converted_path is None:
+        raise CLIError("give FLOAT_MODEL and CONVERTED_MODEL (or --model-factory and CONVERTED_MODEL)")
+    fmodel = build_model(float_path, args, what="FLOAT_MODEL")
+    float_name = model_name(float_path, args)
+    qmodel = load_model(converted_path, model_class=args.model_class, trust_pickle=args.trust_pickle,
                         what="CONVERTED_MODEL")
-    data = load_data(args.data)
+    data = data_from_args(args.data, args)
     batches = data.items(args.batch_size)
-    ref = _outputs(fmodel, batches, "FLOAT_MODEL", args.float_model)
-    out = _outputs(qmodel, batches, "CONVERTED_MODEL", args.converted_model)
+    ref = _outputs(fmodel, batches, "FLOAT_MODEL", float_name)
+    out = _outputs(qmodel, batches, "CONVERTED_MODEL", converted_path)
     if ref.shape != out.shape:
         raise DataError(f"the models' outputs differ in shape: {tuple(ref.shape)} (FLOAT_MODEL) vs "
                         f"{tuple(out.shape)} (CONVERTED_MODEL)")
@@ -680,10 +790,42 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(f"max abs difference: {c.max_abs_diff:.6g}")
     if c.agreement is not None:
         print(f"prediction agreement: {c.agreement:.6f} (argmax over dim 1)")
+        print(f"KL(float || converted): {c.kl:.6g} (softmax over dim 1, mean)")
     if c.accuracy_name is not None:
         print(f"{c.accuracy_name} (float): {c.accuracy_float:.6f}")
         print(f"{c.accuracy_name} (converted): {c.accuracy_converted:.6f}")
+    if c.top5_float is not None:
+        print(f"top-5 accuracy (float): {c.top5_float:.6f}")
+        print(f"top-5 accuracy (converted): {c.top5_converted:.6f}")
+    if data.images is not None and ref.dim() == 2 and args.sheet != "":
+        sheet = _changed_most_sheet(args.sheet, data.images, ref, out, c, args.sheet_count)
+        print(f"wrote {sheet}: the {min(args.sheet_count, c.samples)} images whose prediction changed most "
+              "(largest KL), with both models' classes")
     return 0
+
+
+def _changed_most_sheet(path: str, images, ref: torch.Tensor, out: torch.Tensor, c: Comparison, count: int) -> Path:
+    """A contact sheet of the images with the largest KL(float || converted): file, true class, both predictions."""
+    from .images import contact_sheet
+
+    order = c.kl_per_sample.argsort(descending=True)[:count].tolist()
+    pf, pq = ref.double().softmax(1), out.double().softmax(1)
+
+    def cls(i: int) -> str:
+        name = images.class_name(i)
+        return f"{i}" + (f" {name}"[:18] if name else "")
+    captions = []
+    for i in order:
+        lines = [images.paths[i].name[:24]]
+        if images.targets is not None:
+            lines.append(f"true  {cls(int(images.targets[i]))}")
+        f, q = int(pf[i].argmax()), int(pq[i].argmax())
+        lines += [f"float {cls(f)} {pf[i, f]:.2f}", f"chip  {cls(q)} {pq[i, q]:.2f}", f"KL {float(c.kl_per_sample[i]):.3f}"]
+        captions.append(lines)
+    try:
+        return contact_sheet(_check_writable(path, "--sheet"), [images.paths[i] for i in order], captions)
+    except OSError as e:
+        raise FileError(f"cannot write --sheet {path}: {e.strerror or e}") from None
 
 
 # ----------------------------------------------------------------------------------------
@@ -710,12 +852,35 @@ def plain(doc: str) -> str:
     return doc.replace("``", "")
 
 
-def _loading_options(p: argparse.ArgumentParser) -> None:
+def _loading_options(p: argparse.ArgumentParser, factory: bool = True) -> None:
     p.add_argument("--model-class", metavar="PKG.MODULE:CALLABLE",
                    help="builds the float model (called with no arguments) for a MODEL file that holds a state_dict")
+    if factory:
+        p.add_argument("--model-factory", metavar="PKG.MODULE:CALLABLE",
+                       help="builds a ready model instead of MODEL, e.g. a pretrained network from a wheel or "
+                            "timm.create_model (importing it runs that package's code: your choice); a MODEL file "
+                            "given too must be a state_dict for it")
+        p.add_argument("--factory-arg", action="append", default=[], metavar="NAME=VALUE",
+                       help="a keyword argument for --model-factory (repeatable); VALUE is a Python literal "
+                            "(3, 0.5, True, None, 'text') or else plain text")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow loading whole pickled modules (torch.save(model)); this runs code from the file, "
                         "so use it only for files you trust")
+
+
+DATA_HELP = ("a .pt file (a float tensor (N, ...), or a dict with 'inputs' and optionally 'targets'), or images: "
+             "a folder (flat, or one subfolder per class, which gives the targets), a quoted glob, or one file")
+
+
+def _data_options(p: argparse.ArgumentParser) -> None:
+    from .images import NORMALIZATIONS
+
+    p.add_argument("--image-size", type=_positive_int, default=224, metavar="PX",
+                   help="image DATA: shorter side resized to PX, then the centre PX x PX (default 224)")
+    p.add_argument("--normalize", choices=NORMALIZATIONS, default="imagenet",
+                   help="image DATA: imagenet mean/std (default), tf for (rgb - 127) / 128, or none for [0, 1]")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="image DATA: leave out (and name) images that cannot be read, instead of stopping")
 
 
 def add_commands(sub) -> None:
@@ -726,9 +891,9 @@ def add_commands(sub) -> None:
                     "Writes OUT (the converted module, torch.save(model)) and OUT with suffix .state_dict.pt "
                     "(its state_dict, loadable with weights_only=True), and prints the fold, conversion and "
                     "size reports.")
-    p.add_argument("model", metavar="MODEL", help="a state_dict file (with --model-class) or a pickled nn.Module")
-    p.add_argument("--calib", required=True, metavar="DATA",
-                   help="calibration inputs: a .pt file holding a float tensor (N, ...) or a dict with 'inputs'")
+    p.add_argument("model", metavar="MODEL", nargs="?",
+                   help="a state_dict file (with --model-class) or a pickled nn.Module (or --model-factory)")
+    p.add_argument("--calib", required=True, metavar="DATA", help="calibration inputs: " + DATA_HELP)
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="where to save the converted model")
     p.add_argument("--format", choices=list(FORMATS), default="lns8",
                    help="lns8 (ideal MAC, default), lns8-chip (LUT + fixed accumulator), lns8-mitchell, "
@@ -746,6 +911,7 @@ def add_commands(sub) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=16, metavar="B",
                    help="calibration batch size (default 16)")
     p.add_argument("--image", metavar="IMAGE", help="also write the converted model's weight image (torchlns.export)")
+    _data_options(p)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser(
@@ -753,7 +919,8 @@ def add_commands(sub) -> None:
         description="Write torchlns.export(MODEL) to OUT: a 16-byte header, a JSON manifest and every stored "
                     "field packed at its bit width, so the payload is the size report's total. Load it back "
                     "with torchlns.load_image(OUT, skeleton).")
-    p.add_argument("model", metavar="MODEL", help="a converted model: convert's -o file (pass --trust-pickle)")
+    p.add_argument("model", metavar="MODEL", nargs="?",
+                   help="a converted model: convert's -o file (pass --trust-pickle), or --model-factory")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="the image file to write")
     _loading_options(p)
     p.set_defaults(func=cmd_export)
@@ -767,7 +934,8 @@ def add_commands(sub) -> None:
                     "estimate from Horowitz (ISSCC 2014). With --compare, MODEL is a float model, converted to "
                     "FP8, INT8, LNS8 and LNS8 with clustering on --calib DATA, and all of them are compared in "
                     "one table.")
-    p.add_argument("model", metavar="MODEL", help="a float or converted model (convert's -o file: --trust-pickle)")
+    p.add_argument("model", metavar="MODEL", nargs="?",
+                   help="a float or converted model (convert's -o file: --trust-pickle), or --model-factory")
     p.add_argument("--input-shape", type=_shape, metavar="N,C,H,W",
                    help="the input the model is costed on (default: --calib DATA's first sample)")
     p.add_argument("--chip", choices=list(CHIPS), default="edge",
@@ -777,19 +945,21 @@ def add_commands(sub) -> None:
                    help="override the chip's activation SRAM")
     p.add_argument("--compare", action="store_true",
                    help="convert MODEL (a float model) to every format on --calib DATA and compare them")
-    p.add_argument("--calib", metavar="DATA", help="calibration inputs for --compare (a .pt tensor or dict)")
+    p.add_argument("--calib", metavar="DATA", help="calibration inputs for --compare: " + DATA_HELP)
     p.add_argument("--clusters", type=_positive_int, metavar="C", help="centroids per layer in --compare (default 16)")
     p.add_argument("--max-batches", type=_positive_int, metavar="N", help="calibrate on the first N batches only")
     p.add_argument("--batch-size", type=_positive_int, default=16, metavar="B", help="calibration batch size")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     _loading_options(p)
+    _data_options(p)
     p.set_defaults(func=cmd_cost)
 
     p = sub.add_parser(
         "report", help="print the stored size of a float or converted model, per layer",
         description="Print torchlns.size_report of MODEL: every stored field at its own bit width, per layer "
                     "and in total, against float32.")
-    p.add_argument("model", metavar="MODEL", help="a state_dict file (with --model-class) or a pickled nn.Module")
+    p.add_argument("model", metavar="MODEL", nargs="?",
+                   help="a state_dict file (with --model-class) or a pickled nn.Module (or --model-factory)")
     _loading_options(p)
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     p.set_defaults(func=cmd_report)
@@ -797,16 +967,23 @@ def add_commands(sub) -> None:
     p = sub.add_parser(
         "compare", help="compare a converted model's outputs with the float model's",
         description="Run both models on DATA (batched, eval mode, no grad) and print the output SQNR, the "
-                    "largest absolute difference, argmax agreement over dim 1 and, when DATA has 'targets', "
-                    "each model's top-1 (or pixel) accuracy.")
-    p.add_argument("float_model", metavar="FLOAT_MODEL",
-                   help="the float model: a state_dict file (with --model-class) or a pickled nn.Module")
-    p.add_argument("converted_model", metavar="CONVERTED_MODEL",
+                    "largest absolute difference, argmax agreement over dim 1, KL(float || converted) and, when "
+                    "DATA has targets (a 'targets' tensor or class folders), each model's top-1 (or pixel) and "
+                    "top-5 accuracy. For images and class outputs it also draws the images whose prediction "
+                    "changed most (--sheet).")
+    p.add_argument("float_model", metavar="FLOAT_MODEL", nargs="?",
+                   help="the float model: a state_dict file (with --model-class) or a pickled nn.Module; "
+                        "left out with --model-factory")
+    p.add_argument("converted_model", metavar="CONVERTED_MODEL", nargs="?",
                    help="usually convert's OUT file, a pickled module: pass --trust-pickle")
-    p.add_argument("--data", required=True, metavar="DATA",
-                   help="a .pt file holding a float tensor (N, ...) or a dict with 'inputs' (and 'targets')")
+    p.add_argument("--data", required=True, metavar="DATA", help=DATA_HELP)
     _loading_options(p)
+    _data_options(p)
     p.add_argument("--batch-size", type=_positive_int, default=16, metavar="B", help="batch size (default 16)")
+    p.add_argument("--sheet", default="torchlns-compare.png", metavar="PNG",
+                   help="image DATA, class outputs: the contact sheet of the images whose prediction changed most "
+                        "(default torchlns-compare.png; '' for none)")
+    p.add_argument("--sheet-count", type=_positive_int, default=10, metavar="N", help="images on the sheet (default 10)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser(
@@ -814,10 +991,11 @@ def add_commands(sub) -> None:
         description="Convert MODEL once, then score hybrids on DATA: for every chip layer the output SQNR with "
                     "only that layer on the chip, and with it and every layer before it. Prints the layers worst "
                     "first and, for k = 0..K, the SQNR and size of keeping the k worst layers float.")
-    p.add_argument("model", metavar="MODEL", help="a state_dict file (with --model-class) or a pickled nn.Module")
+    p.add_argument("model", metavar="MODEL", nargs="?",
+                   help="a state_dict file (with --model-class) or a pickled nn.Module (or --model-factory)")
     p.add_argument("--data", required=True, metavar="DATA",
                    help="a .pt file: a float tensor (N, ...), or a dict with 'inputs' (a tensor, a list of tensors "
-                        "or a dict of tensors)")
+                        "or a dict of tensors); or images: a folder, a quoted glob, or one file")
     p.add_argument("--format", choices=list(FORMATS), default="lns8", help="the format to analyse (default lns8)")
     p.add_argument("--calibrator", choices=CALIBRATORS, default="max", help="static activation calibrator")
     p.add_argument("--activation", choices=("static", "dynamic"), default="static", help="activation encoding")
@@ -826,4 +1004,5 @@ def add_commands(sub) -> None:
     _loading_options(p)
     p.add_argument("--max-batches", type=_positive_int, metavar="N", help="use the first N batches only")
     p.add_argument("--batch-size", type=_positive_int, default=16, metavar="B", help="batch size (default 16)")
+    _data_options(p)
     p.set_defaults(func=cmd_sensitivity)
