@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from torchlns.apps import demo
 
@@ -74,6 +75,24 @@ def test_demo_reuses_the_trained_model(demo_run, capsys):
     train_ds, _ = demo.scene_data(cfg)
     demo.float_model(cfg, train_ds, log=print)
     assert "loaded the trained float model" in capsys.readouterr().out
+
+
+def test_shipped_weights_match_the_default_settings_and_score(tmp_path, capsys):
+    """The demo's trained float SegNet ships in the package (see Note: shipped weights): its key
+    must still match the default settings and the scene generator, or a fresh clone would train
+    for minutes; and it must be the trained model, not a stale one."""
+    cfg = demo.DemoConfig(out=tmp_path)
+    train_ds, eval_ds = demo.scene_data(cfg)
+    model = demo.float_model(cfg, train_ds, log=print)
+    assert "shipped with torchlns" in capsys.readouterr().out
+    cm, _ = demo.evaluate(model, eval_ds, cfg.batch_size, "cpu")
+    assert cm.mean_iou() > 0.98
+    assert not (tmp_path / "segnet_float.pt").exists()  # nothing trained, nothing written
+    saved = torch.load(demo.WEIGHTS / "segnet_float.pt", weights_only=True)
+    key = dict(saved["key"])
+    assert demo._same_key(key, {**key, "data": key["data"] * (1 + 1e-7)})
+    assert not demo._same_key(key, {**key, "data": key["data"] * 1.001})  # other scenes: train
+    assert not demo._same_key(key, {**key, "steps": key["steps"] + 1})
 
 
 def test_target_lines_say_by_how_much():

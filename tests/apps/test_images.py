@@ -224,3 +224,24 @@ def test_factory_and_image_errors_are_one_line(helper, folders, tmp_path, capsys
     rc, out, err = _cli(capsys, "convert", "--model-factory", f"{HELPER}:pretrained", "--calib", flat, "--skip-bad",
                         "--image-size", "16", "-o", q)
     assert rc == 0 and "skipped 1 unreadable image(s) of 4" in err, err
+
+
+def test_recover_command_takes_a_factory_and_an_image_folder(helper, folders, tmp_path, capsys):
+    tree, flat = folders
+    q, r = tmp_path / "q.pt", tmp_path / "r.pt"
+    common = ("--model-factory", f"{HELPER}:pretrained", "--image-size", "24")
+    assert _cli(capsys, "convert", *common, "--calib", flat, "-o", q, "--format", "lns8-chip")[0] == 0
+    rc, out, err = _cli(capsys, "recover", q, *common, "--calib", tree, "--trust-pickle", "-o", r,
+                        "--methods", "bias,rounding", "--rounding-iterations", "5")
+    assert rc == 0, err
+    assert "recovered" in out and "bias" in out and "rounding" in out and r.is_file()
+    assert r.with_suffix(".state_dict.pt").is_file()
+    recovered = torch.load(r, weights_only=False)
+    assert type(recovered).__name__ == "Classifier"
+    rc, _, err = _cli(capsys, "recover", q, *common, "--calib", tree, "--trust-pickle", "-o", r, "--methods", "magic")
+    assert rc == 2
+    _one_line(err, "--methods")
+    rc, _, err = _cli(capsys, "recover", q, "--model-factory", f"{HELPER}:pretrained", "--factory-arg", "width=4",
+                      "--calib", tree, "--trust-pickle", "-o", r)
+    assert rc == 2
+    _one_line(err, "not the model qmodel came from")

@@ -544,6 +544,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.image is not None:
         _write_image(qmodel, args.image)
 
+    _save_converted(qmodel, out, sd_out, args.output)
+    return 0
+
+
+def _save_converted(qmodel: nn.Module, out: Path, sd_out: Path, given: str) -> None:
+    """The converted module at ``out`` and its state_dict at ``sd_out``."""
     try:
         torch.save(qmodel.state_dict(), sd_out)
     except OSError as e:
@@ -551,13 +557,47 @@ def cmd_convert(args: argparse.Namespace) -> int:
     try:
         torch.save(qmodel, out)
     except OSError as e:
-        raise FileError(f"cannot write -o {args.output}: {e.strerror or e}") from None
+        raise FileError(f"cannot write -o {given}: {e.strerror or e}") from None
     except (pickle.PicklingError, AttributeError, TypeError) as e:
         out.unlink(missing_ok=True)
         raise ModelError(f"the converted model cannot be pickled ({_first_line(e)}); its state_dict was saved "
                          f"to {sd_out}; define the model class at module level") from None
     print(f"saved {out} (the module; load with torch.load(weights_only=False) or --trust-pickle)")
     print(f"saved {sd_out} (its state_dict; torch.load(weights_only=True) works)")
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from ..transforms.recover import METHODS, recover
+
+    float_path, converted_path = args.float_model, args.converted_model
+    if args.model_factory is not None and converted_path is None:  # the factory builds the float model
+        float_path, converted_path = None, float_path
+    if converted_path is None:
+        raise CLIError("give FLOAT_MODEL and CONVERTED_MODEL (or --model-factory and CONVERTED_MODEL)")
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    if not methods or any(m not in METHODS for m in methods):
+        raise CLIError(f"--methods must be a comma-separated list of {', '.join(METHODS)}, got {args.methods!r}")
+    inputs = ((float_path, "FLOAT_MODEL"), (converted_path, "CONVERTED_MODEL"), (args.calib, "--calib DATA"))
+    out = _check_writable(args.output, "-o", inputs)
+    sd_out = _state_dict_path(out)
+    _check_writable(str(sd_out), f"-o {args.output}'s state_dict", inputs)
+    fmodel = build_model(float_path, args, what="FLOAT_MODEL")
+    qmodel = load_model(converted_path, model_class=args.model_class, trust_pickle=args.trust_pickle,
+                        what="CONVERTED_MODEL")
+    data = data_from_args(args.calib, args)
+    batches = data.items(args.batch_size)
+    if args.max_batches is not None:
+        batches = batches[:args.max_batches]
+    try:
+        r = recover(qmodel, fmodel, batches, methods=methods, progress=None,
+                    rounding=dict(iterations=args.rounding_iterations), distillation=dict(steps=args.distill_steps))
+    except ValueError as e:  # recover's own checks: not the source model, data that does not run, ...
+        raise CLIError(f"recovery failed: {' '.join(str(e).split())}") from None
+    print(f"recovered {converted_path} against {model_name(float_path, args)} on {data.samples} inputs "
+          f"({', '.join(methods)})")
+    print(r.recovery_report)
+    print()
+    _save_converted(r, out, sd_out, args.output)
     return 0
 
 
@@ -985,6 +1025,30 @@ def add_commands(sub) -> None:
                         "(default torchlns-compare.png; '' for none)")
     p.add_argument("--sheet-count", type=_positive_int, default=10, metavar="N", help="images on the sheet (default 10)")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "recover", help="win back a converted model's fidelity from unlabelled data (bias, rounding, distillation)",
+        description="Run torchlns.recover on CONVERTED_MODEL against FLOAT_MODEL (the model it was converted from) "
+                    "on --calib DATA: bias correction, adaptive rounding and distillation, or --methods. Prints "
+                    "fidelity on DATA before and after each method and saves OUT like convert does. Keep DATA "
+                    "apart from the data you evaluate on.")
+    p.add_argument("float_model", metavar="FLOAT_MODEL", nargs="?",
+                   help="the float model: a state_dict file (with --model-class) or a pickled nn.Module; "
+                        "left out with --model-factory")
+    p.add_argument("converted_model", metavar="CONVERTED_MODEL", nargs="?",
+                   help="convert's OUT file, a pickled module: pass --trust-pickle")
+    p.add_argument("--calib", required=True, metavar="DATA", help="unlabelled calibration inputs: " + DATA_HELP)
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="where to save the recovered model")
+    p.add_argument("--methods", default="bias,rounding,distill", metavar="M[,M...]",
+                   help="bias, rounding and/or distill, in order (default all three)")
+    p.add_argument("--rounding-iterations", type=_positive_int, default=300, metavar="N",
+                   help="adaptive-rounding steps per block (default 300)")
+    p.add_argument("--distill-steps", type=_positive_int, default=200, metavar="N", help="distillation steps")
+    _loading_options(p)
+    _data_options(p)
+    p.add_argument("--max-batches", type=_positive_int, metavar="N", help="use the first N batches only")
+    p.add_argument("--batch-size", type=_positive_int, default=16, metavar="B", help="batch size (default 16)")
+    p.set_defaults(func=cmd_recover)
 
     p = sub.add_parser(
         "sensitivity", help="per-layer SQNR of a conversion, and what keeping the worst layers float buys",

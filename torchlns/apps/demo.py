@@ -216,14 +216,44 @@ def cluster(model: nn.Module, cfg: DemoConfig) -> nn.Module:
                                     filter_fn=lambda m, fqn: m.in_channels > 3, seed=cfg.seed)
 
 
-def cached_model(path: Path, model: nn.Module, key: dict, fit, log, what: str, retrain: bool = False) -> nn.Module:
-    """``model`` with the weights saved at ``path`` if they were trained with settings ``key`` (and
-    not ``retrain``); else ``fit(model)`` trains it, and it is saved with ``key``."""
-    if path.is_file() and not retrain:
-        saved = torch.load(path, weights_only=True)
-        if saved.get("key") == key:
+# Note: shipped weights
+# Training the demo's float SegNet is most of a first run's time on a laptop-class CPU and is
+# not what the demo shows, so its trained weights ship in the package
+# (``torchlns/apps/weights/segnet_float.pt``, about 430 KB), written by this module's own
+# ``train`` with the default settings: ``python -m torchlns demo --retrain --out D`` rewrites
+# D/segnet_float.pt, which is that file. They are used only when their key (every training
+# setting, and a checksum of the first generated scenes, which must agree to 1e-5) matches
+# this run's; any other settings train, as does ``--retrain``. A test checks that the shipped
+# key still matches the defaults and the scene generator, and that the weights score.
+WEIGHTS = Path(__file__).resolve().parent / "weights"
+
+
+def _same_key(saved, key: dict) -> bool:
+    """Equal training settings; the data checksums (float sums, which differ between CPUs in
+    their last bits) within 1e-5."""
+    if not isinstance(saved, dict) or set(saved) != set(key):
+        return False
+    for k, v in key.items():
+        if k == "data":
+            if not isinstance(saved[k], float) or abs(saved[k] - v) > 1e-5 * max(1.0, abs(v)):
+                return False
+        elif saved[k] != v:
+            return False
+    return True
+
+
+def cached_model(path: Path, model: nn.Module, key: dict, fit, log, what: str, retrain: bool = False,
+                 shipped: Optional[Path] = None) -> nn.Module:
+    """``model`` with the weights saved at ``path`` (or else ``shipped``, see Note: shipped weights)
+    if they were trained with settings ``key`` (and not ``retrain``); else ``fit(model)`` trains
+    it, and it is saved at ``path`` with ``key``."""
+    for source, where in ((path, f"from {path}"), (shipped, "shipped with torchlns (--retrain trains it again)")):
+        if retrain or source is None or not source.is_file():
+            continue
+        saved = torch.load(source, weights_only=True)
+        if _same_key(saved.get("key"), key):
             model.load_state_dict(saved["state_dict"])
-            log(f"loaded the trained {what} from {path}")
+            log(f"loaded the trained {what} {where}")
             return model.eval()
     t = time.time()
     fit(model)
@@ -240,7 +270,7 @@ def float_model(cfg: DemoConfig, train_ds: SceneDataset, log) -> nn.Module:
                net_width=cfg.net_width, seed=cfg.seed, data=float(train_ds.images[:4].sum()))
     return cached_model(cfg.out / "segnet_float.pt", model, key,
                         lambda m: train(m, train_ds, cfg.train_steps, cfg.batch_size, 3e-3, cfg.device, cfg.seed),
-                        log, "float model", cfg.retrain)
+                        log, "float model", cfg.retrain, shipped=WEIGHTS / "segnet_float.pt")
 
 
 def scene_data(cfg: DemoConfig):
