@@ -303,6 +303,7 @@ class DetectionConfig(DemoConfig):
     n_eval: int = 256
     train_steps: int = 600
     finetune_steps: int = 400
+    finetune_batch_size: int = 16  # its fine-tuning is cross entropy on whole scenes, as it was tuned
     stereo: bool = False
 
 
@@ -421,7 +422,7 @@ def run(cfg: DetectionConfig, log=print) -> List[DetRow]:
     # at 2e-3 unclipped: 2e-3 with the gradient norm clipped to 1 is the best of what was tried. The
     # stereo model's loss climbs after ~120 steps even so, and takes 1e-3.
     lr = 1e-3 if cfg.stereo else 2e-3
-    train(clustered, train_set, cfg.finetune_steps, cfg.batch_size, lr, cfg.device, cfg.seed + 1,
+    train(clustered, train_set, cfg.finetune_steps, cfg.finetune_batch_size, lr, cfg.device, cfg.seed + 1,
           desc="fine-tuning centroids", loss=_loss, clip=1.0)
     add(f"LNS8 + cluster C={cfg.clusters}", clustered, t0)
 
