@@ -851,9 +851,9 @@ def _changed_most_sheet(path: str, images, ref: torch.Tensor, out: torch.Tensor,
     order = c.kl_per_sample.argsort(descending=True)[:count].tolist()
     pf, pq = ref.double().softmax(1), out.double().softmax(1)
 
-    def cls(i: int) -> str:
+    def cls(i: int) -> str:  # the index, and its folder's name where that says more
         name = images.class_name(i)
-        return f"{i}" + (f" {name}"[:18] if name else "")
+        return f"{i}" + (f" {name}"[:18] if name and name != str(i) else "")
     captions = []
     for i in order:
         lines = [images.paths[i].name[:24]]

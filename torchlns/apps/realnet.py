@@ -48,6 +48,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="adaptive-rounding steps per block (default 100)")
     p.add_argument("--distill-steps", type=positive_int, default=60, help="distillation steps (default 60)")
     p.add_argument("--out", type=Path, default=Path("torchlns-realnet"), help="folder for report.md")
+    p.add_argument("--write-images", type=Path, metavar="DIR",
+                   help="only write the crops as image files for the command line, and stop: DIR/calib (the "
+                        "calibration photos' crops, flat) and DIR/eval (the labelled evaluation photos' crops, one "
+                        "folder per ImageNet class, named by its index)")
 
 
 def _rgb(a):
@@ -223,6 +227,34 @@ def _counts(choices: Dict[str, str]) -> Dict[str, int]:
     return out
 
 
+def write_images(folder: Path, n: int, size: int) -> Tuple[int, int]:
+    """The crops ``run`` uses, as PNG files (see ``--write-images``): (calibration files, evaluation files).
+    Evaluation crops go to one folder per first ImageNet class of their photos (named by its index), so
+    ``compare --data DIR/eval --normalize tf`` has labels; the unlabelled photos are left out."""
+    from PIL import Image
+
+    counts = []
+    for sub, names, base in (("calib", CALIBRATION, 100), ("eval", EVAL, 0)):
+        count = 0
+        for i, name in enumerate(names):
+            if sub == "eval" and name not in LABELS:
+                continue
+            x = crops(photo(name), n, size, seed=base + i)  # the seeds of run()
+            rgb = (x * 128 + 127).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+            d = folder / sub if sub == "calib" else folder / sub / str(LABELS[name][0])
+            d.mkdir(parents=True, exist_ok=True)
+            for j, a in enumerate(rgb):
+                Image.fromarray(a).save(d / f"{name}-{j:02d}.png")
+                count += 1
+        counts.append(count)
+    return counts[0], counts[1]
+
+
 def run_from_args(args) -> int:
+    if args.write_images is not None:
+        c, e = write_images(args.write_images, args.crops, args.size)
+        print(f"wrote {c} calibration crops to {args.write_images / 'calib'} and {e} labelled evaluation crops to "
+              f"{args.write_images / 'eval'} (normalise with --normalize tf)")
+        return 0
     run(args)
     return 0
