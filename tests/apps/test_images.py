@@ -245,3 +245,20 @@ def test_recover_command_takes_a_factory_and_an_image_folder(helper, folders, tm
                       "--calib", tree, "--trust-pickle", "-o", r)
     assert rc == 2
     _one_line(err, "not the model qmodel came from")
+
+
+def test_real_net_writes_its_photos_as_an_image_folder(tmp_path):
+    """``torchlns real-net --write-images``: the bundled photos' crops, calibration flat and
+    evaluation in ImageNet-indexed class folders, readable as labelled image DATA."""
+    pytest.importorskip("skimage")
+    pytest.importorskip("sklearn")
+    from torchlns.apps import realnet
+
+    calib, held = realnet.write_images(tmp_path, 1, 16)
+    assert calib == len(realnet.CALIBRATION) and held == len(realnet.LABELS)
+    s = load_images(str(tmp_path / "eval"), 16, "tf", progress=False)
+    assert len(s.paths) == held and set(s.targets.tolist()) == {v[0] for v in realnet.LABELS.values()}
+    assert load_images(str(tmp_path / "calib"), 16, "tf", progress=False).targets is None
+    # The files hold the crops run() scores, to the rounding of 8-bit pixels.
+    x = realnet.crops(realnet.photo("chelsea"), 1, 16, seed=realnet.EVAL.index("chelsea"))
+    assert (s.inputs[s.paths.index(tmp_path / "eval" / "281" / "chelsea-00.png")] - x[0]).abs().max() <= 0.5 / 128
