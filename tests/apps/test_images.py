@@ -262,3 +262,27 @@ def test_real_net_writes_its_photos_as_an_image_folder(tmp_path):
     # The files hold the crops run() scores, to the rounding of 8-bit pixels.
     x = realnet.crops(realnet.photo("chelsea"), 1, 16, seed=realnet.EVAL.index("chelsea"))
     assert (s.inputs[s.paths.index(tmp_path / "eval" / "281" / "chelsea-00.png")] - x[0]).abs().max() <= 0.5 / 128
+
+
+def test_every_model_command_takes_a_factory(helper, folders, tmp_path, capsys):
+    tree, flat = folders
+    factory = ("--model-factory", f"{HELPER}:pretrained", "--factory-arg", "width=4")
+    rc, out, err = _cli(capsys, "report", *factory)
+    assert rc == 0 and "Classifier" not in err and "fc" in out, err
+    rc, out, err = _cli(capsys, "cost", *factory, "--input-shape", "1,3,16,16", "--json")
+    assert rc == 0, err
+    rc, out, err = _cli(capsys, "cost", *factory, "--compare", "--calib", flat, "--image-size", "16")
+    assert rc == 0 and "LNS8" in out, err
+    rc, out, err = _cli(capsys, "sensitivity", *factory, "--data", tree, "--image-size", "16", "-k", "1", "--json")
+    assert rc == 0 and '"layers"' in out, err
+    rc, _, err = _cli(capsys, "export", *factory, "-o", tmp_path / "x.tlns")
+    assert rc == 0 and (tmp_path / "x.tlns").stat().st_size > 0, err
+    # A state_dict beside the factory is loaded into the factory's model.
+    sd = tmp_path / "sd.pt"
+    torch.save(helper.pretrained(width=4).state_dict(), sd)
+    rc, out, err = _cli(capsys, "report", sd, *factory)
+    assert rc == 0, err
+    torch.save(helper.pretrained(width=8).state_dict(), sd)
+    rc, _, err = _cli(capsys, "report", sd, *factory)
+    assert rc == 2
+    _one_line(err, "does not fit", "--model-factory")
