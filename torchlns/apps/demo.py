@@ -50,6 +50,7 @@ import torchlns
 from torchlns import CHIP_MAC, FP8_E4M3, FP8_E5M2, INT8, ConvertConfig
 
 from ..metrics import agreement
+from .progress import LogProgress, _progress  # noqa: F401 - re-exported: the jobs' progress lines
 from .scenes import CLASSES, IGNORE_INDEX, PALETTE, SceneDataset
 
 __all__ = ["SegNet", "DemoConfig", "Row", "batches", "train", "evaluate", "cluster", "finetune", "float_model", "run",
@@ -119,52 +120,6 @@ def batches(ds, batch_size: int, shuffle_seed: Optional[int] = None):
     for i in range(0, len(ds), batch_size):
         idx = order[i:i + batch_size]
         yield ds.images[idx], ds.labels[idx]
-
-
-def _progress(iterable, desc: str, total=None):
-    """A tqdm bar on a terminal; elsewhere (a log, CI) a plain line at each quarter (``LogProgress``)."""
-    if not sys.stderr.isatty():
-        return LogProgress(iterable, desc, total)
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
-
-
-class LogProgress:
-    """tqdm's interface used here (iteration, ``update``, ``set_postfix``, ``close``) as log lines:
-    ``desc: 50% (250/500) in 41 s, loss=0.512`` at each quarter, never a carriage return."""
-
-    def __init__(self, iterable, desc: str, total=None, file=None):
-        self.iterable, self.desc, self.n, self.postfix = iterable, desc, 0, ""
-        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
-        self.file, self.start, self.quarter = file, time.time(), 0
-
-    def __iter__(self):
-        for item in self.iterable:
-            yield item
-            self.update(1)
-        self.close()
-
-    def set_postfix(self, **values):
-        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
-
-    def update(self, n: int = 1):
-        self.n += n
-        if self.total:
-            while self.quarter < 3 and self.n * 4 >= (self.quarter + 1) * self.total:
-                self.quarter += 1
-                self._line(f"{25 * self.quarter}%")
-
-    def close(self):
-        if self.quarter < 4:
-            self.quarter = 4
-            self._line("done" if not self.total else "100%")
-
-    def _line(self, where: str):
-        total = f"/{self.total}" if self.total else ""
-        tail = f", {self.postfix}" if self.postfix else ""
-        print(f"{self.desc}: {where} ({self.n}{total}) in {time.time() - self.start:.0f} s{tail}",
-              file=self.file or sys.stderr, flush=True)
 
 
 def _segmentation_loss(model, x, y):

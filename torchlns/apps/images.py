@@ -155,7 +155,7 @@ def load_images(spec: str, size: int = 224, normalization: str = "imagenet", *, 
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalisation must be one of {NORMALIZATIONS}, got {normalization!r}")
     paths, labels, classes, ids = _listing(str(spec))
-    from .demo import _progress
+    from .progress import _progress
 
     def one(path: Path):
         try:
