@@ -115,6 +115,10 @@ def test_normalisation_presets_and_resizing(tmp_path):
 def test_globs_and_flat_folders(folders, tmp_path):
     tree, flat = folders
     assert load_images(str(flat), 8, progress=False).targets is None
+    (flat / "notes.txt").write_text("not an image")
+    (flat / ".DS_Store").write_bytes(b"")
+    with pytest.warns(UserWarning, match=r"left out 1 file\(s\) that are not images .*notes\.txt"):
+        assert len(load_images(str(flat), 8, progress=False).paths) == 3
     s = load_images(str(tree / "*" / "*.jpg"), 8, progress=False)
     assert len(s.paths) == 8 and all(p.suffix == ".jpg" for p in s.paths)
     assert load_data(str(tree / "**" / "*.png")).inputs.shape == (4, 3, 224, 224)

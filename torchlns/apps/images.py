@@ -17,7 +17,8 @@ its shorter side resized to ``size`` (bilinear, antialiased) and the centre ``si
 [0, 1]), ``tf`` (``(rgb - 127) / 128``, TensorFlow-trained networks such as EfficientNet-Lite)
 or ``none`` ([0, 1]). Decoding runs on a thread pool (Pillow releases the GIL), with a progress
 line. An image Pillow cannot read is named in a one-line error, or, with ``skip_bad``, left
-out and named in a warning: nothing is dropped silently. No image at all is an error.
+out and named in a warning; files without an image extension are named in a warning too:
+nothing is dropped silently. No image at all is an error.
 """
 
 from __future__ import annotations
@@ -76,12 +77,22 @@ def _is_image(p: Path) -> bool:
     return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
 
 
+def _others(folder: Path) -> List[Path]:
+    """The files of a folder that are not images (hidden files aside): named, not read."""
+    return [e for e in sorted(folder.iterdir()) if e.is_file() and not e.name.startswith(".") and not _is_image(e)]
+
+
 def _listing(spec: str) -> Tuple[List[Path], Optional[List[int]], List[str], List[int]]:
     """(paths, labels or None, class names, class ids) of an image spec."""
     p = Path(spec)
     if p.is_dir():
         entries = sorted(p.iterdir())
         files = [e for e in entries if _is_image(e)]
+        others = _others(p) + [f for d in entries if d.is_dir() and not d.name.startswith(".") for f in _others(d)]
+        if others:
+            names = ", ".join(str(o) for o in others[:3]) + (f" (+{len(others) - 3} more)" if len(others) > 3 else "")
+            warnings.warn(f"DATA {spec}: left out {len(others)} file(s) that are not images "
+                          f"({', '.join(IMAGE_EXTENSIONS)}): {names}", stacklevel=3)
         dirs = [e for e in entries if e.is_dir() and not e.name.startswith(".")]
         class_dirs = [d for d in dirs if any(_is_image(f) for f in d.iterdir())]
         if files and class_dirs:
