@@ -177,7 +177,7 @@ def _ste_operands(xq: Optional[Coded], wq: Coded, x, w_grad) -> Tuple[torch.Tens
 
 def _rows(xq: Coded, lead: torch.Size) -> Coded:
     """An (..., K) operand as (rows, K) codes with (1 or rows, 1 or K or blocks) parameters."""
-    param = xq.param
+    param = xq.param.reshape(1, 1) if xq.param.dim() == 0 else xq.param  # a 0-d per-tensor parameter
     if xq.block is not None and xq.block[0] != len(lead):
         raise ValueError("per-block parameters of a linear operand must run along its last (reduction) axis")
     if all(s == 1 for s in param.shape[:-1]):
@@ -227,7 +227,9 @@ def conv(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1, mac: MACCon
         raise ValueError(f"{name}: input has {C} channels, weight expects {Cin_g}x{groups} groups and {Cout} outputs")
     conv_output_shape(xt4.shape[2], xt4.shape[3], w4.shape[2:], geometry.stride, geometry.pads, geometry.dilation)
     b = _check_bias(bias, Cout, xt.device)
-    if xq is not None and xq.fmt.mac_kind == "log":
+    if mac.two_stage and (xq.fmt if xq is not None else fmt).mac_kind == "log":  # see Note: two-stage MACs
+        y = _conv_by_columns(xq, wq, fmt, xt4, w4, b, mac, acc_lsb, x_block_size, geometry)
+    elif xq is not None and xq.fmt.mac_kind == "log":
         y = _lns_conv(xq, wq, as4d, b, mac, acc_lsb, geometry, w4[0].numel(), n)
     elif xq is None and x_block_size is not None and _blocks_in_op(fmt, wq):
         y = _lns_conv_blocks(as4d(as_float32(x)), wq, fmt, b, mac, acc_lsb, geometry, w4[0].numel(), n, x_block_size)
@@ -560,6 +562,13 @@ def _conv_by_columns(xq: Optional[Coded], wq: Coded, fmt: Format, xt4, w4, bias,
 # ----------------------------------------------------------------------------------------
 # the MAC
 # ----------------------------------------------------------------------------------------
+# Note: two-stage MACs
+# A fixed accumulator that wraps or sums in chunks (Note: overflow and chunks in
+# ops/reference.py) is not yet an argument of the ``torchlns::`` ops, whose C++ and Triton
+# kernels saturate one exact total. Such MACs run the reference's arithmetic directly,
+# whatever the device: a matmul as one call, a convolution as im2col columns (k ordered
+# input channel slowest, as the spec's chunks count it) then one call per group. The bits
+# are the reference's on every backend by construction; the speed is the reference's too.
 def _matmul(x: Coded, w: Coded, bias, mac: MACConfig, acc_lsb) -> torch.Tensor:
     """(M, K) x (N, K) coded operands -> (M, N) float32: one ``torchlns::`` op call."""
     K = x.codes.shape[1]
@@ -570,6 +579,13 @@ def _matmul(x: Coded, w: Coded, bias, mac: MACConfig, acc_lsb) -> torch.Tensor:
     if x.fmt.mac_kind == "log":
         mac.check_reduction(K)
         F_ = x.fmt.frac_bits
+        if mac.two_stage:  # see Note: two-stage MACs
+            from .ops.reference import lns_mm_reference
+
+            return lns_mm_reference(x.codes, x.expanded_param().to(torch.int32), w.codes,
+                                    w.expanded_param().to(torch.int32), mac.table(F_, x.codes.device), bias,
+                                    x.fmt.bits, w.fmt.bits, F_, True, mac.acc_bits, acc_lsb, mac.overflow, mac.chunk,
+                                    mac.chunk_bits)
         return _OPS.lns_mm(x.codes, x.expanded_param().to(torch.int32), w.codes, w.expanded_param().to(torch.int32),
                            mac.table(F_, x.codes.device), bias, x.fmt.bits, w.fmt.bits, F_, mac.fixed, mac.acc_bits,
                            acc_lsb if mac.fixed else 0)

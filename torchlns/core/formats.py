@@ -551,6 +551,11 @@ class MACConfig:
     accumulator: Literal["float32", "fixed"] = "float32"
     lut_bits: int = 8
     acc_bits: int = 32
+    # Fixed mode only (spec section 2, "Overflow and two-stage accumulation"): saturate or wrap,
+    # and chunks of ``chunk`` products (0: none) summed at ``chunk_bits`` (0: acc_bits) bits.
+    overflow: Literal["saturate", "wrap"] = "saturate"
+    chunk: int = 0
+    chunk_bits: int = 0
 
     # Beyond this range every output of a layer saturates or vanishes.
     ACC_LSB_MIN: ClassVar[int] = -512
@@ -565,6 +570,18 @@ class MACConfig:
             raise ValueError(f"MACConfig.lut_bits={self.lut_bits} is out of range; expected 1..23")
         if not 8 <= self.acc_bits <= 48:
             raise ValueError(f"MACConfig.acc_bits={self.acc_bits} is out of range; expected 8..48")
+        _check_choice("overflow", self.overflow, ("saturate", "wrap"), "MACConfig")
+        check_int(self.chunk, "MACConfig.chunk")
+        check_int(self.chunk_bits, "MACConfig.chunk_bits")
+        if self.chunk < 0:
+            raise ValueError(f"MACConfig.chunk={self.chunk} must be >= 0 (0: no chunks)")
+        if self.chunk_bits and not 8 <= self.chunk_bits <= 48:
+            raise ValueError(f"MACConfig.chunk_bits={self.chunk_bits} is out of range; expected 8..48 (0: acc_bits)")
+        if self.chunk_bits and not self.chunk:
+            raise ValueError("MACConfig.chunk_bits needs chunk (the number of products per chunk)")
+        if (self.chunk or self.overflow != "saturate") and not self.fixed:
+            raise ValueError("MACConfig.overflow and chunk belong to the fixed accumulator; "
+                             "this MAC accumulates in float32")
 
     @classmethod
     def chip(cls) -> "MACConfig":
@@ -604,8 +621,24 @@ class MACConfig:
             raise ValueError(f"acc_lsb={acc_lsb} is out of range {self.ACC_LSB_MIN}..{self.ACC_LSB_MAX} (beyond it "
                              "every output saturates or vanishes)")
 
+    @property
+    def two_stage(self) -> bool:
+        """Wrap-around or chunked accumulation (see Note: overflow and chunks in ops/reference.py)."""
+        return self.fixed and (self.overflow == "wrap" or self.chunk > 0)
+
+    @property
+    def chunk_width(self) -> int:
+        """W1: the bits of a product and of a chunk sum (acc_bits without chunks)."""
+        return (self.chunk_bits or self.acc_bits) if self.chunk else self.acc_bits
+
     def check_reduction(self, K: int) -> None:
         """An exact int64 sum of K fixed-point products needs ``K * 2^(W-1) < 2^63`` (spec section 2)."""
+        if self.fixed and self.chunk:
+            L, W1 = self.chunk, self.chunk_width
+            if min(L, K) * 2 ** (W1 - 1) >= 2**63 or -(-K // L) * 2 ** (W1 - 1) >= 2**63:
+                raise ValueError(f"accumulator overflow: chunks of {L} products of up to 2^{W1 - 1}, "
+                                 f"{-(-K // L)} chunks for K={K}, do not sum exactly in int64")
+            return
         if self.fixed and K * 2 ** (self.acc_bits - 1) >= 2**63:
             raise ValueError(
                 f"accumulator overflow: K={K} products of up to 2^{self.acc_bits - 1} need K*2^{self.acc_bits - 1} < "
@@ -615,6 +648,10 @@ class MACConfig:
     def __repr__(self) -> str:
         conv = f"lut{self.lut_bits}" if self.conversion == "lut" else self.conversion
         acc = f"fixed{self.acc_bits}" if self.fixed else "float32"
+        if self.overflow == "wrap":
+            acc += " wrap"
+        if self.chunk:
+            acc += f" chunk{self.chunk}x{self.chunk_width}"
         return f"MAC({conv}, {acc})"
 
 

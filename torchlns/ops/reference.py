@@ -125,13 +125,62 @@ def int_decode_reference(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tens
 # ----------------------------------------------------------------------------------------
 # LNS MAC
 # ----------------------------------------------------------------------------------------
+# Note: overflow and chunks
+# The fixed accumulator's other designs (spec section 2, "Overflow and two-stage
+# accumulation"; ``MACConfig.overflow``, ``chunk``, ``chunk_bits``). A product's magnitude is
+# truncated toward zero, then signed, then saturated to ±(2^(W1-1) - 1) or, with wrap,
+# reduced modulo 2^W1 into [-2^(W1-1), 2^(W1-1)), W1 being chunk_bits with chunks and
+# acc_bits without. With chunks, each run of ``chunk`` consecutive k (a conv's k: input
+# channel slowest, then kernel row and column, as im2col orders it) is summed exactly and
+# saturated or wrapped to W1 bits; the chunk sums are summed exactly; the bias joins that
+# total, which is saturated or wrapped to acc_bits. Modular sums do not depend on order, and
+# a magnitude's residue is taken exactly from its float64 value (fmod), so these need no
+# int64 headroom beyond the chunks'. For now they run only here, on every device (the
+# functional layer routes such MACs to this composite; see Note: two-stage MACs in
+# functional.py), so every backend gives these bits by construction.
+def wrap_signed(v: torch.Tensor, bits: int) -> torch.Tensor:
+    """int64 values reduced modulo 2^bits into the two's-complement range."""
+    half = 1 << (bits - 1)
+    return torch.remainder(v + half, 1 << bits) - half
+
+
+def _products_int(p: torch.Tensor, negative: torch.Tensor, bits: int, overflow: str) -> torch.Tensor:
+    """Float64 magnitudes floor(C 2^(q-Λ)) as signed int64 products at ``bits`` bits."""
+    if overflow == "wrap":
+        v = torch.fmod(p, float(2**bits)).to(torch.int64)
+        return wrap_signed(torch.where(negative, -v, v), bits)
+    v = p.clamp(max=float(2 ** (bits - 1) - 1)).to(torch.int64)
+    return torch.where(negative, -v, v)
+
+
+def two_stage_sums(p: torch.Tensor, negative: torch.Tensor, overflow: str, chunk: int, chunk_bits: int,
+                   acc_bits: int) -> torch.Tensor:
+    """(..., K) magnitudes -> (...) exact totals before the bias (see Note: overflow and chunks)."""
+    W1 = (chunk_bits or acc_bits) if chunk else acc_bits
+    v = _products_int(p, negative, W1, overflow)
+    if not chunk:
+        return v.sum(-1)
+    K = v.shape[-1]
+    pad = (-K) % chunk
+    if pad:
+        v = torch.nn.functional.pad(v, (0, pad))
+    sums = v.reshape(*v.shape[:-1], -1, chunk).sum(-1)
+    sums = wrap_signed(sums, W1) if overflow == "wrap" else sums.clamp(-(2 ** (W1 - 1) - 1), 2 ** (W1 - 1) - 1)
+    return sums.sum(-1)
+
+
 def lns_mm_reference(x: torch.Tensor, x_offset: torch.Tensor, w: torch.Tensor, w_offset: torch.Tensor,
                      table: torch.Tensor, bias: Optional[torch.Tensor], x_bits: int, w_bits: int, frac_bits: int,
-                     fixed: bool, acc_bits: int, acc_lsb: int) -> torch.Tensor:
+                     fixed: bool, acc_bits: int, acc_lsb: int, overflow: str = "saturate", chunk: int = 0,
+                     chunk_bits: int = 0) -> torch.Tensor:
     """``torchlns::lns_mm``: (M, K) x (N, K) codes -> (M, N) float32 (see Note: reference MAC arithmetic).
 
     Offsets broadcast against their codes; ``table`` is ``C[r]`` as exact float64.
+    ``overflow``, ``chunk``, ``chunk_bits``: see Note: overflow and chunks (not op arguments yet).
     """
+    if fixed and (overflow == "wrap" or chunk):
+        return _lns_mm_two_stage(x, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, acc_bits, acc_lsb,
+                                 overflow, chunk, chunk_bits)
     F = frac_bits
     M, K = x.shape
     N = w.shape[0]
@@ -153,6 +202,26 @@ def lns_mm_reference(x: torch.Tensor, x_offset: torch.Tensor, w: torch.Tensor, w
     return mm_epilogue(out, nanx.any(1), nanw.any(1), bias, fixed, acc_bits, acc_lsb)
 
 
+def _lns_mm_two_stage(x, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, acc_bits, acc_lsb, overflow,
+                      chunk, chunk_bits) -> torch.Tensor:
+    F = frac_bits
+    M, K = x.shape
+    N = w.shape[0]
+    gx, nx, zx, nanx = log_fields(x, x_offset, x_bits)
+    gw, nw, zw, nanw = log_fields(w, w_offset, w_bits)
+    out = torch.empty(M, N, dtype=torch.int64, device=x.device)
+    rows = max(1, _CHUNK_ELEMENTS // max(1, N * K))
+    for r0 in range(0, M, rows):
+        r1 = min(M, r0 + rows)
+        G = gx[r0:r1, None, :] + gw[None, :, :]
+        p = (table[(G & ((1 << F) - 1)).long()] * exp2_f64((G >> F) - acc_lsb)).floor_()
+        p = p.masked_fill_(zx[r0:r1, None, :] | zw[None, :, :], 0.0)
+        out[r0:r1] = two_stage_sums(p, nx[r0:r1, None, :] ^ nw[None, :, :], overflow, chunk, chunk_bits, acc_bits)
+    T = 2 ** (acc_bits - 1) - 1
+    y = fixed_epilogue(out, bias, T, acc_lsb, wrap_bits=acc_bits if overflow == "wrap" else 0)
+    return y.masked_fill_(nanx.any(1)[:, None] | nanw.any(1)[None, :], math.nan)
+
+
 def mm_epilogue(sums: torch.Tensor, nan_rows_x: torch.Tensor, nan_rows_w: torch.Tensor, bias: Optional[torch.Tensor],
                 fixed: bool, acc_bits: int, acc_lsb: int) -> torch.Tensor:
     """float32 outputs of ``lns_mm`` from its (M, N) sums: float64 (float32 accumulator) or exact int64."""
@@ -165,8 +234,17 @@ def mm_epilogue(sums: torch.Tensor, nan_rows_x: torch.Tensor, nan_rows_w: torch.
     return y.masked_fill_(nan_rows_x[:, None] | nan_rows_w[None, :], math.nan)
 
 
-def fixed_epilogue(acc: torch.Tensor, bias: Optional[torch.Tensor], T: int, acc_lsb: int) -> torch.Tensor:
-    """Bias, final saturation and scaling of the exact int64 sums of the fixed accumulator."""
+def fixed_epilogue(acc: torch.Tensor, bias: Optional[torch.Tensor], T: int, acc_lsb: int,
+                   wrap_bits: int = 0) -> torch.Tensor:
+    """Bias, final saturation (or, with ``wrap_bits``, reduction modulo 2^wrap_bits) and scaling of
+    the exact int64 sums of the fixed accumulator."""
+    if wrap_bits:  # modular: the bias's residue joins the total's; no int64 headroom is needed
+        acc = wrap_signed(acc, wrap_bits)
+        if bias is not None:
+            b = torch.round(bias.to(torch.float64) * 2.0**-acc_lsb).clamp_(-BIAS_CLAMP, BIAS_CLAMP)
+            acc = wrap_signed(acc + wrap_signed(b.to(torch.int64).expand_as(acc), wrap_bits), wrap_bits)
+        y = (acc.to(torch.float64) * 2.0**acc_lsb).to(torch.float32)
+        return y if bias is None else y.masked_fill_(torch.isnan(bias).expand_as(y), math.nan)
     if bias is not None:
         b = torch.round(bias.to(torch.float64) * 2.0**-acc_lsb).clamp_(-BIAS_CLAMP, BIAS_CLAMP).to(torch.int64)
         b = b.expand_as(acc)
