@@ -34,10 +34,23 @@ def compile_for_aarch64(source: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+SOURCES = sorted(p.name for p in CSRC.glob("*.cpp"))
+
+
+@pytest.fixture(scope="module")
+def aarch64_builds():
+    """Every source compiled once, as many at a time as there are cores (the suite's time)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cross_compiler()
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return dict(zip(SOURCES, pool.map(lambda name: compile_for_aarch64(CSRC / name), SOURCES)))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("source", sorted(p.name for p in CSRC.glob("*.cpp")))
-def test_kernels_compile_for_aarch64(source):
-    result = compile_for_aarch64(CSRC / source)
+@pytest.mark.parametrize("source", SOURCES)
+def test_kernels_compile_for_aarch64(source, aarch64_builds):
+    result = aarch64_builds[source]
     assert result.returncode == 0, result.stderr[-2000:]
 
 
