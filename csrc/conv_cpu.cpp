@@ -274,7 +274,11 @@ std::optional<at::Tensor> blocks_by_repair(const at::Tensor& x, const at::Tensor
   // 1. Per (image, group): the wide magnitudes that some block could change: those below the
   // bound on every block's flush threshold, from the group's largest finite magnitude (a
   // block's offset grows with its maximum), those a clamped top offset caps, and ±inf.
-  std::vector<int32_t> lo_ok(static_cast<size_t>(N * G)), hi_ok(static_cast<size_t>(N * G));
+  std::vector<int32_t> lo_ok(static_cast<size_t>(N * G));  // kept magnitudes are >= lo_ok[t] ...
+  const int32_t hi_ok = std::min(nb.off_max + nb.e_max - x_off, kWideMax - 1);  // ... and <= hi_ok
+  const auto changeable = [&](int32_t mag, int64_t t) {  // branch-free, so that the scans vectorize
+    return ((mag != 0) & (mag < lo_ok[t])) | (mag > hi_ok);
+  };
   at::parallel_for(0, N * G, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const uint16_t* p = nb.src + t * Cg * HW;
@@ -284,8 +288,7 @@ std::optional<at::Tensor> blocks_by_repair(const at::Tensor& x, const at::Tensor
         top = std::max(top, mag < kWideMax ? mag : 0);
       }
       const int32_t g_top = top + x_off - nb.e_max;
-      lo_ok[t] = top ? std::max(g_top, nb.off_min) + 1 - x_off : 1;  // kept magnitudes are >= lo_ok[t]
-      hi_ok[t] = std::min(nb.off_max + nb.e_max - x_off, kWideMax - 1);  // and <= hi_ok[t]
+      lo_ok[t] = top ? std::max(g_top, nb.off_min) + 1 - x_off : 1;
     }
   });
   // 2. The positions whose receptive fields hold such a magnitude (a few, in most layers; a
@@ -296,18 +299,13 @@ std::optional<at::Tensor> blocks_by_repair(const at::Tensor& x, const at::Tensor
     for (int64_t t = t0; t < t1; ++t) {
       const uint16_t* p = nb.src + t * Cg * HW;
       uint8_t* flag = changed.data() + t * L;
-      const int32_t lo = lo_ok[t], hi = hi_ok[t];
       for (int64_t e0 = 0; e0 < Cg * HW; e0 += kChunk) {
         const int64_t e1 = std::min(Cg * HW, e0 + kChunk);
-        int32_t any = 0;  // branch-free, so that it vectorizes; chunks without one are skipped
-        for (int64_t e = e0; e < e1; ++e) {
-          const int32_t mag = p[e] & kWideMax;
-          any |= ((mag != 0) & (mag < lo)) | (mag > hi);
-        }
+        int32_t any = 0;  // chunks without one are skipped
+        for (int64_t e = e0; e < e1; ++e) any |= changeable(p[e] & kWideMax, t);
         if (!any) continue;
         for (int64_t e = e0; e < e1; ++e) {
-          const int32_t mag = p[e] & kWideMax;
-          if (!(((mag != 0) & (mag < lo)) | (mag > hi))) continue;
+          if (!changeable(p[e] & kWideMax, t)) continue;
           const int64_t ih = (e % HW) / nb.W, iw = e % nb.W;
           for (int64_t i = 0; i < nb.kh; ++i) {
             const int64_t u = ih + nb.pad[0] - i * nb.dilation[0];
@@ -322,11 +320,11 @@ std::optional<at::Tensor> blocks_by_repair(const at::Tensor& x, const at::Tensor
       }
     }
   });
-  std::vector<int64_t> S(static_cast<size_t>(G), 0);
+  std::vector<int64_t> S(static_cast<size_t>(G), 0), changes(static_cast<size_t>(N * G));
   int64_t total = 0;
   for (int64_t t = 0; t < N * G; ++t) {
-    const int64_t n = std::count(changed.begin() + t * L, changed.begin() + (t + 1) * L, uint8_t(1));
-    S[t % G] += n, total += n;
+    changes[t] = std::count(changed.begin() + t * L, changed.begin() + (t + 1) * L, uint8_t(1));
+    S[t % G] += changes[t], total += changes[t];
   }
   if (4 * total > N * G * L) return std::nullopt;
   // 3. The static kernel on the wide codes, those magnitudes zeroed: only the positions
@@ -337,10 +335,8 @@ std::optional<at::Tensor> blocks_by_repair(const at::Tensor& x, const at::Tensor
     int16_t* q = xs.data_ptr<int16_t>();
     at::parallel_for(0, N * G, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t)
-        for (int64_t e = t * Cg * HW; e < (t + 1) * Cg * HW; ++e) {
-          const int32_t mag = uint16_t(q[e]) & kWideMax;
-          if (((mag != 0) & (mag < lo_ok[t])) | (mag > hi_ok[t])) q[e] = 0;
-        }
+        for (int64_t e = t * Cg * HW; changes[t] && e < (t + 1) * Cg * HW; ++e)
+          if (changeable(uint16_t(q[e]) & kWideMax, t)) q[e] = 0;
     });
   }
   auto y = lns_conv_direct(xs, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits,

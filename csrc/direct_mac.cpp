@@ -8,6 +8,7 @@
 #include <functional>
 #include <limits>
 #include <sstream>
+#include <tuple>
 
 #include "common.h"
 #include "direct.h"
@@ -279,6 +280,23 @@ std::nullopt_t declined() {
 
 void count_run(const Plan& p) { (p.pair ? counts_pairs : counts_table).fetch_add(1, std::memory_order_relaxed); }
 
+// The columns kernel's sums of src, in a scratch buffer of `count` sums: float32, or int64
+// for the fixed accumulator (the other pointer null); all zero when there is no k.
+std::pair<float*, int64_t*> column_sums(const DirectArgs& a, const ColSource& src, int64_t groups, int64_t Kg,
+                                        const int32_t* w, int64_t Ng, int64_t count) {
+  int32_t* buf = scratch(2, a.fixed ? 2 * count : count);
+  float* sf = a.fixed ? nullptr : reinterpret_cast<float*>(buf);
+  int64_t* si = a.fixed ? reinterpret_cast<int64_t*>(buf) : nullptr;
+  if (Kg) {
+    direct_cols(a, src, groups, Kg, w, Ng, sf, si);
+  } else if (a.fixed) {
+    std::fill(si, si + count, 0);
+  } else {
+    std::fill(sf, sf + count, 0.0f);
+  }
+  return {sf, si};
+}
+
 }  // namespace
 
 DirectCounts direct_counts() {
@@ -427,18 +445,11 @@ std::optional<at::Tensor> lns_cols_segments(const at::Tensor& codes, const at::T
   std::vector<int64_t> sums_at(static_cast<size_t>(groups)), out_at(static_cast<size_t>(groups));
   int64_t total = 0, outs = 0;
   for (int64_t g = 0; g < groups; ++g) sums_at[g] = total, total += Ng * ld[g], out_at[g] = outs, outs += Ng * S[g];
-  int32_t* buf = scratch(2, fixed ? 2 * total : total);
-  float* sf = fixed ? nullptr : reinterpret_cast<float*>(buf);
-  int64_t* si = fixed ? reinterpret_cast<int64_t*>(buf) : nullptr;
   SegmentCols src(fields, seg, ld, S, sums_at, Kg, Ng);
   if (plan->pair) src.tail_delta = codes.numel();
-  if (Kg) {
-    direct_cols(*args, src, groups, Kg, wf[0].data_ptr<int32_t>(), Ng, sf, si);
-  } else if (fixed) {
-    std::fill(si, si + total, 0);
-  } else {
-    std::fill(sf, sf + total, 0.0f);
-  }
+  float* sf;  // not a structured binding: the lambdas below capture them
+  int64_t* si;
+  std::tie(sf, si) = column_sums(*args, src, groups, Kg, wf[0].data_ptr<int32_t>(), Ng, total);
   std::optional<at::Tensor> b32;
   if (bias.has_value()) b32 = bias->to(at::kFloat).contiguous();
   const float* b = b32 ? b32->data_ptr<float>() : nullptr;
@@ -642,16 +653,9 @@ std::optional<at::Tensor> lns_conv_direct(const at::Tensor& x, const at::Tensor&
     // Sums [img][n][Ho * Cp] (float32, or int64 for the fixed accumulator); the epilogue
     // drops the Cp - Wo positions past each row and writes (img, n, oh, ow).
     const int64_t wide = Ho * src.Cp, sums = Nb * Cout * wide;
-    int32_t* buf = scratch(2, fixed ? 2 * sums : sums);
-    float* sf = fixed ? nullptr : reinterpret_cast<float*>(buf);
-    int64_t* si = fixed ? reinterpret_cast<int64_t*>(buf) : nullptr;
-    if (Kg) {
-      direct_cols(*args, src, groups, Kg, wf[0].data_ptr<int32_t>(), Ng, sf, si);
-    } else if (fixed) {
-      std::fill(si, si + sums, 0);
-    } else {
-      std::fill(sf, sf + sums, 0.0f);
-    }
+    float* sf;  // not a structured binding: the lambdas below capture them
+    int64_t* si;
+    std::tie(sf, si) = column_sums(*args, src, groups, Kg, wf[0].data_ptr<int32_t>(), Ng, sums);
     float* y = out.data_ptr<float>();
     const int64_t Cp = src.Cp;
     at::parallel_for(0, Nb * Cout, std::max<int64_t>(1, 4096 / std::max<int64_t>(L, 1)), [&](int64_t r0, int64_t r1) {

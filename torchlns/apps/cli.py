@@ -566,14 +566,35 @@ def _save_converted(qmodel: nn.Module, out: Path, sd_out: Path, given: str) -> N
     print(f"saved {sd_out} (its state_dict; torch.load(weights_only=True) works)")
 
 
-def cmd_recover(args: argparse.Namespace) -> int:
-    from ..transforms.recover import METHODS, recover
-
+def _pair_paths(args: argparse.Namespace) -> tuple:
+    """(FLOAT_MODEL, CONVERTED_MODEL) of compare and recover; with --model-factory and one file,
+    that file is the converted model and the factory builds the float one (path None)."""
     float_path, converted_path = args.float_model, args.converted_model
-    if args.model_factory is not None and converted_path is None:  # the factory builds the float model
+    if args.model_factory is not None and converted_path is None:
         float_path, converted_path = None, float_path
     if converted_path is None:
         raise CLIError("give FLOAT_MODEL and CONVERTED_MODEL (or --model-factory and CONVERTED_MODEL)")
+    return float_path, converted_path
+
+
+def _load_pair(args: argparse.Namespace, float_path: Optional[str], converted_path: str) -> tuple:
+    """(float model, converted model) of ``_pair_paths``."""
+    return (build_model(float_path, args, what="FLOAT_MODEL"),
+            load_model(converted_path, model_class=args.model_class, trust_pickle=args.trust_pickle,
+                       what="CONVERTED_MODEL"))
+
+
+def _pair_arguments(p: argparse.ArgumentParser, converted_help: str) -> None:
+    p.add_argument("float_model", metavar="FLOAT_MODEL", nargs="?",
+                   help="the float model: a state_dict file (with --model-class) or a pickled nn.Module; "
+                        "left out with --model-factory")
+    p.add_argument("converted_model", metavar="CONVERTED_MODEL", nargs="?", help=converted_help)
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from ..transforms.recover import METHODS, recover
+
+    float_path, converted_path = _pair_paths(args)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     if not methods or any(m not in METHODS for m in methods):
         raise CLIError(f"--methods must be a comma-separated list of {', '.join(METHODS)}, got {args.methods!r}")
@@ -581,9 +602,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
     out = _check_writable(args.output, "-o", inputs)
     sd_out = _state_dict_path(out)
     _check_writable(str(sd_out), f"-o {args.output}'s state_dict", inputs)
-    fmodel = build_model(float_path, args, what="FLOAT_MODEL")
-    qmodel = load_model(converted_path, model_class=args.model_class, trust_pickle=args.trust_pickle,
-                        what="CONVERTED_MODEL")
+    fmodel, qmodel = _load_pair(args, float_path, converted_path)
     data = data_from_args(args.calib, args)
     batches = data.items(args.batch_size)
     if args.max_batches is not None:
@@ -807,15 +826,9 @@ def compare_outputs(ref: torch.Tensor, out: torch.Tensor, targets: Optional[torc
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    float_path, converted_path = args.float_model, args.converted_model
-    if args.model_factory is not None and converted_path is None:  # the factory builds the float model
-        float_path, converted_path = None, float_path
-    if converted_path is None:
-        raise CLIError("give FLOAT_MODEL and CONVERTED_MODEL (or --model-factory and CONVERTED_MODEL)")
-    fmodel = build_model(float_path, args, what="FLOAT_MODEL")
+    float_path, converted_path = _pair_paths(args)
+    fmodel, qmodel = _load_pair(args, float_path, converted_path)
     float_name = model_name(float_path, args)
-    qmodel = load_model(converted_path, model_class=args.model_class, trust_pickle=args.trust_pickle,
-                        what="CONVERTED_MODEL")
     data = data_from_args(args.data, args)
     batches = data.items(args.batch_size)
     ref = _outputs(fmodel, batches, "FLOAT_MODEL", float_name)
@@ -1011,11 +1024,7 @@ def add_commands(sub) -> None:
                     "DATA has targets (a 'targets' tensor or class folders), each model's top-1 (or pixel) and "
                     "top-5 accuracy. For images and class outputs it also draws the images whose prediction "
                     "changed most (--sheet).")
-    p.add_argument("float_model", metavar="FLOAT_MODEL", nargs="?",
-                   help="the float model: a state_dict file (with --model-class) or a pickled nn.Module; "
-                        "left out with --model-factory")
-    p.add_argument("converted_model", metavar="CONVERTED_MODEL", nargs="?",
-                   help="usually convert's OUT file, a pickled module: pass --trust-pickle")
+    _pair_arguments(p, "usually convert's OUT file, a pickled module: pass --trust-pickle")
     p.add_argument("--data", required=True, metavar="DATA", help=DATA_HELP)
     _loading_options(p)
     _data_options(p)
@@ -1032,11 +1041,7 @@ def add_commands(sub) -> None:
                     "on --calib DATA: bias correction, adaptive rounding and distillation, or --methods. Prints "
                     "fidelity on DATA before and after each method and saves OUT like convert does. Keep DATA "
                     "apart from the data you evaluate on.")
-    p.add_argument("float_model", metavar="FLOAT_MODEL", nargs="?",
-                   help="the float model: a state_dict file (with --model-class) or a pickled nn.Module; "
-                        "left out with --model-factory")
-    p.add_argument("converted_model", metavar="CONVERTED_MODEL", nargs="?",
-                   help="convert's OUT file, a pickled module: pass --trust-pickle")
+    _pair_arguments(p, "convert's OUT file, a pickled module: pass --trust-pickle")
     p.add_argument("--calib", required=True, metavar="DATA", help="unlabelled calibration inputs: " + DATA_HELP)
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="where to save the recovered model")
     p.add_argument("--methods", default="bias,rounding,distill", metavar="M[,M...]",

@@ -178,9 +178,7 @@ def lns_mm_reference(x: torch.Tensor, x_offset: torch.Tensor, w: torch.Tensor, w
     Offsets broadcast against their codes; ``table`` is ``C[r]`` as exact float64.
     ``overflow``, ``chunk``, ``chunk_bits``: see Note: overflow and chunks (not op arguments yet).
     """
-    if fixed and (overflow == "wrap" or chunk):
-        return _lns_mm_two_stage(x, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, acc_bits, acc_lsb,
-                                 overflow, chunk, chunk_bits)
+    two_stage = fixed and (overflow == "wrap" or chunk > 0)
     F = frac_bits
     M, K = x.shape
     N = w.shape[0]
@@ -195,42 +193,27 @@ def lns_mm_reference(x: torch.Tensor, x_offset: torch.Tensor, w: torch.Tensor, w
         G = gx[r0:r1, None, :] + gw[None, :, :]
         p = table[(G & ((1 << F) - 1)).long()] * exp2_f64((G >> F) - shift)
         if fixed:
-            p = p.floor_().clamp_(max=T)
+            p = p.floor_() if two_stage else p.floor_().clamp_(max=T)
         p = p.masked_fill_(zx[r0:r1, None, :] | zw[None, :, :], 0.0)
-        p = torch.where(nx[r0:r1, None, :] ^ nw[None, :, :], -p, p)
+        negative = nx[r0:r1, None, :] ^ nw[None, :, :]
+        if two_stage:
+            out[r0:r1] = two_stage_sums(p, negative, overflow, chunk, chunk_bits, acc_bits)
+            continue
+        p = torch.where(negative, -p, p)
         out[r0:r1] = p.to(torch.int64).sum(-1) if fixed else p.sum(-1)
-    return mm_epilogue(out, nanx.any(1), nanw.any(1), bias, fixed, acc_bits, acc_lsb)
-
-
-def _lns_mm_two_stage(x, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, acc_bits, acc_lsb, overflow,
-                      chunk, chunk_bits) -> torch.Tensor:
-    F = frac_bits
-    M, K = x.shape
-    N = w.shape[0]
-    gx, nx, zx, nanx = log_fields(x, x_offset, x_bits)
-    gw, nw, zw, nanw = log_fields(w, w_offset, w_bits)
-    out = torch.empty(M, N, dtype=torch.int64, device=x.device)
-    rows = max(1, _CHUNK_ELEMENTS // max(1, N * K))
-    for r0 in range(0, M, rows):
-        r1 = min(M, r0 + rows)
-        G = gx[r0:r1, None, :] + gw[None, :, :]
-        p = (table[(G & ((1 << F) - 1)).long()] * exp2_f64((G >> F) - acc_lsb)).floor_()
-        p = p.masked_fill_(zx[r0:r1, None, :] | zw[None, :, :], 0.0)
-        out[r0:r1] = two_stage_sums(p, nx[r0:r1, None, :] ^ nw[None, :, :], overflow, chunk, chunk_bits, acc_bits)
-    T = 2 ** (acc_bits - 1) - 1
-    y = fixed_epilogue(out, bias, T, acc_lsb, wrap_bits=acc_bits if overflow == "wrap" else 0)
-    return y.masked_fill_(nanx.any(1)[:, None] | nanw.any(1)[None, :], math.nan)
+    return mm_epilogue(out, nanx.any(1), nanw.any(1), bias, fixed, acc_bits, acc_lsb,
+                       wrap_bits=acc_bits if two_stage and overflow == "wrap" else 0)
 
 
 def mm_epilogue(sums: torch.Tensor, nan_rows_x: torch.Tensor, nan_rows_w: torch.Tensor, bias: Optional[torch.Tensor],
-                fixed: bool, acc_bits: int, acc_lsb: int) -> torch.Tensor:
+                fixed: bool, acc_bits: int, acc_lsb: int, wrap_bits: int = 0) -> torch.Tensor:
     """float32 outputs of ``lns_mm`` from its (M, N) sums: float64 (float32 accumulator) or exact int64."""
     if not fixed:
         y = sums.to(torch.float32)
         if bias is not None:
             y = y + bias
     else:
-        y = fixed_epilogue(sums, bias, 2 ** (acc_bits - 1) - 1, acc_lsb)
+        y = fixed_epilogue(sums, bias, 2 ** (acc_bits - 1) - 1, acc_lsb, wrap_bits)
     return y.masked_fill_(nan_rows_x[:, None] | nan_rows_w[None, :], math.nan)
 
 
