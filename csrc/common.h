@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -140,7 +141,26 @@ std::vector<float> extended_table(const double* C, int frac_bits);
 // wrapping), the final saturation to ±T, and acc * 2^Λ rounded once to float32. The bias is
 // clamped to ±(2^63 - 1024), which cannot change the saturated result (see Note: reference
 // MAC arithmetic in torchlns/ops/reference.py).
+// Note: accumulator telemetry
+// torchlns.telemetry counts, per chip layer, the fixed accumulator's totals that overflow and
+// the largest |total| (spec section 2, before the final saturation). The totals exist only
+// here, in the epilogue, so the epilogue reports them while telemetry_on() (one relaxed load
+// per output otherwise): per ATen thread a slot of counters, summed when read, so that
+// threads never share a cache line. Each output must reach the epilogue once; the dynamic
+// blocks' repair, which finishes changed positions twice, stands aside while it is on, and
+// torchlns.telemetry checks the count of outputs against the layer's. The product and
+// activation counts come from the codes (torchlns/deploy/telemetry.py).
+struct TelemetryCounts {
+  int64_t outputs, overflow, max_abs;
+};
+extern std::atomic<bool> telemetry_flag;
+TORCHLNS_INLINE bool telemetry_on() { return telemetry_flag.load(std::memory_order_relaxed); }
+void telemetry_record(int64_t total, int64_t T);
+void telemetry_start();
+TelemetryCounts telemetry_stop();
+
 TORCHLNS_INLINE float fixed_epilogue(int64_t acc, const float* bias, int64_t T, int64_t acc_lsb, bool nan_out) {
+  bool wide = false;  // the bias addition left int64: far beyond the rails
   if (bias) {
     if (*bias != *bias) {
       nan_out = true;
@@ -149,10 +169,11 @@ TORCHLNS_INLINE float fixed_epilogue(int64_t acc, const float* bias, int64_t T, 
       double bd = __builtin_nearbyint(double(*bias) * pow2(-acc_lsb));
       bd = bd > kBiasClamp ? kBiasClamp : (bd < -kBiasClamp ? -kBiasClamp : bd);
       int64_t sum;
-      if (__builtin_add_overflow(acc, int64_t(bd), &sum)) sum = bd > 0 ? T : -T;
+      if (__builtin_add_overflow(acc, int64_t(bd), &sum)) sum = bd > 0 ? T : -T, wide = true;
       acc = sum;
     }
   }
+  if (telemetry_on() && !nan_out) telemetry_record(wide ? (acc > 0 ? INT64_MAX : -INT64_MAX) : acc, T);
   acc = acc > T ? T : (acc < -T ? -T : acc);
   return nan_out ? __builtin_nanf("") : float(double(acc) * pow2(acc_lsb));
 }

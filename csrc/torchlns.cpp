@@ -110,6 +110,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["blocks_columns"] = c.blocks_columns;
     return d;
   }, "How often the direct LNS kernels ran with tables, with product pairs, or declined a call, and how dynamic blocks of narrow groups ran.");
+  m.def("telemetry_start", &torchlns::telemetry_start,
+        "Zero the fixed accumulator's telemetry counters and start counting (see Note: accumulator telemetry).");
+  m.def("telemetry_stop", [] {
+    const auto c = torchlns::telemetry_stop();
+    py::dict d;
+    d["outputs"] = c.outputs;
+    d["overflow"] = c.overflow;
+    d["max_abs"] = c.max_abs;
+    return d;
+  }, "Stop counting; the fixed-accumulator totals seen since telemetry_start: outputs, overflow (|total| > T), "
+     "max_abs (the largest |total|).");
   m.def("reset_direct_counts", &torchlns::reset_direct_counts, "Zero the direct-kernel counters.");
   m.def("clear_weight_cache", &torchlns::clear_weight_cache, "Drop every prepared weight.");
   m.def("set_weight_cache_capacity", &torchlns::set_weight_cache_capacity, "Cache capacity in bytes (0: off).");

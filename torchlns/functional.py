@@ -41,6 +41,22 @@ __all__ = ["lns_linear", "lns_conv1d", "lns_conv2d", "lns_conv3d", "lns_conv_tra
 
 _OPS = torch.ops.torchlns
 
+# Note: MAC observers
+# ``torchlns.telemetry`` (deploy/telemetry.py) watches the datapath from above this layer: while
+# an observer is set, every LNS activation encoding (``encoded(x, coded)``) and every LNS MAC
+# (``mm(x, w, mac, acc_lsb)`` with coded operands, ``conv(*args)`` with ``lns_conv``'s
+# arguments) is shown to it just before it runs, with exactly the operands the op receives,
+# so that it counts from codes what the op does with them. Observers only read; with none
+# set (the default) nothing changes, and a compiled forward never sees one.
+_observer = None
+
+
+def set_observer(observer):
+    """Install ``observer`` (None: remove it); returns the one it replaces."""
+    global _observer
+    held, _observer = _observer, observer
+    return held
+
 
 # ----------------------------------------------------------------------------------------
 # public functions
@@ -463,10 +479,12 @@ def _lns_conv(xq: Coded, wq: Coded, as4d, bias, mac: MACConfig, acc_lsb, geometr
     x_off = as4d(xq.expanded_param()).to(torch.int32)
     w4, w_off = _conv_weight(wq, n)
     F_ = xq.fmt.frac_bits
-    return _OPS.lns_conv(
-        as4d(xq.codes), x_off, w4, w_off, mac.table(F_, xq.codes.device), bias, xq.fmt.bits, wq.fmt.bits, F_,
-        mac.fixed, mac.acc_bits, acc_lsb if mac.fixed else 0, list(geometry.stride),
-        [p[0] for p in geometry.pads], [p[1] for p in geometry.pads], list(geometry.dilation), geometry.groups)
+    args = (as4d(xq.codes), x_off, w4, w_off, mac.table(F_, xq.codes.device), bias, xq.fmt.bits, wq.fmt.bits, F_,
+            mac.fixed, mac.acc_bits, acc_lsb if mac.fixed else 0, list(geometry.stride),
+            [p[0] for p in geometry.pads], [p[1] for p in geometry.pads], list(geometry.dilation), geometry.groups)
+    if _observer is not None:
+        _observer.conv(args, mac, xq.fmt)
+    return _OPS.lns_conv(*args)
 
 
 # The wide codes that carry a float input's integer logs into lns_conv's dynamic blocks
@@ -495,10 +513,12 @@ def _lns_conv_blocks(x4: torch.Tensor, wq: Coded, fmt: Format, bias, mac: MACCon
     buckets, _, F_, mitchell = fmt.encode_args(x4.device)
     codes = _OPS.lns_encode(x4.contiguous(), off, buckets, _WIDE_BITS, F_, mitchell)
     w4, w_off = _conv_weight(wq, n)
-    return _OPS.lns_conv(
-        codes, off, w4, w_off, mac.table(F_, x4.device), bias, _WIDE_BITS, wq.fmt.bits, F_, mac.fixed, mac.acc_bits,
-        acc_lsb if mac.fixed else 0, list(geometry.stride), [p[0] for p in geometry.pads],
-        [p[1] for p in geometry.pads], list(geometry.dilation), geometry.groups, block_size, fmt.bits)
+    args = (codes, off, w4, w_off, mac.table(F_, x4.device), bias, _WIDE_BITS, wq.fmt.bits, F_, mac.fixed,
+            mac.acc_bits, acc_lsb if mac.fixed else 0, list(geometry.stride), [p[0] for p in geometry.pads],
+            [p[1] for p in geometry.pads], list(geometry.dilation), geometry.groups, block_size, fmt.bits)
+    if _observer is not None:
+        _observer.conv(args, mac, fmt)
+    return _OPS.lns_conv(*args)
 
 
 def _scaled_conv(xq: Coded, wq: Coded, as4d, bias, mac: MACConfig, acc_lsb, geometry: _Geometry, Kg: int,
@@ -579,6 +599,8 @@ def _matmul(x: Coded, w: Coded, bias, mac: MACConfig, acc_lsb) -> torch.Tensor:
     if x.fmt.mac_kind == "log":
         mac.check_reduction(K)
         F_ = x.fmt.frac_bits
+        if _observer is not None:
+            _observer.mm(x, w, bias, mac, acc_lsb)
         if mac.two_stage:  # see Note: two-stage MACs
             from .ops.reference import lns_mm_reference
 
@@ -624,8 +646,12 @@ def _encode(t, fmt: Format, what: str, block_size: Optional[int] = None, param=N
         raise TypeError(f"{what} must be a tensor or an LNSTensor, got {type(t).__name__}")
     t = t.detach()  # codes carry no gradient; the straight-through estimator supplies it
     if block_size is None:
-        return Coded.encode(t, fmt, "tensor", param=param)
-    return Coded.encode(t, fmt, "block", -1, block_size)
+        coded = Coded.encode(t, fmt, "tensor", param=param)
+    else:
+        coded = Coded.encode(t, fmt, "block", -1, block_size)
+    if _observer is not None and what == "x":
+        _observer.encoded(t, coded)
+    return coded
 
 
 def _check_bias(bias, n_out: int, device) -> Optional[torch.Tensor]:

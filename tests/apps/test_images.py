@@ -251,6 +251,24 @@ def test_recover_command_takes_a_factory_and_an_image_folder(helper, folders, tm
     _one_line(err, "not the model qmodel came from")
 
 
+def test_telemetry_command(helper, folders, tmp_path, capsys):
+    import json
+
+    tree, flat = folders
+    q, png = tmp_path / "q.pt", tmp_path / "t.png"
+    common = ("--model-factory", f"{HELPER}:pretrained", "--image-size", "24")
+    assert _cli(capsys, "convert", *common, "--calib", flat, "-o", q, "--format", "lns8-chip")[0] == 0
+    rc, out, err = _cli(capsys, "telemetry", q, *common, "--data", tree, "--trust-pickle", "--png", png)
+    assert rc == 0, err
+    assert "prod trunc" in out and "headroom" in out and re.search(r"^conv\s", out, re.M) and png.is_file()
+    rc, out, err = _cli(capsys, "telemetry", q, *common, "--data", tree, "--trust-pickle", "--png", "", "--json")
+    rows = json.loads(out)["layers"]
+    assert [r["layer"] for r in rows] == ["conv", "fc", "total"] and rows[0]["totals"] > 0
+    rc, _, err = _cli(capsys, "telemetry", *common, "--data", tree)
+    assert rc == 2
+    _one_line(err, "CONVERTED_MODEL")
+
+
 def test_real_net_writes_its_photos_as_an_image_folder(tmp_path):
     """``torchlns real-net --write-images``: the bundled photos' crops, calibration flat and
     evaluation in ImageNet-indexed class folders, readable as labelled image DATA."""

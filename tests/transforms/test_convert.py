@@ -549,3 +549,23 @@ def test_a_float64_model_converts_to_float32_layers():
     assert y.dtype == torch.float32 and q[3].weight.dtype == torch.float32
     assert model[3].weight.dtype == torch.float64  # the original is untouched
     assert torchlns.metrics.sqnr(y.detach(), model(x).float().detach()) > 20
+
+
+def test_acc_lsb_sizes_chunk_sums_to_their_bits():
+    """Note: chunk calibration: a chunked MAC's acc_lsb keeps every chunk sum of the calibration
+    data inside chunk_bits (the total's LSB alone overflows nearly every product)."""
+    from torchlns.transforms.calibration import acc_lsb_for
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Identity(), nn.Flatten(),
+                          nn.Linear(8 * 8 * 8, 5)).eval()
+    data = [torch.randn(4, 3, 8, 8) for _ in range(2)]
+    mac = torchlns.MACConfig.chip().replace(chunk=8, chunk_bits=12)
+    q = torchlns.convert(model, torchlns.ConvertConfig(mac=mac), calibration_data=data)
+    r = torchlns.telemetry(q, data)
+    assert r.total.chunks and r.total.chunk_overflow == 0 and 0.25 < r.total.chunk_headroom <= 1
+    plain = torchlns.convert(model, torchlns.ConvertConfig(mac=torchlns.MACConfig.chip()), calibration_data=data)
+    for name in ("0", "4"):
+        assert q.get_submodule(name).acc_lsb > plain.get_submodule(name).acc_lsb
+    assert acc_lsb_for(100.0, mac, 1, chunk_amax=None) == acc_lsb_for(100.0, mac.replace(acc_bits=12, chunk=0,
+                                                                                         chunk_bits=0), 1)

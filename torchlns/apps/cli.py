@@ -825,6 +825,29 @@ def compare_outputs(ref: torch.Tensor, out: torch.Tensor, targets: Optional[torc
     return c
 
 
+def cmd_telemetry(args: argparse.Namespace) -> int:
+    from ..deploy.telemetry import telemetry
+
+    float_path, converted_path = _pair_paths(args)
+    fmodel, qmodel = _load_pair(args, float_path, converted_path)
+    data = data_from_args(args.data, args)
+    batches = data.items(args.batch_size)
+    if args.max_batches is not None:
+        batches = batches[:args.max_batches]
+    try:
+        report = telemetry(qmodel, batches, reference=fmodel)
+    except ValueError as e:  # no chip layers, inputs the model rejects
+        raise CLIError(f"telemetry failed: {' '.join(str(e).split())}") from None
+    if args.json:
+        print(json.dumps(dict(samples=data.samples, layers=report.to_dicts()), indent=2, default=str))
+    else:
+        print(f"{converted_path} on {data.samples} inputs, against {model_name(float_path, args)}:")
+        print(report)
+    if args.png:
+        print(f"wrote {report.plot(args.png)}: the counters as a heatmap, layers by counter")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     float_path, converted_path = _pair_paths(args)
     fmodel, qmodel = _load_pair(args, float_path, converted_path)
@@ -1034,6 +1057,25 @@ def add_commands(sub) -> None:
                         "(default torchlns-compare.png; '' for none)")
     p.add_argument("--sheet-count", type=_positive_int, default=10, metavar="N", help="images on the sheet (default 10)")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "telemetry", help="what the datapath does inside a converted model: saturation, flushes, truncation, "
+                          "overflow, headroom",
+        description="Run CONVERTED_MODEL on DATA and count exactly, per chip layer and in total: activation "
+                    "codes that saturate or flush to zero and, with a fixed accumulator, products truncated to "
+                    "zero, products, chunk sums and totals that overflow (saturate or wrap), and the largest "
+                    "|total| as a share of the accumulator's range; plus each layer's output SQNR against "
+                    "FLOAT_MODEL's layer on the same input. Counting changes no output bit.")
+    _pair_arguments(p, "convert's OUT file, a pickled module: pass --trust-pickle")
+    p.add_argument("--data", required=True, metavar="DATA", help=DATA_HELP)
+    p.add_argument("--png", default="torchlns-telemetry.png", metavar="PNG",
+                   help="the heatmap to write (default torchlns-telemetry.png; '' for none)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    _loading_options(p)
+    _data_options(p)
+    p.add_argument("--max-batches", type=_positive_int, metavar="N", help="use the first N batches only")
+    p.add_argument("--batch-size", type=_positive_int, default=16, metavar="B", help="batch size (default 16)")
+    p.set_defaults(func=cmd_telemetry)
 
     p = sub.add_parser(
         "recover", help="win back a converted model's fidelity from unlabelled data (bias, rounding, distillation)",

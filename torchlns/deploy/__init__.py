@@ -3,10 +3,13 @@
 * ``image.py``: ``export`` / ``load_image`` (the versioned weight image; see Note: weight
   image format);
 * ``cost.py``: ``ChipSpec`` and ``cost_report`` (MACs, bytes, on-chip fit, DRAM traffic,
-  latency and energy per layer, in several formats).
+  latency and energy per layer, in several formats);
+* ``telemetry.py``: ``telemetry``, what the datapath does inside a network (saturation,
+  flushes, truncated and overflowing products, accumulator headroom), counted exactly.
 """
 
 from .cost import (CHIPS, ChipSpec, CostComparison, CostReport, Energies, HOROWITZ_45NM, LayerCost,  # noqa: F401
                    compare_costs, cost_report)
 from .image import ImageError, export, load_image, read_manifest  # noqa: F401
 from .mixed import MixedPrecisionResult, default_candidates, mixed_precision  # noqa: F401
+from .telemetry import LayerTelemetry, Telemetry, TelemetryReport, telemetry  # noqa: F401

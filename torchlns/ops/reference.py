@@ -37,6 +37,8 @@ tensors. They check nothing; the public functions above validate first.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -125,6 +127,37 @@ def int_decode_reference(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tens
 # ----------------------------------------------------------------------------------------
 # LNS MAC
 # ----------------------------------------------------------------------------------------
+# The telemetry sink (see Note: accumulator telemetry in csrc/common.h): while torchlns.telemetry
+# holds a dict here, the reference's fixed epilogue, its chunks and the dynamic blocks'
+# re-encoding add their counts to it, as the C++ epilogue does to its slots.
+TELEMETRY: Optional[dict] = None
+
+
+@contextlib.contextmanager
+def telemetry_sink(counts: Optional[dict]):
+    """Count into ``counts`` (None: not at all) for the duration."""
+    global TELEMETRY
+    held, TELEMETRY = TELEMETRY, counts
+    try:
+        yield counts
+    finally:
+        TELEMETRY = held
+
+
+def _tally(**counts) -> None:
+    for k, v in counts.items():
+        if k.startswith("max_"):
+            TELEMETRY[k] = max(TELEMETRY.get(k, 0), int(v))
+        else:
+            TELEMETRY[k] = TELEMETRY.get(k, 0) + int(v)
+
+
+def _overflowing(v: torch.Tensor, bits: int, wrap: bool) -> torch.Tensor:
+    """Exact sums outside the range that saturation (±(2^(bits-1) - 1)) or wrap ([-2^(bits-1), 2^(bits-1))) keeps."""
+    top = 2 ** (bits - 1) - 1
+    return (v > top) | (v < (-top - 1 if wrap else -top))
+
+
 # Note: overflow and chunks
 # The fixed accumulator's other designs (spec section 2, "Overflow and two-stage
 # accumulation"; ``MACConfig.overflow``, ``chunk``, ``chunk_bits``). A product's magnitude is
@@ -165,6 +198,9 @@ def two_stage_sums(p: torch.Tensor, negative: torch.Tensor, overflow: str, chunk
     if pad:
         v = torch.nn.functional.pad(v, (0, pad))
     sums = v.reshape(*v.shape[:-1], -1, chunk).sum(-1)
+    if TELEMETRY is not None:
+        _tally(chunks=sums.numel(), chunk_overflow=_overflowing(sums, W1, overflow == "wrap").sum(),
+               max_chunk=sums.abs().max() if sums.numel() else 0)
     sums = wrap_signed(sums, W1) if overflow == "wrap" else sums.clamp(-(2 ** (W1 - 1) - 1), 2 ** (W1 - 1) - 1)
     return sums.sum(-1)
 
@@ -213,8 +249,26 @@ def mm_epilogue(sums: torch.Tensor, nan_rows_x: torch.Tensor, nan_rows_w: torch.
         if bias is not None:
             y = y + bias
     else:
+        if TELEMETRY is not None:
+            _tally_totals(sums, bias, ~(nan_rows_x[:, None] | nan_rows_w[None, :]), acc_bits, acc_lsb, wrap_bits > 0)
         y = fixed_epilogue(sums, bias, 2 ** (acc_bits - 1) - 1, acc_lsb, wrap_bits)
     return y.masked_fill_(nan_rows_x[:, None] | nan_rows_w[None, :], math.nan)
+
+
+def _tally_totals(sums: torch.Tensor, bias: Optional[torch.Tensor], keep: torch.Tensor, acc_bits: int, acc_lsb: int,
+                  wrap: bool) -> None:
+    """The telemetry of the fixed accumulator's totals (sum + bias, before the final saturation or
+    wrap): how many, how many overflow, the largest magnitude (NaN outputs have no total)."""
+    total = sums
+    if bias is not None:
+        b = torch.round(bias.to(torch.float64) * 2.0**-acc_lsb).clamp_(-BIAS_CLAMP, BIAS_CLAMP)
+        keep = keep & ~torch.isnan(b).expand_as(keep)
+        b = torch.nan_to_num(b).to(torch.int64).expand_as(sums)
+        beyond = ((b > 0) & (sums > _I64_MAX - b.clamp(min=0))) | ((b < 0) & (sums < _I64_MIN - b.clamp(max=0)))
+        total = torch.where(beyond, torch.where(b > 0, _I64_MAX, -_I64_MAX), torch.where(beyond, 0, sums) + b)
+    total = total[keep.expand_as(total)].clamp(min=-_I64_MAX)
+    _tally(totals=total.numel(), total_overflow=_overflowing(total, acc_bits, wrap).sum(),
+           max_total=total.abs().max() if total.numel() else 0)
 
 
 def fixed_epilogue(acc: torch.Tensor, bias: Optional[torch.Tensor], T: int, acc_lsb: int,
@@ -287,6 +341,9 @@ def block_codes(cols: torch.Tensor, x_offset: int, x_bits: int, frac_bits: int, 
     off = off.repeat_interleave(x_block, dim=2)[:, :, :Kg].reshape(M, K)
     g_eff = torch.where(inf, off + e_max, torch.minimum(g, off + e_max))
     keep = (mag > 0) & (g_eff - off >= 1)
+    if TELEMETRY is not None:  # each receptive field's codes, as the chip encodes them
+        _tally(act_values=(mag > 0).sum(), act_saturated=(inf | (finite & (g > off + e_max))).sum(),
+               act_flushed=(finite & ~keep).sum())
     out = torch.where(keep, (g_eff - x_offset) | (neg.to(torch.int32) << (x_bits - 1)), 0)
     out = torch.where((mag == 0) & neg, 1 << (x_bits - 1), out)  # NaN stays NaN
     if x_bits == 16:
@@ -298,17 +355,19 @@ def lns_conv_reference(x: torch.Tensor, x_offset: torch.Tensor, w: torch.Tensor,
                        table: torch.Tensor, bias: Optional[torch.Tensor], x_bits: int, w_bits: int, frac_bits: int,
                        fixed: bool, acc_bits: int, acc_lsb: int, stride: Sequence[int], pad_before: Sequence[int],
                        pad_after: Sequence[int], dilation: Sequence[int], groups: int, x_block: int = 0,
-                       x_block_bits: int = 0) -> torch.Tensor:
+                       x_block_bits: int = 0, mm=None) -> torch.Tensor:
     """``torchlns::lns_conv``: (N, C, H, W) codes * (Cout, C/groups, kh, kw) codes -> float32.
 
     im2col of the codes (padding is the zero code) and of the offsets, then ``lns_mm`` per
     group, so every backend's MAC kernel does the arithmetic. Offsets broadcast against their
     codes. 5-D codes (a Conv3d) stack each output depth's taps as channels first
-    (``core.geometry.stack_depth``): the same products, as a 2-D convolution.
+    (``core.geometry.stack_depth``): the same products, as a 2-D convolution. ``mm``: what
+    runs each group's columns in ``lns_mm``'s place (telemetry counts products that way).
     """
     if x.dim() == 5:
         return _conv3d_by_stacking(x, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits,
-                                   acc_lsb, stride, pad_before, pad_after, dilation, groups, x_block, x_block_bits)
+                                   acc_lsb, stride, pad_before, pad_after, dilation, groups, x_block, x_block_bits, mm)
+    mm = torch.ops.torchlns.lns_mm if mm is None else mm
     N, Cout = x.shape[0], w.shape[0]
     cols, idx, Ho, Wo, Kg = _conv_columns(x, w, stride, pad_before, pad_after, dilation)
     if x_block:
@@ -323,7 +382,7 @@ def lns_conv_reference(x: torch.Tensor, x_offset: torch.Tensor, w: torch.Tensor,
     Cout_g = Cout // groups
     for gi in range(groups):
         ks, os_ = slice(gi * Kg, (gi + 1) * Kg), slice(gi * Cout_g, (gi + 1) * Cout_g)
-        outs.append(torch.ops.torchlns.lns_mm(
+        outs.append(mm(
             cols[:, ks], col_off[:, ks] if col_off.shape[1] > 1 else col_off, w2[os_],
             w_off[os_] if w_off.shape[0] > 1 else w_off, table, None if bias is None else bias[os_],
             x_bits, w_bits, frac_bits, fixed, acc_bits, acc_lsb))
@@ -332,7 +391,7 @@ def lns_conv_reference(x: torch.Tensor, x_offset: torch.Tensor, w: torch.Tensor,
 
 
 def _conv3d_by_stacking(x, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits, acc_lsb,
-                        stride, pad_before, pad_after, dilation, groups, x_block=0, x_block_bits=0):
+                        stride, pad_before, pad_after, dilation, groups, x_block=0, x_block_bits=0, mm=None):
     N, Cout, kd = x.shape[0], w.shape[0], w.shape[2]
     depth = ((pad_before[0], pad_after[0]), stride[0], dilation[0])
     xs, Do = stack_depth(x, kd, *depth, 0)
@@ -343,9 +402,9 @@ def _conv3d_by_stacking(x, x_offset, w, w_offset, table, bias, x_bits, w_bits, f
     ws = w.reshape(Cout, -1, *w.shape[3:])
     per_channel = w_offset.dim() == 0 or w_offset.numel() == w_offset.shape[0]
     wo = w_offset.reshape(-1, 1, 1, 1) if per_channel else w_offset.expand(w.shape).reshape(ws.shape)
-    y = torch.ops.torchlns.lns_conv(xs, xo, ws, wo, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits, acc_lsb,
-                                    list(stride[1:]), list(pad_before[1:]), list(pad_after[1:]), list(dilation[1:]),
-                                    groups, x_block, x_block_bits)
+    conv = torch.ops.torchlns.lns_conv if mm is None else functools.partial(lns_conv_reference, mm=mm)
+    y = conv(xs, xo, ws, wo, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits, acc_lsb, list(stride[1:]),
+             list(pad_before[1:]), list(pad_after[1:]), list(dilation[1:]), groups, x_block, x_block_bits)
     return y.reshape(N, Do, *y.shape[1:]).transpose(1, 2).contiguous()
 
 

@@ -19,6 +19,7 @@ The observer keeps the exact running maximum and a deterministic, bounded sample
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -26,7 +27,7 @@ from ..codec import decode, encode
 from ..config import CALIBRATORS
 from ..core.formats import Format, MACConfig
 
-__all__ = ["Observer", "choose_param", "acc_lsb_for", "CALIBRATORS"]
+__all__ = ["Observer", "choose_param", "acc_lsb_for", "chunk_amax", "CALIBRATORS"]
 
 
 class Observer:
@@ -90,14 +91,69 @@ def choose_param(obs: Observer, fmt: Format, calibrator: str = "max", percentile
     return candidates[min(range(len(errors)), key=errors.__getitem__)]  # first minimum: the widest range
 
 
-def acc_lsb_for(output_amax: float, mac: MACConfig, headroom_bits: int = 1) -> int:
+def acc_lsb_for(output_amax: float, mac: MACConfig, headroom_bits: int = 1, chunk_amax: Optional[float] = None) -> int:
     """The smallest ``acc_lsb`` whose accumulator holds ``output_amax · 2^headroom_bits``.
 
     ``T = 2^(W-1) - 1`` is the largest accumulator value, so the condition is
-    ``output_amax · 2^h <= T · 2^acc_lsb``; smaller LSBs truncate products less.
+    ``output_amax · 2^h <= T · 2^acc_lsb``; smaller LSBs truncate products less. A chunked
+    MAC's chunk sums must fit their ``chunk_bits`` too (see Note: chunk calibration).
     """
-    T = mac.acc_max
-    m = output_amax if output_amax > 0 and math.isfinite(output_amax) else 1.0
+    lsb = _lsb_holding(output_amax, mac.acc_max, headroom_bits)
+    if mac.chunk:
+        top = 2 ** (mac.chunk_width - 1) - 1
+        lsb = max(lsb, _lsb_holding(output_amax if chunk_amax is None else chunk_amax, top, headroom_bits))
+    return lsb
+
+
+# Note: chunk calibration
+# A two-stage MAC (chunks of L products summed at W1 bits) needs every chunk sum, not just the
+# total, to fit: acc_lsb is the larger of the two LSBs. The chunk sums are measured in float on
+# the calibration data, for Linear and (non-transposed) Conv1d/Conv2d layers, as the largest
+# |sum| over each run of L consecutive products in the spec's k order (input channel slowest);
+# other layers use the output's maximum for their chunks too (a chunk holds fewer products
+# than the whole sum, but its sum may cancel less, so this is an estimate, not a bound).
+@torch.no_grad()
+def chunk_amax(module, x: torch.Tensor, chunk: int) -> Optional[float]:
+    """The largest |sum of a chunk of ``chunk`` products| of float ``module`` on ``x`` (None: not measured)."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor) or not isinstance(x, torch.Tensor):
+        return None
+    if isinstance(module, nn.Linear):
+        cols, w2, groups = x.reshape(-1, x.shape[-1]).float(), w.float(), 1
+    elif isinstance(module, (nn.Conv1d, nn.Conv2d)) and isinstance(module.padding, tuple) and w.dim() in (3, 4):
+        two = w.dim() == 4
+        x4, w4 = (x, w) if two else (x.unsqueeze(-2), w.unsqueeze(-2))
+        x4 = x4 if x4.dim() == 4 else x4.unsqueeze(0)
+        pad = module.padding if two else (0, *module.padding)
+        def pair(v):
+            return tuple(v) if two else (1, *v)
+        cols = F.unfold(x4.float(), w4.shape[2:], dilation=pair(module.dilation), padding=pad, stride=pair(module.stride))
+        cols = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (positions, C*kh*kw), channel slowest
+        w2, groups = w4.reshape(w4.shape[0], -1).float(), module.groups
+    else:
+        return None
+    N, Kg = w2.shape
+    Ng = N // groups
+    pad = (-Kg) % chunk
+    nc = (Kg + pad) // chunk
+    top = 0.0
+    rows = max(1, (1 << 24) // max(1, Ng * (Kg + pad)))
+    for g in range(groups):
+        xg = F.pad(cols[:, g * Kg:(g + 1) * Kg], (0, pad)).reshape(-1, nc, chunk)
+        wg = F.pad(w2[g * Ng:(g + 1) * Ng], (0, pad)).reshape(Ng, nc, chunk)
+        for r0 in range(0, xg.shape[0], rows):
+            sums = torch.einsum("mcl,ncl->mnc", xg[r0:r0 + rows], wg).abs()
+            sums = sums[torch.isfinite(sums)]
+            if sums.numel():
+                top = max(top, float(sums.max()))
+    return top
+
+
+def _lsb_holding(amax: float, T: int, headroom_bits: int) -> int:
+    m = amax if amax > 0 and math.isfinite(amax) else 1.0
     lsb = math.ceil(math.log2(m * 2.0**headroom_bits / T))
     while m * 2.0**headroom_bits > T * 2.0**lsb:  # guard log2 rounding at exact powers of two
         lsb += 1

@@ -30,7 +30,7 @@ from ..nn.clustered import ClusteredConv2d, LNSClusteredConv2d
 from ..nn.layers import _CodedLayer, atomic_load_pre_hook
 from ..nn.swap import swap_for, swap_for_type, swappable_types
 from .graph import PAD_BASES, base_layer, forward_matches, pad_then_base
-from .calibration import Observer, acc_lsb_for, choose_param
+from .calibration import Observer, acc_lsb_for, choose_param, chunk_amax
 from .cluster import _disabled, cluster_kernels
 from .fold import fold_batchnorm
 
@@ -190,13 +190,15 @@ def convert(model: nn.Module, config: Optional[ConvertConfig] = None,
     fixed = [f for f, (_, c, _) in targets.items() if c.fmt.needs_acc_lsb(c.mac)]
     inputs_seen: Dict[str, Observer] = {f: Observer() for f in static}
     outputs_seen: Dict[str, Observer] = {f: Observer() for f in fixed}
+    chunks_seen: Dict[str, list] = {f: [None] for f in fixed if targets[f][1].mac.chunk}
     if inputs_seen or outputs_seen:
         if calibration_data is None:
             need = "static activation parameters" if static else "the fixed accumulator's acc_lsb"
             raise ValueError(f"calibration_data is required to calibrate {need} (layers: "
                              f"{', '.join(static or fixed)}); pass a DataLoader or an iterable of inputs, or use "
                              "activation='dynamic' with a float32 accumulator")
-        first = _calibrate(model, targets, inputs_seen, outputs_seen, calibration_data, config.progress, forward_fn)
+        first = _calibrate(model, targets, inputs_seen, outputs_seen, calibration_data, config.progress, forward_fn,
+                           chunks_seen)
     elif calibration_data is not None:
         first = _first(calibration_data)
     else:
@@ -211,7 +213,8 @@ def convert(model: nn.Module, config: Optional[ConvertConfig] = None,
             if fqn in inputs_seen else None
         if input_param is not None:
             params[fqn] = (cfg.fmt, input_param)
-        acc_lsb = acc_lsb_for(outputs_seen[fqn].max, cfg.mac, cfg.acc_headroom_bits) if fqn in outputs_seen else None
+        acc_lsb = acc_lsb_for(outputs_seen[fqn].max, cfg.mac, cfg.acc_headroom_bits,
+                              chunks_seen.get(fqn, [None])[0]) if fqn in outputs_seen else None
         new = swap(m, cfg, input_param=input_param, acc_lsb=acc_lsb, qat=cfg.qat, memo=memo)
         if isinstance(new, _CodedLayer):
             new.set_train_forward(cfg.qat_forward)
@@ -437,10 +440,18 @@ def _warn_about_calibration(inputs_seen: Dict[str, Observer], params: dict) -> N
                       "clamped to the format's range", stacklevel=3)
 
 
-def _calibrate(model, targets, inputs_seen, outputs_seen, data, progress, forward_fn=None) -> None:
+def _calibrate(model, targets, inputs_seen, outputs_seen, data, progress, forward_fn=None, chunks_seen=None) -> None:
     from tqdm.auto import tqdm
 
+    def see_chunks(mod, args, box, L):
+        v = chunk_amax(mod, args[0], L) if args else None
+        if v is not None:
+            box[0] = v if box[0] is None else max(box[0], v)
+
     hooks = []
+    for fqn, box in (chunks_seen or {}).items():
+        m, cfg = targets[fqn][0], targets[fqn][1]
+        hooks.append(m.register_forward_pre_hook(lambda mod, args, b=box, L=cfg.mac.chunk: see_chunks(mod, args, b, L)))
     for fqn, (m, *_) in targets.items():
         if fqn in inputs_seen:
             hooks.append(m.register_forward_pre_hook(lambda mod, args, o=inputs_seen[fqn]: o.update(args[0])))
