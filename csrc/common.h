@@ -151,11 +151,12 @@ std::vector<float> extended_table(const double* C, int frac_bits);
 // torchlns.telemetry checks the count of outputs against the layer's. The product and
 // activation counts come from the codes (torchlns/deploy/telemetry.py).
 struct TelemetryCounts {
-  int64_t outputs, overflow, max_abs;
+  int64_t outputs, overflow, max_abs, chunks, chunk_overflow, max_chunk;
 };
 extern std::atomic<bool> telemetry_flag;
 TORCHLNS_INLINE bool telemetry_on() { return telemetry_flag.load(std::memory_order_relaxed); }
-void telemetry_record(int64_t total, int64_t T);
+// A total (or a chunk sum, chunk = true) overflows above T, or below -T (saturate) or -T - 1 (wrap).
+void telemetry_record(int64_t total, int64_t T, bool wrap = false, bool chunk = false);
 void telemetry_start();
 TelemetryCounts telemetry_stop();
 
@@ -175,6 +176,34 @@ TORCHLNS_INLINE float fixed_epilogue(int64_t acc, const float* bias, int64_t T, 
   }
   if (telemetry_on() && !nan_out) telemetry_record(wide ? (acc > 0 ? INT64_MAX : -INT64_MAX) : acc, T);
   acc = acc > T ? T : (acc < -T ? -T : acc);
+  return nan_out ? __builtin_nanf("") : float(double(acc) * pow2(acc_lsb));
+}
+
+// x reduced modulo 2^bits into [-2^(bits-1), 2^(bits-1)) (bits <= 48).
+TORCHLNS_INLINE int64_t wrap_to(int64_t x, int bits) {
+  const uint64_t half = uint64_t(1) << (bits - 1);
+  return int64_t((uint64_t(x) + half) & (2 * half - 1)) - int64_t(half);
+}
+
+// fixed_epilogue with overflow="wrap" (see Note: overflow and chunks in torchlns/ops/reference.py):
+// the total and the bias's rne(b / 2^Λ), each reduced modulo 2^W, then their sum.
+TORCHLNS_INLINE float fixed_epilogue_wrap(int64_t acc, const float* bias, int acc_bits, int64_t acc_lsb, bool nan_out) {
+  int64_t total = acc;
+  bool wide = false;
+  if (bias) {
+    if (*bias != *bias) {
+      nan_out = true;
+    } else {
+      constexpr double kBiasClamp = 9223372036854774784.0;  // 2^63 - 1024
+      double bd = __builtin_nearbyint(double(*bias) * pow2(-acc_lsb));
+      bd = bd > kBiasClamp ? kBiasClamp : (bd < -kBiasClamp ? -kBiasClamp : bd);
+      wide = __builtin_add_overflow(acc, int64_t(bd), &total);
+      acc = wrap_to(wrap_to(acc, acc_bits) + wrap_to(int64_t(bd), acc_bits), acc_bits);
+    }
+  }
+  const int64_t T = (int64_t(1) << (acc_bits - 1)) - 1;
+  if (telemetry_on() && !nan_out) telemetry_record(wide ? INT64_MAX : total, T, true);
+  acc = wrap_to(acc, acc_bits);
   return nan_out ? __builtin_nanf("") : float(double(acc) * pow2(acc_lsb));
 }
 
@@ -235,6 +264,7 @@ std::optional<at::Tensor> lns_cols_segments(const at::Tensor& codes, const at::T
 // torchlns::lns_mm on the CPU (mac_cpu.cpp); the convolution kernel calls it per group.
 at::Tensor lns_mm_cpu(const at::Tensor& x, const at::Tensor& x_offset, const at::Tensor& w, const at::Tensor& w_offset,
                       const at::Tensor& table, const std::optional<at::Tensor>& bias, int64_t x_bits, int64_t w_bits,
-                      int64_t frac_bits, bool fixed, int64_t acc_bits, int64_t acc_lsb);
+                      int64_t frac_bits, bool fixed, int64_t acc_bits, int64_t acc_lsb,
+                      c10::string_view overflow = "saturate", int64_t chunk = 0, int64_t chunk_bits = 0);
 
 }  // namespace torchlns

@@ -120,6 +120,55 @@ TORCHLNS_ISA_CLONES(int64_t, dot_fixed,
                      const double* table, int frac_bits, int64_t acc_lsb, double T),
                     (gx, sx, gw, sw, K, table, frac_bits, acc_lsb, T))
 
+// The products of k0 <= k < k1 at W1 bits, summed exactly (see Note: overflow and chunks in
+// torchlns/ops/reference.py): each magnitude floor(C[r] 2^(q-Λ)) is saturated to 2^(W1-1) - 1
+// and signed, or (wrap) signed and reduced modulo 2^W1, its residue taken exactly from the
+// double (fmod). The caller keeps the run short enough for an exact int64 sum.
+TORCHLNS_INLINE int64_t products_impl(const int32_t* gx, const float* sx, const int32_t* gw, const float* sw,
+                                      int64_t k0, int64_t k1, const double* table, int frac_bits, int64_t acc_lsb,
+                                      int W1, bool wrap) {
+  const int32_t r_mask = (1 << frac_bits) - 1;
+  const double T1 = double((int64_t(1) << (W1 - 1)) - 1), modulus = pow2(W1);
+  int64_t sum = 0;
+  if (wrap) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int32_t G = gx[k] + gw[k];
+      const double v = std::floor(table[G & r_mask] * pow2(int64_t(G >> frac_bits) - acc_lsb));
+      // Below 2^63 the integer itself is exact and its low bits are the residue; fmod only beyond.
+      const int64_t mag = v < 0x1p63 ? int64_t(v) : int64_t(std::fmod(v, modulus));
+      sum += wrap_to(int64_t(sx[k] * sw[k]) * mag, W1);
+    }
+  } else {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int32_t G = gx[k] + gw[k];
+      const double v = std::min(table[G & r_mask] * pow2(int64_t(G >> frac_bits) - acc_lsb), T1);
+      sum += int64_t(sx[k] * sw[k]) * int64_t(v);
+    }
+  }
+  return sum;
+}
+TORCHLNS_ISA_CLONES(int64_t, products,
+                    (const int32_t* gx, const float* sx, const int32_t* gw, const float* sw, int64_t k0, int64_t k1,
+                     const double* table, int frac_bits, int64_t acc_lsb, int W1, bool wrap),
+                    (gx, sx, gw, sw, k0, k1, table, frac_bits, acc_lsb, W1, wrap))
+
+// One output of a two-stage MAC before its bias: the W-bit products summed, or chunks of L of
+// W1-bit products, each chunk sum saturated or wrapped to W1 bits, then summed.
+int64_t dot_two_stage(const int32_t* gx, const float* sx, const int32_t* gw, const float* sw, int64_t K,
+                      const double* table, int frac_bits, int64_t acc_lsb, int acc_bits, bool wrap, int64_t L,
+                      int W1) {
+  if (!L) return products(gx, sx, gw, sw, 0, K, table, frac_bits, acc_lsb, acc_bits, wrap);
+  const int64_t T1 = (int64_t(1) << (W1 - 1)) - 1;
+  const bool counting = telemetry_on();
+  int64_t total = 0;
+  for (int64_t k0 = 0; k0 < K; k0 += L) {
+    const int64_t c = products(gx, sx, gw, sw, k0, std::min(K, k0 + L), table, frac_bits, acc_lsb, W1, wrap);
+    if (counting) telemetry_record(c, T1, wrap, true);
+    total += wrap ? wrap_to(c, W1) : std::clamp(c, -T1, T1);
+  }
+  return total;
+}
+
 #ifdef TORCHLNS_X86_INTRINSICS
 // dot_fixed with explicit AVX-512 for frac_bits <= 4: the 2^F-entry table lives in one or two
 // registers and is read with a permute, where the compiled loop above reads it with eight
@@ -234,13 +283,16 @@ at::Tensor lns_mm_float_classes(const LogFields& lx, const LogFields& lw, const 
 at::Tensor lns_mm_cpu(const at::Tensor& x, const at::Tensor& x_offset, const at::Tensor& w,
                       const at::Tensor& w_offset, const at::Tensor& table, const std::optional<at::Tensor>& bias,
                       int64_t x_bits, int64_t w_bits, int64_t frac_bits, bool fixed, int64_t acc_bits,
-                      int64_t acc_lsb) {
+                      int64_t acc_lsb, c10::string_view overflow, int64_t chunk, int64_t chunk_bits) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "lns_mm: x (M, K) and w (N, K) codes");
+  TORCH_CHECK(overflow == "saturate" || overflow == "wrap", "lns_mm: overflow must be 'saturate' or 'wrap'");
+  const bool wrap = overflow == "wrap", two_stage = fixed && (wrap || chunk > 0);
+  TORCH_CHECK(chunk >= 0 && (chunk_bits == 0 || (chunk_bits >= 8 && chunk_bits <= 48)), "lns_mm: bad chunk arguments");
   TORCH_CHECK(table.scalar_type() == at::kDouble && table.numel() == (int64_t(1) << frac_bits),
               "lns_mm: table must hold 2^frac_bits float64 values");
   const int64_t M = x.size(0), N = w.size(0), K = x.size(1);
   const MacPath path = mac_path();  // see try_direct in common.h
-  if (try_direct(path))
+  if (try_direct(path) && !two_stage)
     if (auto y = lns_mm_direct(x, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits, acc_lsb))
       return *y;
   const LogFields lx = log_fields(x, x_offset, x_bits, int(frac_bits)), lw = log_fields(w, w_offset, w_bits, int(frac_bits));
@@ -260,7 +312,21 @@ at::Tensor lns_mm_cpu(const at::Tensor& x, const at::Tensor& x_offset, const at:
   float* y = out.data_ptr<float>();
   const int F = int(frac_bits);
   const float nan = std::numeric_limits<float>::quiet_NaN();
-  if (fixed) {
+  if (two_stage) {  // see Note: two-stage MACs in torchlns/functional.py
+    TORCH_CHECK(acc_bits >= 8 && acc_bits <= 48, "lns_mm: acc_bits out of range");
+    const int W = int(acc_bits), W1 = int(chunk ? (chunk_bits ? chunk_bits : acc_bits) : acc_bits);
+    const int64_t T = (int64_t(1) << (W - 1)) - 1;
+    at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m)
+        for (int64_t n = 0; n < N; ++n) {
+          const bool nan_out = nx[m] || nw[n];
+          const int64_t acc = dot_two_stage(gx + m * K, sx + m * K, gw + n * K, sw + n * K, K, C, F, acc_lsb, W, wrap,
+                                            chunk, W1);
+          y[m * N + n] = wrap ? fixed_epilogue_wrap(acc, b ? b + n : nullptr, W, acc_lsb, nan_out)
+                              : fixed_epilogue(acc, b ? b + n : nullptr, T, acc_lsb, nan_out);
+        }
+    });
+  } else if (fixed) {
     TORCH_CHECK(acc_bits >= 8 && acc_bits <= 48, "lns_mm: acc_bits out of range");
     const int64_t T = (int64_t(1) << (acc_bits - 1)) - 1;
     at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {

@@ -118,9 +118,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["outputs"] = c.outputs;
     d["overflow"] = c.overflow;
     d["max_abs"] = c.max_abs;
+    d["chunks"] = c.chunks;
+    d["chunk_overflow"] = c.chunk_overflow;
+    d["max_chunk"] = c.max_chunk;
     return d;
   }, "Stop counting; the fixed-accumulator totals seen since telemetry_start: outputs, overflow (|total| > T), "
-     "max_abs (the largest |total|).");
+     "max_abs (the largest |total|), and chunks, chunk_overflow, max_chunk of two-stage MACs.");
   m.def("reset_direct_counts", &torchlns::reset_direct_counts, "Zero the direct-kernel counters.");
   m.def("clear_weight_cache", &torchlns::clear_weight_cache, "Drop every prepared weight.");
   m.def("set_weight_cache_capacity", &torchlns::set_weight_cache_capacity, "Cache capacity in bytes (0: off).");

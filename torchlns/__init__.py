@@ -75,7 +75,8 @@ from .transforms import (  # noqa: F401
     size_report,
 )
 from .deploy import (CHIPS, ChipSpec, CostReport, ImageError, MixedPrecisionResult, compare_costs,  # noqa: F401
-                     cost_report, export, load_image, mixed_precision, read_manifest, telemetry)
+                     cost_report, explore, export, load_image, mixed_precision, read_manifest, telemetry)
+from .deploy import Design, DesignSpace  # noqa: F401
 from . import metrics  # noqa: F401
 
 from ._version import __version__  # noqa: F401

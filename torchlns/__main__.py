@@ -48,6 +48,12 @@ def _cmd_real_net(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def _cmd_explore(args: argparse.Namespace) -> int:
+    from .apps.explore import run_from_args
+
+    return run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .apps.cli import nonnegative_int, plain, positive_int
@@ -109,6 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     realnet_arguments(realnet)
     realnet.set_defaults(func=_cmd_real_net)
+
+    from .apps.explore import __doc__ as explore_doc, add_arguments as explore_arguments
+
+    explore = sub.add_parser(
+        "explore",
+        help="sweep chip designs (format x datapath) on a network; the fidelity/energy/bytes Pareto front",
+        description=plain(explore_doc.split("\n\n")[1]),
+    )
+    explore_arguments(explore)
+    explore.set_defaults(func=_cmd_explore)
 
     formats = sub.add_parser(
         "formats",

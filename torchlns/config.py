@@ -111,6 +111,10 @@ class ConvertConfig:
                                      f"{sorted(bad)}; per layer, set any of {sorted(fields)}")
         object.__setattr__(self, "overrides", types.MappingProxyType(dict(self.overrides)))
 
+    def __reduce__(self):  # overrides is a read-only mapping, which does not pickle; a copy of it does
+        return type(self), tuple(dict(self.overrides) if f.name == "overrides" else getattr(self, f.name)
+                                 for f in dataclasses.fields(self))
+
     def for_layer(self, fqn: str) -> Optional["ConvertConfig"]:
         """The config of one layer after overrides (exact names win over patterns); None: keep float."""
         overrides = dict(self.overrides)

@@ -319,7 +319,7 @@ def _conv3d(x, w, bias, stride, padding, dilation, groups, mac, *, acc_lsb, x_bl
              for d in range(3)]
     if min(sizes) < 1:
         raise ValueError(f"lns_conv3d: input {tuple(xt.shape[-3:])} is smaller than the dilated kernel after padding")
-    if xq is not None and xq.fmt.mac_kind == "log":  # one lns_conv call on the 5-D codes
+    if xq is not None and xq.fmt.mac_kind == "log" and not mac.two_stage:  # one lns_conv call on the 5-D codes
         y = _lns_conv(xq, wq, batch, _check_bias(bias, Cout, xt.device), mac, acc_lsb,
                       _Geometry(stride, pads, dilation, groups), wq.codes[0].numel(), 3)
         y = _ste_conv(y, x, xq, wq, w, w_master, bias, stride, pads, dilation, groups, unbatched)
@@ -584,11 +584,11 @@ def _conv_by_columns(xq: Optional[Coded], wq: Coded, fmt: Format, xt4, w4, bias,
 # ----------------------------------------------------------------------------------------
 # Note: two-stage MACs
 # A fixed accumulator that wraps or sums in chunks (Note: overflow and chunks in
-# ops/reference.py) is not yet an argument of the ``torchlns::`` ops, whose C++ and Triton
-# kernels saturate one exact total. Such MACs run the reference's arithmetic directly,
-# whatever the device: a matmul as one call, a convolution as im2col columns (k ordered
-# input channel slowest, as the spec's chunks count it) then one call per group. The bits
-# are the reference's on every backend by construction; the speed is the reference's too.
+# ops/reference.py) is three more arguments of ``torchlns::lns_mm`` (overflow, chunk,
+# chunk_bits), not of ``lns_conv``: a convolution with such a MAC runs as im2col columns (k
+# ordered input channel slowest, as the spec's chunks count it), then one ``lns_mm`` per
+# group. The CPU kernel is a scalar loop per output (csrc/mac_cpu.cpp, every ISA level);
+# on CUDA the Triton kernel hands these MACs to the reference.
 def _matmul(x: Coded, w: Coded, bias, mac: MACConfig, acc_lsb) -> torch.Tensor:
     """(M, K) x (N, K) coded operands -> (M, N) float32: one ``torchlns::`` op call."""
     K = x.codes.shape[1]
@@ -601,16 +601,10 @@ def _matmul(x: Coded, w: Coded, bias, mac: MACConfig, acc_lsb) -> torch.Tensor:
         F_ = x.fmt.frac_bits
         if _observer is not None:
             _observer.mm(x, w, bias, mac, acc_lsb)
-        if mac.two_stage:  # see Note: two-stage MACs
-            from .ops.reference import lns_mm_reference
-
-            return lns_mm_reference(x.codes, x.expanded_param().to(torch.int32), w.codes,
-                                    w.expanded_param().to(torch.int32), mac.table(F_, x.codes.device), bias,
-                                    x.fmt.bits, w.fmt.bits, F_, True, mac.acc_bits, acc_lsb, mac.overflow, mac.chunk,
-                                    mac.chunk_bits)
+        two = (mac.overflow, mac.chunk, mac.chunk_bits) if mac.two_stage else ()  # see Note: two-stage MACs
         return _OPS.lns_mm(x.codes, x.expanded_param().to(torch.int32), w.codes, w.expanded_param().to(torch.int32),
                            mac.table(F_, x.codes.device), bias, x.fmt.bits, w.fmt.bits, F_, mac.fixed, mac.acc_bits,
-                           acc_lsb if mac.fixed else 0)
+                           acc_lsb if mac.fixed else 0, *two)
     _check_exact_range(x.fmt, w.fmt, K)
     device = x.codes.device
     return _OPS.scaled_mm(x.codes, x.expanded_param(), x.fmt.value_table(device), w.codes, w.expanded_param(),

@@ -178,14 +178,15 @@ def test_one_layer_energy_by_hand(one_layer):
     r = torchlns.cost_report(q, x, MICRO)
     (row,) = r.rows
     assert (row.macs, row.weight_bytes, row.act_in_bytes, row.act_out_bytes) == (8, 12, 4, 2)
-    # MAC: int8 add of the logs 0.03 + conversion 0.1 + int32 accumulate 0.1 = 0.23 pJ
-    assert row.mac_pj == pytest.approx(0.23)
-    assert row.energy_mac_pj == pytest.approx(8 * 0.23)
+    # MAC: int8 add of the logs 0.03 + conversion and saturation (8·3 table + 32·5 shifter + 2·32) mux bits
+    # at 0.001 pJ = 0.248 + int32 accumulate 0.1 = 0.378 pJ
+    assert row.mac_pj == pytest.approx(0.378)
+    assert row.energy_mac_pj == pytest.approx(8 * 0.378)
     # SRAM: 12 weight bytes + 6 activation bytes = 18 bytes = 2.25 64-bit accesses of an 8 KiB bank (10 pJ)
     assert row.sram_bytes == 18 and row.energy_sram_pj == pytest.approx(18 / 8 * 10)
     assert row.dram_bytes == 0 and row.energy_dram_pj == 0
-    assert r.energy_pj == pytest.approx(1.84 + 22.5)
-    assert r.tops_per_w == pytest.approx(2 * 8 / 24.34)
+    assert r.energy_pj == pytest.approx(8 * 0.378 + 22.5)
+    assert r.tops_per_w == pytest.approx(2 * 8 / (8 * 0.378 + 22.5))
     assert row.latency_s == pytest.approx(8 / (256 * 500e6)) and row.memory_s == 0
 
 
@@ -226,8 +227,10 @@ def test_mac_energy_per_format(tiny):
         "float32": e.fp32_mult + e.fp32_add,
         "fp8": e.int8_mult + e.fp32_add,
         "int8": e.int8_mult + e.int32_add,
-        "lns8 ideal": e.int8_add + e.lns_conversion + e.fp32_add,
-        "lns8 chip": e.int8_add + e.lns_conversion + e.int32_add,
+        # the log add, the F=3 table read (23- or 8-bit words: P·F mux bits), then an 8-bit exponent add
+        # and an fp32 add, or a 32-bit shifter (32·5), the product's and the sum's saturation (2·32) and an int32 add
+        "lns8 ideal": e.int8_add + 23 * 3 * e.mux2_bit + e.int8_add + e.fp32_add,
+        "lns8 chip": e.int8_add + (8 * 3 + 32 * 5 + 2 * 32) * e.mux2_bit + e.int32_add,
     }
     models = {"float32": model, "fp8": _convert(model, x, fmt=FP8_E4M3), "int8": _convert(model, x, fmt=INT8),
               "lns8 ideal": _convert(model, x), "lns8 chip": _convert(model, x, mac=CHIP_MAC)}
@@ -240,6 +243,29 @@ def test_mac_energy_per_format(tiny):
     text = table.table(markdown=True)
     assert text.count("\n") == 2 + len(models) and "| lns8 chip |" in text
     assert {d["model"] for d in table.to_dicts()} == set(models)
+
+
+def test_lns_mac_energy_follows_the_datapath():
+    """LUT entries and width, accumulator width, saturation and chunks each move the MAC's energy."""
+    from torchlns.deploy.cost import lns_mac_energy
+
+    e = HOROWITZ_45NM
+    chip = torchlns.MACConfig.chip()
+
+    def pj(fmt=torchlns.LNS8, **changes):
+        return lns_mac_energy(fmt, chip.replace(**changes), e)[0]
+
+    assert pj(lut_bits=6) < pj() < pj(lut_bits=12)  # narrower table words
+    assert pj(torchlns.LNSFormat(8, 2)) < pj()  # fewer entries (the log add is the same 8 bits)
+    assert pj(acc_bits=16) < pj(acc_bits=24) < pj()  # narrower shifter and adder
+    assert pj(overflow="wrap") == pytest.approx(pj() - 2 * 32 * e.mux2_bit)  # wrap needs no saturation
+    assert pj(conversion="mitchell") == pytest.approx(pj() - 8 * 3 * e.mux2_bit)  # no table
+    chunked = pj(chunk=16, chunk_bits=16)
+    assert chunked == pytest.approx(e.int8_add + (24 + 16 * 4 + 32) * e.mux2_bit + e.int_add(16) +
+                                    (e.int32_add + 32 * e.mux2_bit) / 16)
+    assert chunked < pj()
+    value, formula = lns_mac_energy(torchlns.LNS8, chip.replace(chunk=16, chunk_bits=16), e)
+    assert formula == "int8 add + 120 mux bits + int16 add + int32 add / 16"
 
 
 def test_energies_interpolate_through_horowitz():

@@ -379,8 +379,9 @@ def _cost_section(cfg: DemoConfig, costs) -> str:
         f"int8 add {e.int8_add}, int32 add {e.int32_add} pJ; SRAM {e.sram_per_64b(chip.sram_bank_bytes):g} pJ "
         f"per 64-bit access ({chip.sram_bank_bytes // 1024} KiB banks), DRAM {e.dram_64b / 1000:g} nJ per 64 "
         "bits. FP8 is charged an int8 multiply and an fp32 add; an LNS MAC is an 8-bit add of the logs, its "
-        f"conversion (assumed one int32 add, {e.lns_conversion} pJ) and the accumulate (int32 add on the chip's "
-        "fixed accumulator, fp32 add on the ideal one).\n\n")
+        "conversion (the table read, and the shift into the fixed accumulator, counted in 2:1-multiplexer bits at "
+        f"an assumed {e.mux2_bit} pJ each) and the accumulate (int32 add and its saturation on the chip's fixed "
+        "accumulator, fp32 add on the ideal one).\n\n")
 
 
 def _report(cfg: DemoConfig, rows: Sequence[Row], costs=None) -> str:

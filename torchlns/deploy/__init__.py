@@ -4,6 +4,8 @@
   image format);
 * ``cost.py``: ``ChipSpec`` and ``cost_report`` (MACs, bytes, on-chip fit, DRAM traffic,
   latency and energy per layer, in several formats);
+* ``explore.py``: ``explore``, a sweep of chip designs (format x datapath) with its Pareto
+  fronts of fidelity against energy and bytes;
 * ``telemetry.py``: ``telemetry``, what the datapath does inside a network (saturation,
   flushes, truncated and overflowing products, accumulator headroom), counted exactly.
 """
@@ -13,3 +15,4 @@ from .cost import (CHIPS, ChipSpec, CostComparison, CostReport, Energies, HOROWI
 from .image import ImageError, export, load_image, read_manifest  # noqa: F401
 from .mixed import MixedPrecisionResult, default_candidates, mixed_precision  # noqa: F401
 from .telemetry import LayerTelemetry, Telemetry, TelemetryReport, telemetry  # noqa: F401
+from .explore import CHIP_PRESET, Design, DesignSpace, ExploreResult, explore  # noqa: F401

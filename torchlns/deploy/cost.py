@@ -39,10 +39,21 @@ A first-order model, the kind an architect draws on a whiteboard, made exact whe
     and exponent logic are not free; int8 is the stated upper bound) + fp32 add, its
     accumulator;
   - INT8 (``IntFormat``, b bits): a b-bit integer multiply + int32 add;
-  - LNS (b bits): the product is a b-bit integer add of the two logs; its conversion to the
-    linear domain (a 2^F-entry table or Mitchell's approximation, and the shift) is charged
-    ``Energies.lns_conversion``, an assumption of one int32 add; then the accumulate: an
-    ``acc_bits`` integer add for the fixed accumulator, an fp32 add for the float32 one.
+  - LNS (b bits): the datapath of the layer's ``MACConfig`` (``lns_mac_energy``), in adder
+    bits and 2:1-multiplexer bits (``Energies.mux2_bit``, an assumption: a third of a
+    full-adder bit of Horowitz's 32-bit add):
+
+    * the product: a b-bit integer add of the two logs;
+    * the conversion: the fraction's table read, a P-bit word out of 2^F entries through an
+      F-level mux tree (P·F mux bits; P = lut_bits for ``"lut"``, 23 for ``"exact"``, no table
+      for ``"mitchell"``, whose fraction is r itself);
+    * fixed accumulator: the shift of the product into the W1-bit adder (a barrel shifter,
+      W1·ceil(log2 W1) mux bits), the product's saturation when it saturates (W1 mux bits;
+      wrap costs nothing: the bits above W1 are dropped), and a W1-bit add (with its own W1-bit
+      saturation); with chunks of L, one W-bit add (and saturation) per chunk, 1/L of it per
+      MAC. W1 = chunk_bits with chunks, acc_bits without;
+    * float32 accumulator: the product's exponent, an 8-bit add (the table gives the
+      significand), and an fp32 add.
 
   Integer operations of other widths are interpolated log-log through Horowitz's 8- and
   32-bit figures (a multiply grows about with the square of the width, an add about
@@ -60,13 +71,13 @@ import torch
 import torch.nn as nn
 
 from .._text import format_table
-from ..core.formats import FP8Format, Format, IntFormat, LNSFormat
+from ..core.formats import FP8Format, Format, IntFormat, LNSFormat, MACConfig
 from ..nn.clustered import ClusteredConv2d
 from ..nn.layers import LNSLinear, _CodedLayer, _LNSConvTransposeNd
 from ..transforms.size import _bytes, stored_fields
 
 __all__ = ["CHIPS", "ChipSpec", "CostComparison", "CostReport", "Energies", "HOROWITZ_45NM", "LayerCost",
-           "compare_costs", "cost_report", "mac_energy", "mac_count"]
+           "compare_costs", "cost_report", "lns_mac_energy", "mac_energy", "mac_count"]
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -91,9 +102,9 @@ class Energies:
     multiply 0.2 and 3.1 pJ; 16- and 32-bit float add 0.4 and 0.9 pJ, multiply 1.1 and
     3.7 pJ; a 64-bit read of an 8 KB, 32 KB or 1 MB SRAM 10, 20 and 100 pJ; a 64-bit DRAM
     access 1.3 to 2.6 nJ (the low end is the default, which understates what staying on chip
-    saves). ``lns_conversion`` is not from the paper: the LNS product's conversion to the
-    linear domain (table lookup or Mitchell's approximation, and the shift) is assumed to
-    cost one int32 add.
+    saves). ``mux2_bit`` is not from the paper: a 2:1 multiplexer bit, the unit of the LNS
+    datapath's table reads, shifters and saturation (see Note: cost model), is assumed to
+    cost a third of a full-adder bit of the 32-bit add (0.1 pJ / 32 / 3).
     """
 
     int8_add: float = 0.03
@@ -106,7 +117,7 @@ class Energies:
     fp32_mult: float = 3.7
     sram_64b: Tuple[Tuple[int, float], ...] = ((8 * KiB, 10.0), (32 * KiB, 20.0), (1 * MiB, 100.0))
     dram_64b: float = 1300.0
-    lns_conversion: float = 0.1
+    mux2_bit: float = 0.001
 
     def __post_init__(self):
         for f in dc_fields(self):
@@ -276,17 +287,33 @@ def mac_energy(m: nn.Module, energies: Energies = HOROWITZ_45NM) -> Tuple[float,
             return e.fp16_mult + e.fp16_add, "fp16 mult + fp16 add"
         return e.fp32_mult + e.fp32_add, "fp32 mult + fp32 add"
     if isinstance(fmt, LNSFormat):
-        product = e.int_add(fmt.bits)
-        if m.mac.fixed:
-            acc, acc_name = e.int_add(m.mac.acc_bits), f"int{m.mac.acc_bits} add"
-        else:
-            acc, acc_name = e.fp32_add, "fp32 add"
-        return product + e.lns_conversion + acc, f"int{fmt.bits} add + conversion + {acc_name}"
+        return lns_mac_energy(fmt, m.mac, e)
     if isinstance(fmt, FP8Format):
         return e.int8_mult + e.fp32_add, "int8 mult + fp32 add"
     if isinstance(fmt, IntFormat):
         return e.int_mult(fmt.bits) + e.int32_add, f"int{fmt.bits} mult + int32 add"
     raise ValueError(f"no MAC energy for format {fmt}")
+
+
+def lns_mac_energy(fmt: LNSFormat, mac: MACConfig, energies: Energies = HOROWITZ_45NM) -> Tuple[float, str]:
+    """(pJ per MAC, how it adds up) of an LNS MAC's datapath (see Note: cost model)."""
+    e = energies
+    F = fmt.frac_bits
+    P = {"lut": mac.lut_bits, "exact": 23, "mitchell": 0}[mac.conversion]
+    parts = [(e.int_add(fmt.bits), f"int{fmt.bits} add")]
+    mux = P * F  # the table read
+    if mac.fixed:
+        W, W1 = mac.acc_bits, mac.chunk_width
+        saturate = mac.overflow == "saturate"
+        mux += W1 * math.ceil(math.log2(W1)) + (2 * W1 if saturate else 0)  # shifter; product and sum saturation
+        parts.append((e.int_add(W1), f"int{W1} add"))
+        if mac.chunk:
+            parts.append(((e.int_add(W) + (W * e.mux2_bit if saturate else 0)) / mac.chunk,
+                          f"int{W} add / {mac.chunk}"))
+    else:
+        parts += [(e.int_add(8), "int8 add"), (e.fp32_add, "fp32 add")]
+    parts.insert(1, (mux * e.mux2_bit, f"{mux} mux bits"))
+    return sum(p for p, _ in parts), " + ".join(name for _, name in parts)
 
 
 def _float_dtype(m: nn.Module) -> torch.dtype:

@@ -29,10 +29,10 @@ for each weight ``(n, k)`` the number of partners below or above its threshold b
 lookup: O(M·K + N·K) work instead of the MAC's O(M·N·K). Convolutions get their columns
 from the reference's own geometry (``lns_conv_reference`` with this count in ``lns_mm``'s
 place), so every layout, group, 3-D and transposed convolution and dynamic block counts as
-the op computes it. The totals exist only inside the accumulator: the C++ epilogue
-reports them (Note: accumulator telemetry in csrc/common.h), the reference's epilogue does
-for two-stage MACs (which run there) and, on a device without the C++ kernels, the
-reference runs the layer's MAC once more to count them. Nothing here changes an output bit:
+the op computes it. The totals exist only inside the accumulator: the C++ epilogue reports
+them, and two-stage MACs their chunk sums (Note: accumulator telemetry in csrc/common.h);
+without the C++ kernels, the reference's epilogue does for two-stage MACs, and for the
+others the reference runs the layer's MAC once more to count them. Nothing here changes an output bit:
 the observers read operands (Note: MAC observers in functional.py) and the layers run as
 they always do.
 """
@@ -487,7 +487,7 @@ class Telemetry:
         return self.rows[fqn]
 
     def _native_totals(self, m: _CodedLayer, device) -> bool:
-        return m.mac.fixed and not m.mac.two_stage and device.type == "cpu" and backend.has_native()
+        return m.mac.fixed and device.type == "cpu" and backend.has_native()
 
     def _before(self, fqn, m):
         def hook(module, args, kwargs):
@@ -513,6 +513,8 @@ class Telemetry:
                     raise RuntimeError(f"telemetry: {fqn}: the accumulator reported {c['outputs']} totals for "
                                        f"{out.numel()} outputs (a kernel finished some outputs twice)")
                 counts.update(totals=c["outputs"], total_overflow=c["overflow"], max_total=c["max_abs"])
+                if m.mac.chunk:
+                    counts.update(chunks=c["chunks"], chunk_overflow=c["chunk_overflow"], max_chunk=c["max_chunk"])
             elif sink is not None:
                 sink.__exit__(None, None, None)
             row = self._row(fqn, m)
@@ -573,7 +575,7 @@ class Telemetry:
         args = (x.codes, x.expanded_param().to(torch.int32), w.codes, w.expanded_param().to(torch.int32),
                 mac.table(F, x.codes.device), bias, x.fmt.bits, w.fmt.bits, F, True, mac.acc_bits, acc_lsb)
         _ProductCounter(counts, mac, cache=self._weights)(*args)
-        if not native and not mac.two_stage:  # no C++ epilogue saw the totals: the reference counts them
+        if not native and not mac.two_stage:  # no epilogue that counts saw the totals: the reference counts them
             with reference.telemetry_sink(counts):
                 reference.lns_mm_reference(*args)
 

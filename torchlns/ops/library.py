@@ -37,9 +37,13 @@ SCHEMAS = {
     "fp8_decode": "fp8_decode(Tensor codes, Tensor scale, Tensor values) -> Tensor",
     "int_encode": "int_encode(Tensor x, Tensor scale, int qmax, int bits) -> Tensor",
     "int_decode": "int_decode(Tensor codes, Tensor scale) -> Tensor",
+    # overflow, chunk, chunk_bits: the fixed accumulator's wrap-around and two-stage designs (see
+    # Note: overflow and chunks in ops/reference.py); a convolution with them runs as im2col
+    # columns and this op (see Note: two-stage MACs in functional.py).
     "lns_mm": (
         "lns_mm(Tensor x, Tensor x_offset, Tensor w, Tensor w_offset, Tensor table, Tensor? bias, int x_bits, "
-        "int w_bits, int frac_bits, bool fixed, int acc_bits, int acc_lsb) -> Tensor"
+        "int w_bits, int frac_bits, bool fixed, int acc_bits, int acc_lsb, str overflow=\"saturate\", int chunk=0, "
+        "int chunk_bits=0) -> Tensor"
     ),
     # 2-D (4-D codes) or 3-D (5-D codes). Reference: im2col + lns_mm per group (3-D: the depth
     # taps stacked as channels first); CPU: the direct kernels (C++); CUDA: an implicit GEMM.
@@ -135,7 +139,8 @@ def _(codes, scale):
 
 
 @torch.library.register_fake("torchlns::lns_mm")
-def _(x, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits, acc_lsb):
+def _(x, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits, acc_lsb, overflow="saturate",
+      chunk=0, chunk_bits=0):
     torch._check(x.dim() == 2 and w.dim() == 2, lambda: "lns_mm takes (M, K) and (N, K) codes")
     torch._check(x.shape[1] == w.shape[1], lambda: "lns_mm: reduction sizes differ")
     return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)

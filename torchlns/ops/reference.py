@@ -168,9 +168,8 @@ def _overflowing(v: torch.Tensor, bits: int, wrap: bool) -> torch.Tensor:
 # saturated or wrapped to W1 bits; the chunk sums are summed exactly; the bias joins that
 # total, which is saturated or wrapped to acc_bits. Modular sums do not depend on order, and
 # a magnitude's residue is taken exactly from its float64 value (fmod), so these need no
-# int64 headroom beyond the chunks'. For now they run only here, on every device (the
-# functional layer routes such MACs to this composite; see Note: two-stage MACs in
-# functional.py), so every backend gives these bits by construction.
+# int64 headroom beyond the chunks'. They are arguments of ``lns_mm`` only (see Note:
+# two-stage MACs in functional.py).
 def wrap_signed(v: torch.Tensor, bits: int) -> torch.Tensor:
     """int64 values reduced modulo 2^bits into the two's-complement range."""
     half = 1 << (bits - 1)
@@ -212,7 +211,7 @@ def lns_mm_reference(x: torch.Tensor, x_offset: torch.Tensor, w: torch.Tensor, w
     """``torchlns::lns_mm``: (M, K) x (N, K) codes -> (M, N) float32 (see Note: reference MAC arithmetic).
 
     Offsets broadcast against their codes; ``table`` is ``C[r]`` as exact float64.
-    ``overflow``, ``chunk``, ``chunk_bits``: see Note: overflow and chunks (not op arguments yet).
+    ``overflow``, ``chunk``, ``chunk_bits``: see Note: overflow and chunks.
     """
     two_stage = fixed and (overflow == "wrap" or chunk > 0)
     F = frac_bits

@@ -467,10 +467,16 @@ def _int32(offset: torch.Tensor) -> torch.Tensor:
     return offset if offset.dtype == torch.int32 else offset.to(torch.int32)
 
 
-def lns_mm(x, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits, acc_lsb, config=None,
-           route=None):
+def lns_mm(x, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits, acc_lsb,
+           overflow="saturate", chunk=0, chunk_bits=0, config=None, route=None):
     """``torchlns::lns_mm`` on the GPU. ``config`` pins one tile configuration and ``route``
-    one kernel ("classes" or "direct"; tests sweep both), else they are chosen per call."""
+    one kernel ("classes" or "direct"; tests sweep both), else they are chosen per call.
+    Wrap-around and chunked accumulators have no Triton kernel yet: the reference runs them."""
+    if fixed and (overflow != "saturate" or chunk):
+        from .reference import lns_mm_reference
+
+        return lns_mm_reference(x, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits,
+                                acc_lsb, overflow, chunk, chunk_bits)
     M, K = x.shape
     N = w.shape[0]
     xo = _int32(x_offset).expand(M, K)

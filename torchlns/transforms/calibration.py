@@ -108,47 +108,39 @@ def acc_lsb_for(output_amax: float, mac: MACConfig, headroom_bits: int = 1, chun
 # Note: chunk calibration
 # A two-stage MAC (chunks of L products summed at W1 bits) needs every chunk sum, not just the
 # total, to fit: acc_lsb is the larger of the two LSBs. The chunk sums are measured in float on
-# the calibration data, for Linear and (non-transposed) Conv1d/Conv2d layers, as the largest
-# |sum| over each run of L consecutive products in the spec's k order (input channel slowest);
-# other layers use the output's maximum for their chunks too (a chunk holds fewer products
-# than the whole sum, but its sum may cancel less, so this is an estimate, not a bound).
+# the calibration data, for Linear and (non-transposed) Conv1d/2d/3d layers: the layer's
+# weight masked to each run of L consecutive k (the spec's order, input channel slowest), the
+# masked copies stacked as extra output channels, so that one float matmul or convolution
+# gives every chunk sum (it costs a convolution per chunk, so only the first calibration
+# batch is measured; acc_headroom_bits covers the rest as it does for totals). Other layers use the output's maximum for their chunks too (a chunk
+# holds fewer products than the whole sum, but it may cancel less: an estimate, not a bound).
 @torch.no_grad()
 def chunk_amax(module, x: torch.Tensor, chunk: int) -> Optional[float]:
     """The largest |sum of a chunk of ``chunk`` products| of float ``module`` on ``x`` (None: not measured)."""
     import torch.nn as nn
-    import torch.nn.functional as F
 
     w = getattr(module, "weight", None)
-    if not isinstance(w, torch.Tensor) or not isinstance(x, torch.Tensor):
+    if not isinstance(w, torch.Tensor) or not isinstance(x, torch.Tensor) or not x.is_floating_point():
         return None
-    if isinstance(module, nn.Linear):
-        cols, w2, groups = x.reshape(-1, x.shape[-1]).float(), w.float(), 1
-    elif isinstance(module, (nn.Conv1d, nn.Conv2d)) and isinstance(module.padding, tuple) and w.dim() in (3, 4):
-        two = w.dim() == 4
-        x4, w4 = (x, w) if two else (x.unsqueeze(-2), w.unsqueeze(-2))
-        x4 = x4 if x4.dim() == 4 else x4.unsqueeze(0)
-        pad = module.padding if two else (0, *module.padding)
-        def pair(v):
-            return tuple(v) if two else (1, *v)
-        cols = F.unfold(x4.float(), w4.shape[2:], dilation=pair(module.dilation), padding=pad, stride=pair(module.stride))
-        cols = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (positions, C*kh*kw), channel slowest
-        w2, groups = w4.reshape(w4.shape[0], -1).float(), module.groups
-    else:
+    conv = isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    if not (conv or isinstance(module, nn.Linear)):
         return None
-    N, Kg = w2.shape
-    Ng = N // groups
-    pad = (-Kg) % chunk
-    nc = (Kg + pad) // chunk
-    top = 0.0
-    rows = max(1, (1 << 24) // max(1, Ng * (Kg + pad)))
-    for g in range(groups):
-        xg = F.pad(cols[:, g * Kg:(g + 1) * Kg], (0, pad)).reshape(-1, nc, chunk)
-        wg = F.pad(w2[g * Ng:(g + 1) * Ng], (0, pad)).reshape(Ng, nc, chunk)
-        for r0 in range(0, xg.shape[0], rows):
-            sums = torch.einsum("mcl,ncl->mnc", xg[r0:r0 + rows], wg).abs()
-            sums = sums[torch.isfinite(sums)]
-            if sums.numel():
-                top = max(top, float(sums.max()))
+    N, Kg = w.shape[0], w[0].numel()
+    nc = -(-Kg // chunk)
+    mask = (torch.arange(Kg, device=w.device) // chunk == torch.arange(nc, device=w.device)[:, None]).to(w.dtype)
+    top, j0, step = 0.0, 0, 1
+    while j0 < nc:  # a few chunks at a time: the stacked outputs stay near 2^24 values
+        j1 = min(nc, j0 + step)
+        stacked = (w.reshape(N, 1, Kg) * mask[j0:j1]).reshape(N * (j1 - j0), *w.shape[1:])  # n-major: groups hold
+        y = module._conv_forward(x, stacked, None) if conv else torch.nn.functional.linear(x, stacked)
+        m = float(y.abs().amax()) if y.numel() else 0.0
+        if not math.isfinite(m):  # inf or NaN inputs: the finite sums only
+            a = y.abs()
+            a = a[torch.isfinite(a)]
+            m = float(a.max()) if a.numel() else 0.0
+        top = max(top, m)
+        step = max(1, (1 << 24) * (j1 - j0) // max(1, y.numel()))
+        j0 = j1
     return top
 
 

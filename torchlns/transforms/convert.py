@@ -443,8 +443,10 @@ def _warn_about_calibration(inputs_seen: Dict[str, Observer], params: dict) -> N
 def _calibrate(model, targets, inputs_seen, outputs_seen, data, progress, forward_fn=None, chunks_seen=None) -> None:
     from tqdm.auto import tqdm
 
-    def see_chunks(mod, args, box, L):
-        v = chunk_amax(mod, args[0], L) if args else None
+    def see_chunks(mod, args, box, L):  # the first batch only (see Note: chunk calibration)
+        if batches or not args:
+            return
+        v = chunk_amax(mod, args[0], L)
         if v is not None:
             box[0] = v if box[0] is None else max(box[0], v)
 
