@@ -83,6 +83,9 @@ def test_measurements_fronts_and_files(tmp_path):
     p = r.preset
     assert p is not None and p["mac_pj"] > min(row["mac_pj"] for row in r.rows)  # the datapath moves the MAC's cost
     assert all(b["energy_pj"] < p["energy_pj"] and b["score"] >= p["score"] - 0.01 for b in r.beats_preset())
+    strict = r.beats_preset(strict=True)
+    assert all(b["sqnr_db"] >= p["sqnr_db"] and b["kl"] <= p["kl"] for b in strict)
+    assert {b["key"] for b in strict} <= {b["key"] for b in r.beats_preset()}
     text = str(r)
     assert "(chip preset)" in text and ("beats the chip preset" in text or "no design beats" in text)
     data = json.loads(r.to_json(tmp_path / "e.json").read_text())

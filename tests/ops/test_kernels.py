@@ -256,6 +256,9 @@ def opcheck_samples():
     for mac, lsb in [(MACConfig(), None), (MACConfig.chip(), -16)]:
         yield "lns_mm", mm_args(mm_case(3, 4, 9, fmt), fmt, mac, lsb)
         yield "lns_mm", mm_args(mm_case(3, 4, 9, fmt), fmt, mac, lsb, with_bias=False)
+        if lsb is not None:  # two-stage accumulators (see Note: two-stage MACs)
+            yield "lns_mm", (*mm_args(mm_case(3, 4, 9, fmt), fmt, mac, lsb), "wrap", 4, 20)
+            yield "lns_mm", (*mm_args(mm_case(3, 4, 9, fmt), fmt, mac, lsb), "saturate", 3, 0)
         table = tables.conversion_tensor_f64(3, mac.conversion, mac.lut_bits, torch.device("cpu"))
         xc = OPS.lns_encode(torch.randn(2, 4, 7, 6), off.reshape(1, 1, 1, 1), thr, 8, 3, False)
         wc = OPS.lns_encode(torch.randn(6, 2, 3, 3), off.reshape(1, 1, 1, 1), thr, 8, 3, False)

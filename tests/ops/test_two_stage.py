@@ -138,3 +138,43 @@ def test_a_converted_model_runs_and_round_trips_a_two_stage_mac():
     chip = torchlns.convert(model, torchlns.ConvertConfig(mac=MACConfig.chip()), calib)
     with pytest.raises(RuntimeError, match="wrap chunk9x14"):  # a state names its MAC, and is refused by another
         chip.load_state_dict(q.state_dict())
+
+
+TWO_STAGE = [m for m in MACS if m.two_stage]
+
+
+@pytest.mark.skipif(not torchlns.ops.has_native(), reason="needs the C++ kernels")
+@pytest.mark.parametrize("isa", torchlns.ops.available_isas())
+def test_the_cpu_kernel_at_every_isa_level_is_the_reference(isa):
+    """Every code pair, every two-stage MAC above: the C++ op's bits at each instruction-set level
+    against the reference op's (which the integer oracle pins above)."""
+    from torchlns.ops.reference import lns_mm_reference
+
+    K = 8
+    codes = torch.arange(64, dtype=torch.uint8)
+    x = torch.stack([codes.roll(-i)[:K] for i in range(64)])
+    w = torch.stack([codes.roll(-3 * j)[:K] for j in range(0, 64, 4)])
+    xo, wo = torch.tensor([[-4]], dtype=torch.int32), torch.tensor([[-2]], dtype=torch.int32)
+    bias = torch.linspace(-40, 40, w.shape[0])
+    for mac in TWO_STAGE:
+        table = mac.table(FMT.frac_bits, torch.device("cpu"))
+        args = (x, xo, w, wo, table, bias, FMT.bits, FMT.bits, FMT.frac_bits, True, mac.acc_bits, -3, mac.overflow,
+                mac.chunk, mac.chunk_bits)
+        with torchlns.ops.force_isa(isa):
+            got = torch.ops.torchlns.lns_mm(*args)
+        want = lns_mm_reference(*args)
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (isa, mac)
+
+
+def test_the_triton_kernel_hands_two_stage_macs_to_the_reference():
+    pytest.importorskip("triton")
+    from torchlns.ops import triton_mac
+    from torchlns.ops.reference import lns_mm_reference
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 64, (5, 11), generator=g, dtype=torch.uint8)
+    w = torch.randint(0, 64, (3, 11), generator=g, dtype=torch.uint8)
+    o = torch.tensor([[-3]], dtype=torch.int32)
+    mac = MACConfig(accumulator="fixed", acc_bits=12, overflow="wrap", chunk=4, chunk_bits=9)
+    args = (x, o, w, o, mac.table(2, torch.device("cpu")), None, 6, 6, 2, True, 12, -2, "wrap", 4, 9)
+    assert torch.equal(triton_mac.lns_mm(*args).view(torch.int32), lns_mm_reference(*args).view(torch.int32))

@@ -208,14 +208,23 @@ class ExploreResult:
             for o in ok)]
         return sorted(out, key=lambda r: r[cost])
 
-    def beats_preset(self) -> List[dict]:
+    def beats_preset(self, strict: bool = False) -> List[dict]:
         """Designs with less energy than the chip preset and a score no lower than its score minus
-        ``tolerance`` (equal fidelity), least energy first."""
+        ``tolerance`` (equal fidelity), least energy first. ``strict``: agreement and SQNR no lower
+        and KL no higher than the preset's too (a task metric on a small set can favour a design
+        that changes more of the float model's decisions)."""
         p = self.preset
         if p is None:
             return []
-        return sorted((r for r in self.rows if r.get("error") is None and r["energy_pj"] < p["energy_pj"]
-                       and r["score"] >= p["score"] - self.tolerance), key=lambda r: r["energy_pj"])
+
+        def fits(r):
+            ok = r["energy_pj"] < p["energy_pj"] and r["score"] >= p["score"] - self.tolerance
+            if strict:
+                ok = ok and r["agreement"] >= p["agreement"] - self.tolerance and r["sqnr_db"] >= p["sqnr_db"] \
+                    and r["kl"] <= p["kl"]
+            return ok
+
+        return sorted((r for r in self.rows if r.get("error") is None and fits(r)), key=lambda r: r["energy_pj"])
 
     def table(self, rows: Optional[List[dict]] = None) -> str:
         rows = sorted(self.rows if rows is None else rows, key=lambda r: r.get("energy_pj", math.inf))
@@ -239,13 +248,18 @@ class ExploreResult:
         best = self.beats_preset()
         p = self.preset
         if p is not None:
-            if best:
-                b = best[0]
-                lines.append(f"beats the chip preset at equal fidelity ({self.score_name} >= preset - "
-                             f"{self.tolerance:g}): {b['name']}, {b['energy_pj'] / p['energy_pj']:.2f}x its energy "
-                             f"({b['score']:.4f} vs {p['score']:.4f}); {len(best)} design(s) do")
-            else:
-                lines.append("no design beats the chip preset on energy at equal fidelity")
+            for strict, what in ((False, f"{self.score_name} >= preset - {self.tolerance:g}"),
+                                 (True, "and agreement, SQNR, KL no worse")):
+                best = self.beats_preset(strict)
+                if best:
+                    b = best[0]
+                    lines.append(f"beats the chip preset at equal fidelity ({what}): {b['name']}, "
+                                 f"{b['energy_pj'] / p['energy_pj']:.2f}x its energy ({self.score_name} "
+                                 f"{b['score']:.4f} vs {p['score']:.4f}, agreement {b['agreement']:.4f} vs "
+                                 f"{p['agreement']:.4f}, SQNR {b['sqnr_db']:.1f} vs {p['sqnr_db']:.1f} dB); "
+                                 f"{len(best)} design(s) do")
+                else:
+                    lines.append(f"no design beats the chip preset on energy at equal fidelity ({what})")
         if self.skipped:
             lines.append(f"time budget: {len(self.skipped)} design(s) not started")
         return "\n".join(lines)
@@ -256,12 +270,14 @@ class ExploreResult:
                                         front_energy=[r["key"] for r in self.front("energy_pj")],
                                         front_bytes=[r["key"] for r in self.front("bytes")],
                                         preset=CHIP_PRESET.key, beats_preset=[r["key"] for r in self.beats_preset()],
+                                        beats_preset_strict=[r["key"] for r in self.beats_preset(True)],
                                         skipped=[d.key for d in self.skipped]), indent=2, default=str))
         return path
 
     def plot(self, path) -> Path:
         """A PNG: score against energy and against bytes; every design a dot, the front joined, the
-        chip preset ringed in red, the designs that beat it in green."""
+        chip preset ringed in red, the designs that beat it in green, those far below the front
+        hollow on the axis's floor."""
         from PIL import Image, ImageDraw
 
         path = Path(path)
@@ -269,9 +285,13 @@ class ExploreResult:
         W, H, pad = 560, 400, 64
         img = Image.new("RGB", (2 * W, H), "white")
         d = ImageDraw.Draw(img)
-        ys = [r["score"] for r in ok] or [0.0]
-        y0, y1 = min(ys), max(ys)
-        y0, y1 = (y0 - 0.05 * (y1 - y0 + 1e-9)), (y1 + 0.05 * (y1 - y0 + 1e-9))
+        # The score axis spans the fronts and the preset; designs far below sit on its floor, hollow.
+        keep = [r["score"] for r in (*self.front("energy_pj"), *self.front("bytes"))]
+        if self.preset is not None:
+            keep.append(self.preset["score"])
+        top = max([r["score"] for r in ok] or [1.0])
+        low = min(keep or [top])
+        y0, y1 = low - 0.5 * (top - low + 1e-4), top + 0.1 * (top - low + 1e-4)
         beats = {r["key"] for r in self.beats_preset()}
         for panel, key, label, scale in ((0, "energy_pj", "energy per inference (uJ, log)", 1e-6),
                                          (1, "bytes", "stored bytes (log)", 1.0)):
@@ -282,7 +302,7 @@ class ExploreResult:
             def at(r, ox=ox, key=key, x0=x0, x1=x1, scale=scale):
                 x = math.log10(max(r[key] * scale, 1e-12))
                 return (ox + pad + (x - x0) / (x1 - x0) * (W - 2 * pad),
-                        H - pad - (r["score"] - y0) / (y1 - y0) * (H - 2 * pad))
+                        H - pad - (max(r["score"], y0) - y0) / (y1 - y0) * (H - 2 * pad))
 
             d.rectangle([ox + pad, pad, ox + W - pad, H - pad], outline="black")
             d.text((ox + W // 2 - 80, H - pad + 24), label, fill="black")
@@ -298,7 +318,8 @@ class ExploreResult:
             for r in ok:
                 x, y = at(r)
                 color = (30, 150, 60) if r["key"] in beats else (40, 90, 200) if r in front else (150, 150, 150)
-                d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
+                below = r["score"] < y0
+                d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=None if below else color, outline=color)
             p = self.preset
             if p is not None:
                 x, y = at(p)
