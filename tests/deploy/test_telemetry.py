@@ -303,3 +303,17 @@ def test_context_manager_and_errors():
     from torchlns import functional
 
     assert functional._observer is None
+
+
+def test_weight_histograms_follow_a_reloaded_weight():
+    """The per-layer cache of weight histograms lives across passes; a new weight replaces it."""
+    _, q = _convert("conv2d", LNSFormat(8, 3), MACS["fixed12"], "static")
+    data = _data("conv2d", scale=6.0)
+    torchlns.telemetry(q, data)  # fills the cache
+    torch.manual_seed(5)
+    other = _net("conv2d")
+    other(data[0])
+    cfg = ConvertConfig(mac=MACS["fixed12"], acc_headroom_bits=0)
+    q2 = torchlns.convert(other, cfg, calibration_data=_data("conv2d", seed=7))
+    q.load_state_dict(q2.state_dict())
+    _check(q, data, torchlns.telemetry(q, data))

@@ -42,6 +42,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+import weakref
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -389,13 +390,15 @@ def _code_hist(codes: torch.Tensor, bits: int, kernel, stride, pad_before, dilat
     """
     N, C, H, W = codes.shape
     V = 1 << bits
-    base = (torch.arange(C, device=codes.device) * V).view(1, C, 1, 1)
+    base = (torch.arange(C, device=codes.device, dtype=torch.int32) * V).view(1, C, 1, 1)
 
     def hist(part):
         if part.numel() == 0:
             return torch.zeros(C, V, dtype=torch.int64, device=codes.device)
-        idx = (part.to(torch.int64) & (V - 1)) + base
-        return torch.bincount(idx.flatten(), minlength=C * V).view(C, V)
+        idx = part.to(torch.int32)
+        if codes.dtype != torch.uint8:  # int16 holds codes >= 2^15 as negative numbers
+            idx = idx & (V - 1)
+        return torch.bincount((idx + base).flatten(), minlength=C * V).view(C, V)
 
     phases: Dict[tuple, tuple] = {}
     taps = []
@@ -451,7 +454,6 @@ class Telemetry:
         self._current: List[tuple] = []  # (row, mac, counts of this call)
         self._handles: list = []
         self._held = None
-        self._weights: dict = {}  # per weight: its log histogram (see _ProductCounter.weight_hist)
 
     # -- entering ---------------------------------------------------------------------------
     def __enter__(self) -> "Telemetry":
@@ -553,8 +555,11 @@ class Telemetry:
             a = x.to(torch.float32).abs()
             off = int(coded.param.reshape(-1)[0])
             sat, flush = _threshold(fmt, off + fmt.e_max + 1), _threshold(fmt, off + 1)
-            for name, v in (("act_values", a > 0), ("act_saturated", a >= sat), ("act_flushed", (a < flush) & (a > 0))):
-                c[name] = c.get(name, 0) + int(v.sum())
+            zeros = a.numel() - int(torch.count_nonzero(a))  # NaN is nonzero; NaN > 0 and NaN < t are false
+            for name, v in (("act_values", int(torch.count_nonzero(a > 0))),
+                            ("act_saturated", int(torch.count_nonzero(a >= sat))),
+                            ("act_flushed", int(torch.count_nonzero(a < flush)) - zeros)):
+                c[name] = c.get(name, 0) + v
             return
         off = coded.expanded_param().to(torch.int64)
         xf = x.to(torch.float32)
@@ -574,7 +579,7 @@ class Telemetry:
         F = x.fmt.frac_bits
         args = (x.codes, x.expanded_param().to(torch.int32), w.codes, w.expanded_param().to(torch.int32),
                 mac.table(F, x.codes.device), bias, x.fmt.bits, w.fmt.bits, F, True, mac.acc_bits, acc_lsb)
-        _ProductCounter(counts, mac, cache=self._weights)(*args)
+        _ProductCounter(counts, mac, cache=_weight_cache(m))(*args)
         if not native and not mac.two_stage:  # no epilogue that counts saw the totals: the reference counts them
             with reference.telemetry_sink(counts):
                 reference.lns_mm_reference(*args)
@@ -588,7 +593,7 @@ class Telemetry:
         if not (mac.fixed or blocks):
             return
         then = reference.lns_mm_reference if mac.fixed and not native else None
-        counter = _ProductCounter(counts if mac.fixed else {}, mac, then, self._weights)
+        counter = _ProductCounter(counts if mac.fixed else {}, mac, then, _weight_cache(m))
         x, x_off, w, w_off, table, _, x_bits, w_bits, F = args[:9]
         if x_off.numel() == 1 and x.dim() == 4 and not blocks and then is None:  # per-tensor codes: by windows
             stride, pad_before, pad_after, dilation, groups = args[12:17]
@@ -601,6 +606,23 @@ class Telemetry:
             return
         with reference.telemetry_sink(counts):  # the blocks' codes and, without C++, the totals
             reference.lns_conv_reference(*args, mm=counter)
+
+
+_WEIGHTS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _weight_cache(layer: Optional[nn.Module]) -> dict:
+    """A chip layer's weight histograms (see _ProductCounter.weight_hist), kept across telemetry
+    passes while the layer holds the same weight object (held here, so that its storage, which
+    keys the entries with its version, cannot be reused by another tensor). A layer that
+    re-encodes a float master on every call (training) gets none."""
+    weight = getattr(layer, "weight", None)
+    if layer is None or weight is None or (layer.training and layer._master() is not None):
+        return {}
+    held = _WEIGHTS.get(layer)
+    if held is None or held[0] is not weight:
+        held = _WEIGHTS[layer] = (weight, {})
+    return held[1]
 
 
 def telemetry(qmodel: nn.Module, data=None, *, reference: Optional[nn.Module] = None, forward_fn=None):
