@@ -317,3 +317,22 @@ def test_weight_histograms_follow_a_reloaded_weight():
     q2 = torchlns.convert(other, cfg, calibration_data=_data("conv2d", seed=7))
     q.load_state_dict(q2.state_dict())
     _check(q, data, torchlns.telemetry(q, data))
+
+
+@pytest.mark.parametrize("mac", ["chip", "fixed12", "float32"])
+def test_dynamic_blocks_with_codes_below_the_group_bound(mac):
+    """Dynamic blocks of a convolution: a channel 1e6 larger than the others puts their codes
+    below its (image, group) bound, yet blocks that hold only them keep them; ±inf saturates."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1, groups=2)).eval()
+    cfg = ConvertConfig(mac=MACS[mac], activation="dynamic", activation_block_size=9, acc_headroom_bits=0)
+    q = torchlns.convert(model, cfg, calibration_data=[torch.randn(2, 4, 6, 6)])
+    x = torch.randn(2, 4, 6, 6)
+    x[:, 0] *= 1e6
+    x[0, 2, 3, 3] = float("inf")
+    x[1, 3, 0, 0] = -float("inf")
+    x[1, 1, 2, 2] = 1e-30
+    data = [x]
+    report = torchlns.telemetry(q, data)
+    _check(q, data, report)
+    assert report.total.act_saturated >= 2

@@ -29,7 +29,9 @@ for each weight ``(n, k)`` the number of partners below or above its threshold b
 lookup: O(M·K + N·K) work instead of the MAC's O(M·N·K). Convolutions get their columns
 from the reference's own geometry (``lns_conv_reference`` with this count in ``lns_mm``'s
 place), so every layout, group, 3-D and transposed convolution and dynamic block counts as
-the op computes it. The totals exist only inside the accumulator: the C++ epilogue reports
+the op computes it; 2-D convolutions with per-tensor codes take the histograms from one pass
+over each stride phase of the input instead (``_code_hist``), and their dynamic blocks from
+that plus the few codes a block can change, one receptive field at a time (``_blocks_hist``). The totals exist only inside the accumulator: the C++ epilogue reports
 them, and two-stage MACs their chunk sums (Note: accumulator telemetry in csrc/common.h);
 without the C++ kernels, the reference's epilogue does for two-stage MACs, and for the
 others the reference runs the layer's MAC once more to count them. Nothing here changes an output bit:
@@ -380,23 +382,25 @@ def _rows_of(param: torch.Tensor, r0: int, rows: int) -> torch.Tensor:
     return param[r0:r0 + rows] if param.dim() == 2 and param.shape[0] > 1 else param
 
 
-def _code_hist(codes: torch.Tensor, bits: int, kernel, stride, pad_before, dilation, Ho: int, Wo: int) -> torch.Tensor:
+def _code_hist(codes: torch.Tensor, bits: int, kernel, stride, pad_before, dilation, Ho: int, Wo: int,
+               values: Optional[int] = None) -> torch.Tensor:
     """(C·kh·kw, 2^bits): for each (channel, tap) of a 2-D convolution over (N, C, H, W) codes,
-    how many outputs read each code there (padding reads none).
+    how many outputs read each code there (padding reads none). ``values``: the codes are
+    labels in [0, values) instead (int32), counted the same way.
 
     The outputs that tap (i, j) serves read one stride phase of the input, a rectangle of it:
     the phase's histogram, less the strips outside the rectangle (a few rows and columns at
     the borders), costs about one pass over the input instead of kh·kw.
     """
     N, C, H, W = codes.shape
-    V = 1 << bits
+    V = (1 << bits) if values is None else values
     base = (torch.arange(C, device=codes.device, dtype=torch.int32) * V).view(1, C, 1, 1)
 
     def hist(part):
         if part.numel() == 0:
             return torch.zeros(C, V, dtype=torch.int64, device=codes.device)
         idx = part.to(torch.int32)
-        if codes.dtype != torch.uint8:  # int16 holds codes >= 2^15 as negative numbers
+        if codes.dtype == torch.int16:  # int16 holds codes >= 2^15 as negative numbers
             idx = idx & (V - 1)
         return torch.bincount((idx + base).flatten(), minlength=C * V).view(C, V)
 
@@ -423,6 +427,103 @@ def _code_hist(codes: torch.Tensor, bits: int, kernel, stride, pad_before, dilat
             taps.append(full - hist(part[:, :, :u0]) - hist(part[:, :, u1 + 1:]) - hist(inner[..., :v0]) -
                         hist(inner[..., v1 + 1:]))
     return torch.stack(taps, 1).reshape(C * len(taps), V)
+
+
+def _blocks_hist(args: tuple, counts: dict) -> tuple:
+    """A convolution's dynamic per-block activations (Note: dynamic blocks in ops/reference.py),
+    counted without its im2col columns: ((K, 2, span) counts of the kept logs by sign, lowest log),
+    the activation counters added to ``counts``.
+
+    A block's offset comes from its largest finite log, which is at most its (image, group)'s
+    largest, g_top; so a finite code above g_top - E_max (and within the top offset's cap) keeps
+    its log in every receptive field, as a static code does, and the window histograms count
+    those. The rest (below that bound, capped, ±inf: few) are counted one receptive field at a
+    time, each from its own block's maximum, gathered, as the reference computes it.
+    """
+    x, x_offset, w = args[0], args[1], args[2]
+    stride, pad_before, _, dilation, groups, x_block, x_block_bits = args[12:19]
+    F = args[8]
+    N, C, H, W = x.shape
+    kh, kw = w.shape[2:]
+    Ho, Wo = (conv_output_size(x.shape[2 + d], w.shape[2 + d], stride[d], pad_before[d], args[14][d], dilation[d])
+              for d in range(2))
+    Cg, taps = C // groups, kh * kw
+    Kg = Cg * taps
+    e_wide = (1 << 15) - 1
+    e_max = (1 << (x_block_bits - 1)) - 1
+    R = 1 << F
+    off_min, off_max = -126 * R - 1, 127 * R - e_max
+    x_off = int(x_offset.reshape(-1)[0])
+    c = x.to(torch.int32) & 0xFFFF
+    mag, neg = c & e_wide, c > e_wide
+    g = mag + x_off
+    inf = mag == e_wide
+    finite = (mag > 0) & ~inf
+    low = torch.iinfo(torch.int32).min
+    top = torch.where(finite, g, low).view(N, groups, -1).amax(-1)  # g_top per (image, group)
+    top = torch.where(top == low, 0, top)
+    lo_ok = torch.maximum(top - e_max, torch.full_like(top, off_min)) + 1  # kept everywhere at or above ...
+    hi_ok = off_max + e_max  # ... and at or below
+    bound = lo_ok.repeat_interleave(Cg, 1).view(N, C, 1, 1)
+    odd = inf | (finite & ((g < bound) | (g > hi_ok)))
+    normal = finite & ~odd
+    lo = int(torch.where(normal, g, torch.iinfo(torch.int32).max).amin())
+    hi = int(torch.where(normal, g, low).amax())
+    if hi < lo:  # nothing normal
+        lo = hi = 0
+    span = hi - lo + 1
+    labels = torch.where(normal, g - lo + 1 + neg.to(torch.int32) * (span + 1), 0)  # 0: no product here
+    hist = _code_hist(labels, 0, (kh, kw), stride, pad_before, dilation, Ho, Wo, values=2 * (span + 1))
+    hist = hist.view(C * taps, 2, span + 1)[:, :, 1:].clone()
+    counts["act_values"] = counts.get("act_values", 0) + int(hist.sum())
+    where = odd.nonzero()
+    if where.shape[0]:  # each receptive field that reads an odd code: its block, as the reference encodes it
+        n, ch, y, xx = where.unbind(1)
+        for t in range(taps):
+            i, j = divmod(t, kw)
+            oy, ox = y + pad_before[0] - i * dilation[0], xx + pad_before[1] - j * dilation[1]
+            ok = (oy % stride[0] == 0) & (ox % stride[1] == 0)
+            oy, ox = oy // stride[0], ox // stride[1]
+            ok &= (oy >= 0) & (oy < Ho) & (ox >= 0) & (ox < Wo)
+            if not bool(ok.any()):
+                continue
+            nn_, cc, py, px = n[ok], ch[ok], oy[ok], ox[ok]
+            grp, k = cc // Cg, (cc % Cg) * taps + t
+            first = (k // x_block) * x_block
+            ks = first[:, None] + torch.arange(x_block, device=x.device)  # the block's k
+            inside = ks < Kg
+            ks = ks.clamp(max=Kg - 1)
+            c2 = grp[:, None] * Cg + ks // taps
+            i2, j2 = (ks % taps) // kw, (ks % taps) % kw
+            yy = py[:, None] * stride[0] - pad_before[0] + i2 * dilation[0]
+            xw = px[:, None] * stride[1] - pad_before[1] + j2 * dilation[1]
+            inside &= (yy >= 0) & (yy < H) & (xw >= 0) & (xw < W)
+            m2 = mag[nn_[:, None].expand_as(c2), c2, yy.clamp(0, H - 1), xw.clamp(0, W - 1)]
+            fin2 = inside & (m2 > 0) & (m2 != e_wide)
+            gmax = torch.where(fin2, m2 + x_off, low).amax(1)
+            gmax = torch.where(gmax == low, 0, gmax)
+            off_b = (gmax - e_max).clamp(off_min, off_max)
+            gi = g[nn_, cc, y[ok], xx[ok]]
+            is_inf = inf[nn_, cc, y[ok], xx[ok]]
+            g_eff = torch.where(is_inf, off_b + e_max, torch.minimum(gi, off_b + e_max))
+            keep = g_eff - off_b >= 1
+            sat = is_inf | (gi > off_b + e_max)
+            counts["act_values"] += int(ok.sum())
+            counts["act_saturated"] = counts.get("act_saturated", 0) + int(sat.sum())
+            counts["act_flushed"] = counts.get("act_flushed", 0) + int((~is_inf & ~keep).sum())
+            if bool(keep.any()):  # add the kept ones to the histogram (widened to take them)
+                gk, sk, kk = g_eff[keep], neg[nn_, cc, y[ok], xx[ok]][keep].to(torch.int64), (grp * Kg + k)[keep]
+                new_lo, new_hi = min(lo, int(gk.min())), max(hi, int(gk.max()))
+                if new_lo < lo or new_hi > hi:
+                    hist = torch.nn.functional.pad(hist, (lo - new_lo, new_hi - hi))
+                    lo, hi = new_lo, new_hi
+                    span = hi - lo + 1
+                flat = hist.view(-1)
+                flat.index_add_(0, (kk * 2 + sk) * span + (gk.to(torch.int64) - lo),
+                                torch.ones_like(kk))
+    counts.setdefault("act_saturated", 0)
+    counts.setdefault("act_flushed", 0)
+    return hist, lo
 
 
 # ----------------------------------------------------------------------------------------
@@ -603,6 +704,13 @@ class Telemetry:
             counter.tally(hist, int(x_off.reshape(-1)[0]), x_bits, w.reshape(w.shape[0], -1),
                           w_off.reshape(w.shape[0], -1) if w_off.numel() == w.numel() else w_off.reshape(-1, 1),
                           w_bits, table, F, args[11], groups=groups)
+            return
+        if blocks and x.dim() == 4 and then is None:  # dynamic blocks without their columns
+            hist, lo = _blocks_hist(args, counts)
+            if mac.fixed:
+                counter.tally(hist, lo, x_bits, w.reshape(w.shape[0], -1),
+                              w_off.reshape(w.shape[0], -1) if w_off.numel() == w.numel() else w_off.reshape(-1, 1),
+                              w_bits, table, F, args[11], groups=args[16], logs=True)
             return
         with reference.telemetry_sink(counts):  # the blocks' codes and, without C++, the totals
             reference.lns_conv_reference(*args, mm=counter)
