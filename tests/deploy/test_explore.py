@@ -155,3 +155,63 @@ def test_explore_command_on_the_demo_network(tmp_path, capsys):
     assert "3/3 designs (3 resumed)" not in capsys.readouterr().err  # no design ran again
     assert main(["explore", "--bits", "4", "--frac-bits", "3", "-o", str(out)]) == 2
     assert "design space" in capsys.readouterr().err
+
+
+def test_workers_leave_with_a_killed_parent(tmp_path):
+    """A parent killed outright cannot shut its pool down; the spawned workers notice and exit."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "run.py"
+    script.write_text(  # designs that take tens of seconds each: two-stage MACs on 128x128 inputs
+        "import torch, torch.nn as nn, torchlns\n"
+        "from torchlns.deploy.explore import DesignSpace, explore\n"
+        "if __name__ == '__main__':  # spawned workers import this file again\n"
+        "    m = nn.Sequential(nn.Conv2d(3, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3)).eval()\n"
+        "    x = [torch.randn(8, 3, 128, 128) for _ in range(8)]\n"
+        "    explore(m, x, DesignSpace(bits=(8, 10), overflow=('wrap',), chunks=((16, 16),)), workers=2)\n")
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def children():
+        out = []
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                try:
+                    stat = open(f"/proc/{pid}/stat").read()
+                except OSError:
+                    continue
+                if int(stat.rsplit(")", 1)[1].split()[1]) == parent.pid:
+                    out.append(int(pid))
+        return out
+
+    deadline = time.time() + 60
+    kids = []
+    while time.time() < deadline and len(kids) < 2:
+        time.sleep(0.5)
+        kids = []
+        for k in children():
+            try:
+                if "spawn_main" in open(f"/proc/{k}/cmdline").read():
+                    kids.append(k)
+            except OSError:
+                pass
+    assert len(kids) >= 2, "the workers did not start"
+    time.sleep(8)  # well into their first designs (spawned workers take seconds to import torch)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    def running(pid):
+        try:
+            return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.time() + 6
+    while time.time() < deadline and any(running(k) for k in kids):
+        time.sleep(0.5)
+    alive = [k for k in kids if running(k)]
+    for k in alive:
+        os.kill(k, signal.SIGKILL)
+    assert not alive

@@ -26,7 +26,9 @@ Runs are resumable: every finished design is appended to ``results`` (JSON lines
 header line that fingerprints the model and data, so a file from another model or data is
 refused), and a rerun skips the designs already there. ``workers`` > 1 evaluates designs in
 that many spawned processes (each with an equal share of the CPU threads; the model, data
-and metric must pickle). ``time_budget`` stops starting designs once that many seconds have
+and metric must pickle, and a script that calls it must keep its top level under
+``if __name__ == "__main__":``, since spawning imports the script again; a worker whose
+parent was killed outright leaves too, within a second). ``time_budget`` stops starting designs once that many seconds have
 passed; what is left is named in the result. Calibration and evaluation items are kept apart:
 without ``eval_data`` the first half of ``data`` calibrates and the second half evaluates.
 """
@@ -43,6 +45,7 @@ import multiprocessing
 import os
 import random
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -398,6 +401,14 @@ def _worker_init(job: _Job, threads: int) -> None:
     global _WORKER_JOB
     torch.set_num_threads(threads)
     _WORKER_JOB = job
+    parent = os.getppid()
+
+    def orphaned() -> None:  # a parent killed outright (SIGKILL, SIGTERM) cannot stop its pool: leave with it
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=orphaned, daemon=True).start()
 
 
 def _worker_run(design: Design) -> dict:
