@@ -269,6 +269,23 @@ def test_telemetry_command(helper, folders, tmp_path, capsys):
     _one_line(err, "CONVERTED_MODEL")
 
 
+def test_explore_command_on_your_own_model(helper, folders, tmp_path, capsys):
+    import json
+
+    tree, flat = folders
+    common = ("--model-factory", f"{HELPER}:pretrained", "--image-size", "24")
+    out = tmp_path / "ex"
+    rc, stdout, err = _cli(capsys, "explore", *common, "--calib", flat, "--data", tree, "--samples", "2",
+                           "--workers", "1", "--bits", "6,8", "-o", out)
+    assert rc == 0, err
+    assert "top-1" in stdout and "(chip preset)" in stdout  # class folders: the score is top-1
+    rows = json.loads((out / "explore.json").read_text())["rows"]
+    assert len(rows) == 2 and all(r["task"] is not None for r in rows)
+    rc, _, err = _cli(capsys, "explore", *common, "--calib", flat, "-o", out)
+    assert rc == 2
+    _one_line(err, "--data")
+
+
 def test_real_net_writes_its_photos_as_an_image_folder(tmp_path):
     """``torchlns real-net --write-images``: the bundled photos' crops, calibration flat and
     evaluation in ImageNet-indexed class folders, readable as labelled image DATA."""
