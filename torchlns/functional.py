@@ -587,8 +587,8 @@ def _conv_by_columns(xq: Optional[Coded], wq: Coded, fmt: Format, xt4, w4, bias,
 # ops/reference.py) is three more arguments of ``torchlns::lns_mm`` (overflow, chunk,
 # chunk_bits), not of ``lns_conv``: a convolution with such a MAC runs as im2col columns (k
 # ordered input channel slowest, as the spec's chunks count it), then one ``lns_mm`` per
-# group. The CPU kernel is a scalar loop per output (csrc/mac_cpu.cpp, every ISA level);
-# on CUDA the Triton kernel hands these MACs to the reference.
+# group. The CPU kernel is a scalar loop per output (csrc/mac_cpu.cpp, every ISA level); on
+# CUDA the Triton direct kernel's integer path (TWO_STAGE in ops/triton_mac.py).
 def _matmul(x: Coded, w: Coded, bias, mac: MACConfig, acc_lsb) -> torch.Tensor:
     """(M, K) x (N, K) coded operands -> (M, N) float32: one ``torchlns::`` op call."""
     K = x.codes.shape[1]

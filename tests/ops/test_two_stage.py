@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import torchlns
+from conftest import sweep
 from torchlns import LNSFormat, LNSTensor, MACConfig
 from torchlns.core import tables
 
@@ -166,15 +167,55 @@ def test_the_cpu_kernel_at_every_isa_level_is_the_reference(isa):
         assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (isa, mac)
 
 
-def test_the_triton_kernel_hands_two_stage_macs_to_the_reference():
+def _triton():
     pytest.importorskip("triton")
     from torchlns.ops import triton_mac
+
+    return triton_mac
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", [0, 3])
+def test_the_triton_kernel_every_code_pair(config):
+    """The Triton direct kernel's two-stage path (in the interpreter on CI): every code pair, the
+    two-stage MACs above (all of them in a full sweep, see Note: sweep size), two tile
+    configurations, against the reference op."""
+    triton_mac = _triton()
+    from torchlns.ops.reference import lns_mm_reference
+
+    K = 8
+    codes = torch.arange(64, dtype=torch.uint8)
+    x = torch.stack([codes.roll(-i)[:K] for i in range(64)])
+    w = torch.stack([codes.roll(-3 * j)[:K] for j in range(0, 64, 4)])
+    xo, wo = torch.tensor([[-4]], dtype=torch.int32), torch.tensor([[-2]], dtype=torch.int32)
+    bias = torch.linspace(-40, 40, w.shape[0])
+    cfg = triton_mac._direct_configs()[config]
+    for mac in sweep(TWO_STAGE, 8, seed=config):
+        args = (x, xo, w, wo, mac.table(FMT.frac_bits, torch.device("cpu")), bias, FMT.bits, FMT.bits, FMT.frac_bits,
+                True, mac.acc_bits, -3, mac.overflow, mac.chunk, mac.chunk_bits)
+        got = triton_mac.lns_mm(*args, config=cfg)
+        assert torch.equal(got.view(torch.int32), lns_mm_reference(*args).view(torch.int32)), mac
+
+
+@pytest.mark.slow
+def test_the_triton_kernel_wraps_huge_products_and_takes_every_table():
+    """Products far beyond 2^61 (their residues), the chip's packed LUT, LNS6/8/10, per-channel offsets."""
+    triton_mac = _triton()
     from torchlns.ops.reference import lns_mm_reference
 
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 64, (5, 11), generator=g, dtype=torch.uint8)
-    w = torch.randint(0, 64, (3, 11), generator=g, dtype=torch.uint8)
-    o = torch.tensor([[-3]], dtype=torch.int32)
-    mac = MACConfig(accumulator="fixed", acc_bits=12, overflow="wrap", chunk=4, chunk_bits=9)
-    args = (x, o, w, o, mac.table(2, torch.device("cpu")), None, 6, 6, 2, True, 12, -2, "wrap", 4, 9)
-    assert torch.equal(triton_mac.lns_mm(*args).view(torch.int32), lns_mm_reference(*args).view(torch.int32))
+    for bits, F in ((6, 2), (8, 3), (10, 5)):
+        dtype = torch.uint8 if bits <= 8 else torch.int16
+        x = torch.randint(0, 1 << bits, (20, 37), generator=g).to(dtype)
+        w = torch.randint(0, 1 << bits, (9, 37), generator=g).to(dtype)
+        xo, wo = torch.tensor([[-20]], dtype=torch.int32), torch.randint(-30, 0, (9, 1), generator=g, dtype=torch.int32)
+        for mac in [MACConfig.chip().replace(overflow="wrap"),
+                    MACConfig.chip().replace(acc_bits=24, overflow="wrap", chunk=7, chunk_bits=13),
+                    MACConfig.chip().replace(acc_bits=20, chunk=16, chunk_bits=16),
+                    MACConfig(conversion="mitchell", accumulator="fixed", acc_bits=16, overflow="wrap", chunk=5,
+                              chunk_bits=9)]:
+            for lsb in sweep((-80, -40, -10, 0, 5), 1, seed=bits):
+                args = (x, xo, w, wo, mac.table(F, torch.device("cpu")), torch.randn(9, generator=g) * 100, bits, bits,
+                        F, True, mac.acc_bits, lsb, mac.overflow, mac.chunk, mac.chunk_bits)
+                got, want = triton_mac.lns_mm(*args), lns_mm_reference(*args)
+                assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (bits, mac, lsb)

@@ -25,7 +25,8 @@ Two kernels, chosen per call:
   integer (Note: the fixed accumulator's integer table): a shift of ``L[r]`` by
   ``q - Λ - S``, the saturation, int64 sums, and an in-kernel epilogue (bias as
   ``rne(b / 2^Λ)`` with overflow-checked addition, final saturation, ``acc 2^Λ`` rounded once
-  to float32), so its bits are the reference's. With the float32 accumulator it is the
+  to float32), so its bits are the reference's; wrap-around and chunked accumulators
+  (``TWO_STAGE``) fit products and chunk sums in registers as it goes. With the float32 accumulator it is the
   fallback for wide ``F`` and extreme offsets: exact float64 products, summed in float64 and
   rounded once, like the reference.
 
@@ -272,14 +273,22 @@ def _lut(tab_ptr, r, L0, W0, W1, PACKED: tl.constexpr):
 
 
 # Scalars that meet .to() or a bit operation stay runtime values (Triton would make a 1 a constant).
-@triton.jit(do_not_specialize=["T", "LSB", "W_SHIFT", "L0", "W0", "W1"])
+@triton.jit(do_not_specialize=["T", "LSB", "W_SHIFT", "L0", "W0", "W1", "T1", "MASK1", "HALF1", "CHUNK", "MASKW",
+                               "HALFW"])
 def _lns_mac_direct_kernel(
         x_ptr, xo_ptr, w_ptr, wo_ptr, tab_ptr, bias_ptr, y_ptr, M, N, K,
         sx0, sx1, sx2, sx3, sx4, so0, so1, so2, so3, so4, swn, swk, son, sok, sy0, sy1, sy2, sy3, sy4,
         D, H, W, Do, Ho, Wo, KD, KH, KW, STD, STH, STW, PD, PH, PW, DD, DH, DW, C_G, T, LSB, W_SHIFT, L0, W0, W1,
+        T1, MASK1, HALF1, CHUNK, MASKW, HALFW,
         X_BITS: tl.constexpr, W_BITS: tl.constexpr, F: tl.constexpr, FIXED: tl.constexpr, B: tl.constexpr,
-        PACKED: tl.constexpr, HAS_BIAS: tl.constexpr, CONV: tl.constexpr,
+        PACKED: tl.constexpr, HAS_BIAS: tl.constexpr, CONV: tl.constexpr, TWO_STAGE: tl.constexpr,
+        WRAP: tl.constexpr, HAS_CHUNK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    # TWO_STAGE (Note: overflow and chunks in reference.py): products at W1 bits (T1 = 2^(W1-1) - 1,
+    # MASK1 = 2^W1 - 1, HALF1 = 2^(W1-1)), saturated or (WRAP) reduced modulo 2^W1; with HAS_CHUNK,
+    # summed in runs of CHUNK reduction indices, each run's sum saturated or wrapped at W1 bits
+    # before it joins the total; with WRAP the total and the bias are reduced modulo 2^W
+    # (MASKW, HALFW) instead of saturated.
     R: tl.constexpr = 1 << F
     g = tl.program_id(1)
     offs_m, offs_n, m_ok, n_ok, w_rows = _tile(M, N, g, BLOCK_M, BLOCK_N, GROUP_M)
@@ -287,6 +296,7 @@ def _lns_mac_direct_kernel(
                                         PD, PH, PW, CONV)
     if FIXED:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int64)
+        part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int64)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
     nan_m = tl.zeros((BLOCK_M, 1), dtype=tl.int32)
@@ -307,9 +317,28 @@ def _lns_mac_direct_kernel(
             # shift of a positive value floors), and for e > B the product is >= 2^61 > T.
             G = gx + (gw - W_SHIFT)
             e = G >> F
-            L = _lut(tab_ptr, G & (R - 1), L0, W0, W1, PACKED).to(tl.int64) << B
-            p = L >> tl.minimum(tl.maximum(B - e, 0), 63).to(tl.int64)
-            acc += tl.where(e > B, T, tl.minimum(p, T)) * sign.to(tl.int64)
+            Lr = _lut(tab_ptr, G & (R - 1), L0, W0, W1, PACKED).to(tl.int64)
+            p = (Lr << B) >> tl.minimum(tl.maximum(B - e, 0), 63).to(tl.int64)
+            if TWO_STAGE:
+                if WRAP:  # the magnitude's residue: for e > B the product L 2^e keeps L's low W1 - e bits
+                    sh = tl.minimum(tl.maximum(e, 0), 63).to(tl.int64)
+                    mag = tl.where(e > B, (Lr & (MASK1 >> sh)) << sh, p & MASK1)
+                    v = ((mag * sign.to(tl.int64) + HALF1) & MASK1) - HALF1
+                else:
+                    v = tl.where(e > B, T1, tl.minimum(p, T1)) * sign.to(tl.int64)
+                if HAS_CHUNK:
+                    part += v
+                    end = ((k + 1) % CHUNK == 0) | (k == K - 1)
+                    if WRAP:
+                        fitted = ((part + HALF1) & MASK1) - HALF1
+                    else:
+                        fitted = tl.minimum(tl.maximum(part, -T1), T1)
+                    acc += tl.where(end, fitted, 0)
+                    part = tl.where(end, 0, part)
+                else:
+                    acc += v
+            else:
+                acc += tl.where(e > B, T, tl.minimum(p, T)) * sign.to(tl.int64)
         else:
             G = gx + gw
             p = tl.load(tab_ptr + (G & (R - 1))) * _pow2_f64(G >> F)  # exact: C[r] has <= 25 bits
@@ -325,11 +354,18 @@ def _lns_mac_direct_kernel(
             clamp = tl.full((), 0x43DFFFFFFFFFFFFF, tl.int64).to(tl.float64, bitcast=True)  # 2^63 - 1024
             r = tl.minimum(tl.maximum(r, -clamp), clamp)
             bi = tl.where(b != b, 0, r.to(tl.int64))[None, :]
-            s = acc + bi
-            over = ((acc ^ s) & (bi ^ s)) < 0  # the addition wrapped: the true sum is beyond +-2^63
-            acc = tl.where(over, tl.where(bi > 0, T, -T), s)
+            if WRAP:  # modular: the bias's residue joins the total's
+                acc = ((acc + HALFW) & MASKW) - HALFW
+                acc = ((acc + (((bi + HALFW) & MASKW) - HALFW) + HALFW) & MASKW) - HALFW
+            else:
+                s = acc + bi
+                over = ((acc ^ s) & (bi ^ s)) < 0  # the addition wrapped: the true sum is beyond +-2^63
+                acc = tl.where(over, tl.where(bi > 0, T, -T), s)
             nan_n |= (b != b).to(tl.int32)[None, :]
-        acc = tl.minimum(tl.maximum(acc, -T), T)
+        if WRAP:
+            acc = ((acc + HALFW) & MASKW) - HALFW
+        else:
+            acc = tl.minimum(tl.maximum(acc, -T), T)
         y = (acc.to(tl.float64) * _pow2_f64(LSB)).to(tl.float32)
     else:
         y = acc.to(tl.float32)
@@ -427,7 +463,7 @@ def _pick(config, tuned, plain, args, meta, grid, device):
 
 
 def _mac(x, xo, x_strides, w2, wo2, table, bias, y, y_strides, M, N, K, groups, C_G, geo: _Geometry, x_bits, w_bits,
-         frac_bits, fixed, acc_bits, acc_lsb, conv: bool, config, route: Optional[str]):
+         frac_bits, fixed, acc_bits, acc_lsb, conv: bool, config, route: Optional[str], two_stage=None):
     """Launch one MAC kernel over ``groups`` GEMMs of (M, K) x (N, K)."""
     if M == 0 or N == 0 or groups == 0:
         return y
@@ -455,11 +491,14 @@ def _mac(x, xo, x_strides, w2, wo2, table, bias, y, y_strides, M, N, K, groups, 
         T, lsb, w_shift, shift_base = 2 ** (acc_bits - 1) - 1, acc_lsb, (acc_lsb + S) << frac_bits, 62 - lbits
     else:
         tab, T, lsb, w_shift, shift_base = table.to(torch.float64).contiguous(), 0, 0, 0, 0
+    wrap, chunk, W1 = two_stage or (False, 0, acc_bits)
+    stage = (2 ** (W1 - 1) - 1, 2**W1 - 1, 2 ** (W1 - 1), max(chunk, 1), 2**acc_bits - 1, 2 ** (acc_bits - 1))
     meta = dict(X_BITS=x_bits, W_BITS=w_bits, F=frac_bits, FIXED=fixed, B=shift_base, PACKED=packed is not None,
-                HAS_BIAS=has_bias, CONV=conv)
+                HAS_BIAS=has_bias, CONV=conv, TWO_STAGE=two_stage is not None, WRAP=wrap, HAS_CHUNK=chunk > 0)
     grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]), groups)  # noqa: E731
     _pick(config, _direct_autotuned, _lns_mac_direct_kernel,
-          (x, xo, w2, wo2, tab, b, y, *common, T, lsb, w_shift, *(packed or (0, 0, 0))), meta, grid, y.device)
+          (x, xo, w2, wo2, tab, b, y, *common, T, lsb, w_shift, *(packed or (0, 0, 0)), *stage), meta, grid,
+          y.device)
     return y
 
 
@@ -471,12 +510,10 @@ def lns_mm(x, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, fix
            overflow="saturate", chunk=0, chunk_bits=0, config=None, route=None):
     """``torchlns::lns_mm`` on the GPU. ``config`` pins one tile configuration and ``route``
     one kernel ("classes" or "direct"; tests sweep both), else they are chosen per call.
-    Wrap-around and chunked accumulators have no Triton kernel yet: the reference runs them."""
+    Wrap-around and chunked accumulators run the direct kernel (TWO_STAGE)."""
+    two_stage = None
     if fixed and (overflow != "saturate" or chunk):
-        from .reference import lns_mm_reference
-
-        return lns_mm_reference(x, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits,
-                                acc_lsb, overflow, chunk, chunk_bits)
+        two_stage, route = (overflow == "wrap", chunk, (chunk_bits or acc_bits) if chunk else acc_bits), "direct"
     M, K = x.shape
     N = w.shape[0]
     xo = _int32(x_offset).expand(M, K)
@@ -484,7 +521,7 @@ def lns_mm(x, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, fix
     y = torch.empty(M, N, dtype=torch.float32, device=x.device)
     return _mac(x, xo, ((x.stride(0), x.stride(1), 0, 0, 0), (xo.stride(0), xo.stride(1), 0, 0, 0)), w, wo, table,
                 bias, y, (y.stride(0), y.stride(1), 0, 0, 0), M, N, K, 1, 0, _Geometry(), x_bits, w_bits, frac_bits,
-                fixed, acc_bits, acc_lsb, False, config, route)
+                fixed, acc_bits, acc_lsb, False, config, route, two_stage)
 
 
 def _strides5(t: torch.Tensor) -> tuple:
