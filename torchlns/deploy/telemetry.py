@@ -264,24 +264,26 @@ class _ProductCounter:
         or (K, 2, span) counts of logs lo.. by sign (logs=True); ``w`` (N, K / groups) codes."""
         if hist is None:
             return
-        if not logs:  # codes -> (K, sign, E); E = 0 (zero, NaN) has no product
-            half = 1 << (x_bits - 1)
-            hist = hist.view(hist.shape[0], 2, half).clone()
+        if logs:  # a first, empty column, so that both kinds share the convention below
+            hist, lo = torch.nn.functional.pad(hist, (1, 0)), lo - 1
+        else:  # codes -> (K, sign, E); E = 0 (zero, NaN) has no product. ``hist`` is ours to change.
+            hist = hist.view(hist.shape[0], 2, 1 << (x_bits - 1))
             hist[:, :, 0] = 0
         K, _, span = hist.shape
         G0, Gp, Gn = self.thresholds(table, F, acc_lsb)
         kind, *weights = self.weight_hist(w, w_offset, w_bits, groups, span)
         if kind is None:
             return
-        # at_most[k, s, j]: partners of sign s at k whose log is < lo + j (j = 0 .. span)
-        at_most = torch.nn.functional.pad(hist.cumsum(-1), (1, 0))
+        # at_most[k, s, j]: partners of sign s at k whose log is <= lo + j; column 0 is empty, so
+        # "log < L" is at_most[..., clamp(L - lo - 1, 0, span - 1)] for every L.
+        at_most = hist.cumsum_(-1)
         every = at_most[..., -1]  # (K, 2)
         if kind == "dense":  # per k, a histogram of the weights' logs lo_w + j by sign
             hw, lo_w = weights
             j = torch.arange(hw.shape[-1], device=hw.device)
 
             def below(G):  # (K, 2, span_w): partners (by their sign) of a weight log lo_w + j whose sum is < G
-                return at_most[:, :, (G - lo_w - j - lo).clamp(0, span)]
+                return at_most[:, :, (G - lo_w - j - lo - 1).clamp(0, span - 1)]
 
             t0, tp, tn = below(G0), below(Gp), below(Gn)
             flip = hw.flip(1)  # hw[k, 1 - s, j]: the weights of the other sign
@@ -291,10 +293,10 @@ class _ProductCounter:
         else:  # few weights per k (depthwise): each nonzero weight looks its partners up
             k, same, b = weights
             flat, every = at_most.flatten(), every.flatten()
-            row_same, row_other = (k * 2 + same) * (span + 1), (k * 2 + 1 - same) * (span + 1)
+            row_same, row_other = (k * 2 + same) * span, (k * 2 + 1 - same) * span
 
             def below(row, G):
-                return flat.take(row + (G - b - lo).clamp(0, span))
+                return flat.take(row + (G - b - lo - 1).clamp(0, span - 1))
 
             products = every.view(-1, 2).sum(1).take(k).sum()
             truncated = (below(row_same, G0) + below(row_other, G0)).sum()
@@ -424,8 +426,14 @@ def _code_hist(codes: torch.Tensor, bits: int, kernel, stride, pad_before, dilat
                 taps.append(torch.zeros_like(full))
                 continue
             inner = part[:, :, u0:u1 + 1]
-            taps.append(full - hist(part[:, :, :u0]) - hist(part[:, :, u1 + 1:]) - hist(inner[..., :v0]) -
-                        hist(inner[..., v1 + 1:]))
+            strips = [st for st in (part[:, :, :u0], part[:, :, u1 + 1:], inner[..., :v0], inner[..., v1 + 1:])
+                      if st.numel()]
+            tap = full.clone() if strips else full
+            for st in strips:
+                tap -= hist(st)
+            taps.append(tap)
+    if len(taps) == 1:
+        return taps[0]
     return torch.stack(taps, 1).reshape(C * len(taps), V)
 
 
