@@ -155,7 +155,7 @@ def test_gpu_kernels_run_dynamic_blocks_exactly():
     launches = []
     real = tm._mac
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(tm, "_mac", lambda *a: launches.append(a[-3]) or real(*a))
+        m.setattr(tm, "_mac", lambda *a: launches.append(a[21]) or real(*a))
         with ops.cuda_kernels_on_cpu():
             got = run()
     assert launches == [False, False], launches  # lns_mm per group, not the implicit-GEMM conv
