@@ -160,21 +160,24 @@ void telemetry_record(int64_t total, int64_t T, bool wrap = false, bool chunk = 
 void telemetry_start();
 TelemetryCounts telemetry_stop();
 
+// A finite bias as rne(b / 2^Λ), clamped to ±(2^63 - 1024), which cannot change a saturated
+// result (Note: reference MAC arithmetic in torchlns/ops/reference.py).
+TORCHLNS_INLINE int64_t bias_units(float bias, int64_t acc_lsb) {
+  constexpr double kBiasClamp = 9223372036854774784.0;  // 2^63 - 1024
+  const double bd = __builtin_nearbyint(double(bias) * pow2(-acc_lsb));
+  return int64_t(bd > kBiasClamp ? kBiasClamp : (bd < -kBiasClamp ? -kBiasClamp : bd));
+}
+
 TORCHLNS_INLINE float fixed_epilogue(int64_t acc, const float* bias, int64_t T, int64_t acc_lsb, bool nan_out) {
-  bool wide = false;  // the bias addition left int64: far beyond the rails
   if (bias) {
     if (*bias != *bias) {
       nan_out = true;
-    } else {
-      constexpr double kBiasClamp = 9223372036854774784.0;  // 2^63 - 1024
-      double bd = __builtin_nearbyint(double(*bias) * pow2(-acc_lsb));
-      bd = bd > kBiasClamp ? kBiasClamp : (bd < -kBiasClamp ? -kBiasClamp : bd);
-      int64_t sum;
-      if (__builtin_add_overflow(acc, int64_t(bd), &sum)) sum = bd > 0 ? T : -T, wide = true;
-      acc = sum;
+    } else {  // a sum beyond int64 is far beyond the rails: ±(2^63 - 1) saturates the same
+      const int64_t b = bias_units(*bias, acc_lsb);
+      if (__builtin_add_overflow(acc, b, &acc)) acc = b > 0 ? INT64_MAX : -INT64_MAX;
     }
   }
-  if (telemetry_on() && !nan_out) telemetry_record(wide ? (acc > 0 ? INT64_MAX : -INT64_MAX) : acc, T);
+  if (telemetry_on() && !nan_out) telemetry_record(acc, T);
   acc = acc > T ? T : (acc < -T ? -T : acc);
   return nan_out ? __builtin_nanf("") : float(double(acc) * pow2(acc_lsb));
 }
@@ -188,21 +191,18 @@ TORCHLNS_INLINE int64_t wrap_to(int64_t x, int bits) {
 // fixed_epilogue with overflow="wrap" (see Note: overflow and chunks in torchlns/ops/reference.py):
 // the total and the bias's rne(b / 2^Λ), each reduced modulo 2^W, then their sum.
 TORCHLNS_INLINE float fixed_epilogue_wrap(int64_t acc, const float* bias, int acc_bits, int64_t acc_lsb, bool nan_out) {
-  int64_t total = acc;
-  bool wide = false;
+  int64_t total = acc;  // for telemetry: the sum before the wrap (beyond int64: ±(2^63 - 1))
   if (bias) {
     if (*bias != *bias) {
       nan_out = true;
     } else {
-      constexpr double kBiasClamp = 9223372036854774784.0;  // 2^63 - 1024
-      double bd = __builtin_nearbyint(double(*bias) * pow2(-acc_lsb));
-      bd = bd > kBiasClamp ? kBiasClamp : (bd < -kBiasClamp ? -kBiasClamp : bd);
-      wide = __builtin_add_overflow(acc, int64_t(bd), &total);
-      acc = wrap_to(wrap_to(acc, acc_bits) + wrap_to(int64_t(bd), acc_bits), acc_bits);
+      const int64_t b = bias_units(*bias, acc_lsb);
+      if (__builtin_add_overflow(acc, b, &total)) total = b > 0 ? INT64_MAX : -INT64_MAX;
+      acc = wrap_to(wrap_to(acc, acc_bits) + wrap_to(b, acc_bits), acc_bits);
     }
   }
   const int64_t T = (int64_t(1) << (acc_bits - 1)) - 1;
-  if (telemetry_on() && !nan_out) telemetry_record(wide ? INT64_MAX : total, T, true);
+  if (telemetry_on() && !nan_out) telemetry_record(total, T, true);
   acc = wrap_to(acc, acc_bits);
   return nan_out ? __builtin_nanf("") : float(double(acc) * pow2(acc_lsb));
 }

@@ -260,7 +260,7 @@ def _tally_totals(sums: torch.Tensor, bias: Optional[torch.Tensor], keep: torch.
     wrap): how many, how many overflow, the largest magnitude (NaN outputs have no total)."""
     total = sums
     if bias is not None:
-        b = torch.round(bias.to(torch.float64) * 2.0**-acc_lsb).clamp_(-BIAS_CLAMP, BIAS_CLAMP)
+        b = bias_units(bias, acc_lsb)
         keep = keep & ~torch.isnan(b).expand_as(keep)
         b = torch.nan_to_num(b).to(torch.int64).expand_as(sums)
         beyond = ((b > 0) & (sums > _I64_MAX - b.clamp(min=0))) | ((b < 0) & (sums < _I64_MIN - b.clamp(max=0)))
@@ -270,6 +270,11 @@ def _tally_totals(sums: torch.Tensor, bias: Optional[torch.Tensor], keep: torch.
            max_total=total.abs().max() if total.numel() else 0)
 
 
+def bias_units(bias: torch.Tensor, acc_lsb: int) -> torch.Tensor:
+    """``rne(b / 2^Λ)`` as float64, clamped to ±(2^63 - 1024) (NaN stays NaN; see Note: reference MAC arithmetic)."""
+    return torch.round(bias.to(torch.float64) * 2.0**-acc_lsb).clamp_(-BIAS_CLAMP, BIAS_CLAMP)
+
+
 def fixed_epilogue(acc: torch.Tensor, bias: Optional[torch.Tensor], T: int, acc_lsb: int,
                    wrap_bits: int = 0) -> torch.Tensor:
     """Bias, final saturation (or, with ``wrap_bits``, reduction modulo 2^wrap_bits) and scaling of
@@ -277,12 +282,12 @@ def fixed_epilogue(acc: torch.Tensor, bias: Optional[torch.Tensor], T: int, acc_
     if wrap_bits:  # modular: the bias's residue joins the total's; no int64 headroom is needed
         acc = wrap_signed(acc, wrap_bits)
         if bias is not None:
-            b = torch.round(bias.to(torch.float64) * 2.0**-acc_lsb).clamp_(-BIAS_CLAMP, BIAS_CLAMP)
+            b = bias_units(bias, acc_lsb)
             acc = wrap_signed(acc + wrap_signed(b.to(torch.int64).expand_as(acc), wrap_bits), wrap_bits)
         y = (acc.to(torch.float64) * 2.0**acc_lsb).to(torch.float32)
         return y if bias is None else y.masked_fill_(torch.isnan(bias).expand_as(y), math.nan)
     if bias is not None:
-        b = torch.round(bias.to(torch.float64) * 2.0**-acc_lsb).clamp_(-BIAS_CLAMP, BIAS_CLAMP).to(torch.int64)
+        b = bias_units(bias, acc_lsb).to(torch.int64)
         b = b.expand_as(acc)
         over = (b > 0) & (acc > _I64_MAX - b.clamp(min=0))
         under = (b < 0) & (acc < _I64_MIN - b.clamp(max=0))
