@@ -346,16 +346,13 @@ def _outputs(model: nn.Module, items, forward_fn) -> torch.Tensor:
 
 
 def _fidelity(out: torch.Tensor, ref: torch.Tensor) -> dict:
-    ok = torch.isfinite(out) & torch.isfinite(ref)
-    noise = float(((out - ref)[ok].double() ** 2).sum())
-    signal = float((ref[ok].double() ** 2).sum())
-    sqnr = math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal else -math.inf
-    agreement = float((out.argmax(1) == ref.argmax(1)).float().mean()) if out.dim() >= 2 else math.nan
-    kl = math.nan
-    if out.dim() >= 2:
-        lp, lq = torch.log_softmax(ref, 1), torch.log_softmax(out, 1)
-        kl = float((lp.exp() * (lp - lq)).sum(1).mean())
-    return dict(agreement=agreement, kl=kl, sqnr_db=sqnr)
+    """Agreement, KL and SQNR of a design's outputs against the float model's (transforms.recover's measures)."""
+    from ..transforms.recover import FidelityMeter
+
+    meter = FidelityMeter()
+    meter.add(out, ref)
+    f = meter.result()
+    return dict(agreement=f["agreement"], kl=f["kl"], sqnr_db=f["sqnr"])
 
 
 class _Job:

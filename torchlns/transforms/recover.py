@@ -162,22 +162,38 @@ def _output(y, output_fn):
     raise TypeError(f"cannot read a tensor from a model output of type {type(y).__name__}; pass output_fn")
 
 
+class FidelityMeter:
+    """Agreement of the arg-max over dim 1, SQNR (dB) and KL(float || converted) of output pairs,
+    accumulated over batches (``add``), read with ``result()``."""
+
+    def __init__(self):
+        self.agree, self.n, self.sig, self.err, self.kl, self.samples = 0, 0, 0.0, 0.0, 0.0, 0
+
+    @torch.no_grad()
+    def add(self, yq: torch.Tensor, yf: torch.Tensor) -> None:
+        yq, yf = yq.float(), yf.float()
+        if yf.dim() >= 2:
+            self.agree += (yf.argmax(1) == yq.argmax(1)).sum().item()
+            self.n += yf.argmax(1).numel()
+            self.kl += _kl(yq, yf).item() * yf.shape[0]
+            self.samples += yf.shape[0]
+        self.sig += yf.double().pow(2).sum().item()
+        self.err += (yf.double() - yq.double()).pow(2).sum().item()
+
+    def result(self) -> dict:
+        return dict(agreement=self.agree / max(self.n, 1),
+                    sqnr=10 * math.log10(self.sig / self.err) if self.err > 0 else float("inf"),
+                    kl=self.kl / max(self.samples, 1))
+
+
 @torch.no_grad()
 def fidelity(qmodel: nn.Module, twin: nn.Module, items: list, forward_fn=None, output_fn=None) -> dict:
     """Agreement of the arg-max over dim 1, SQNR (dB) and KL(float || converted) of the outputs on ``items``."""
-    agree, n, sig, err, kl, samples = 0, 0, 0.0, 0.0, 0.0, 0
+    meter = FidelityMeter()
     for item in items:
-        yf = _output(call_model(twin, item, forward_fn, _device(twin)), output_fn).float()
-        yq = _output(call_model(qmodel, item, forward_fn, _device(qmodel)), output_fn).float()
-        if yf.dim() >= 2:
-            agree += (yf.argmax(1) == yq.argmax(1)).sum().item()
-            n += yf.argmax(1).numel()
-            kl += _kl(yq, yf).item() * yf.shape[0]
-            samples += yf.shape[0]
-        sig += yf.double().pow(2).sum().item()
-        err += (yf.double() - yq.double()).pow(2).sum().item()
-    return dict(agreement=agree / max(n, 1), sqnr=10 * math.log10(sig / err) if err > 0 else float("inf"),
-                kl=kl / max(samples, 1))
+        meter.add(_output(call_model(qmodel, item, forward_fn, _device(qmodel)), output_fn),
+                  _output(call_model(twin, item, forward_fn, _device(twin)), output_fn))
+    return meter.result()
 
 
 def _kl(yq: torch.Tensor, yf: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
