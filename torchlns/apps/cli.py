@@ -503,9 +503,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     model = build_model(args.model, args)
     name = model_name(args.model, args)
     data = data_from_args(args.calib, args)
-    batches = data.items(args.batch_size)
-    if args.max_batches is not None:
-        batches = batches[:args.max_batches]
+    batches = _batches(data, args)
     names = [n for n, _ in model.named_modules()]
     for pattern in args.keep_float or ():
         if not any(n == pattern or fnmatch.fnmatchcase(n, pattern) for n in names):
@@ -604,9 +602,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
     _check_writable(str(sd_out), f"-o {args.output}'s state_dict", inputs)
     fmodel, qmodel = _load_pair(args, float_path, converted_path)
     data = data_from_args(args.calib, args)
-    batches = data.items(args.batch_size)
-    if args.max_batches is not None:
-        batches = batches[:args.max_batches]
+    batches = _batches(data, args)
     try:
         r = recover(qmodel, fmodel, batches, methods=methods, progress=None,
                     rounding=dict(iterations=args.rounding_iterations), distillation=dict(steps=args.distill_steps))
@@ -618,6 +614,12 @@ def cmd_recover(args: argparse.Namespace) -> int:
     print()
     _save_converted(r, out, sd_out, args.output)
     return 0
+
+
+def _batches(data, args: argparse.Namespace) -> list:
+    """DATA in batches of --batch-size, the first --max-batches of them."""
+    batches = data.items(args.batch_size)
+    return batches if args.max_batches is None else batches[:args.max_batches]
 
 
 def _check_writable(path: str, what: str, inputs: Sequence[tuple] = ()) -> Path:
@@ -716,9 +718,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
     if args.compare:
         with torch.no_grad():  # the data must fit the float model before calibration starts
             _run(lambda: call_model(model, x), x, "MODEL", name)
-        batches = data.items(args.batch_size)
-        if args.max_batches is not None:
-            batches = batches[:args.max_batches]
+        batches = _batches(data, args)
         result = compare_costs(format_variants(model, batches, args.clusters or 16), x, chip)
         if args.json:
             print(json.dumps(dict(chip=chip.name, models=result.to_dicts()), indent=2))
@@ -759,9 +759,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     model = build_model(args.model, args)
     name = model_name(args.model, args)
     data = data_from_args(args.data, args)
-    batches = data.items(args.batch_size)
-    if args.max_batches is not None:
-        batches = batches[:args.max_batches]
+    batches = _batches(data, args)
     with torch.no_grad():
         _forward(model.eval(), batches[0], "MODEL", name, check=True)
     config = config_for(args.format, calibrator=args.calibrator, activation=args.activation)
@@ -831,9 +829,7 @@ def cmd_telemetry(args: argparse.Namespace) -> int:
     float_path, converted_path = _pair_paths(args)
     fmodel, qmodel = _load_pair(args, float_path, converted_path)
     data = data_from_args(args.data, args)
-    batches = data.items(args.batch_size)
-    if args.max_batches is not None:
-        batches = batches[:args.max_batches]
+    batches = _batches(data, args)
     try:
         report = telemetry(qmodel, batches, reference=fmodel)
     except ValueError as e:  # no chip layers, inputs the model rejects
