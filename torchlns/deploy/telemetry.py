@@ -271,7 +271,7 @@ class _ProductCounter:
             hist[:, :, 0] = 0
         K, _, span = hist.shape
         G0, Gp, Gn = self.thresholds(table, F, acc_lsb)
-        kind, *weights = self.weight_hist(w, w_offset, w_bits, groups, span)
+        kind, *weights = self.weight_hist(w, w_offset, w_bits, groups)
         if kind is None:
             return
         # at_most[k, s, j]: partners of sign s at k whose log is <= lo + j; column 0 is empty, so
@@ -305,7 +305,7 @@ class _ProductCounter:
         for name, v in (("products", products), ("prod_truncated", truncated), ("prod_overflow", over)):
             self.counts[name] = self.counts.get(name, 0) + int(v)
 
-    def weight_hist(self, w, w_offset, w_bits, groups, span) -> tuple:
+    def weight_hist(self, w, w_offset, w_bits, groups) -> tuple:
         """The weights' logs as the counting wants them, kept while the weight is unchanged:
         ("dense", (K, 2, span_w) counts by sign of logs lo_w.. per reduction index, lo_w), or
         ("sparse", k, sign, log) of each nonzero weight when that is smaller, or (None,)."""
@@ -437,7 +437,7 @@ def _code_hist(codes: torch.Tensor, bits: int, kernel, stride, pad_before, dilat
     return torch.stack(taps, 1).reshape(C * len(taps), V)
 
 
-def _blocks_hist(args: tuple, counts: dict) -> tuple:
+def _blocks_hist(args: tuple, Ho: int, Wo: int, counts: dict) -> tuple:
     """A convolution's dynamic per-block activations (Note: dynamic blocks in ops/reference.py),
     counted without its im2col columns: ((K, 2, span) counts of the kept logs by sign, lowest log),
     the activation counters added to ``counts``.
@@ -453,8 +453,6 @@ def _blocks_hist(args: tuple, counts: dict) -> tuple:
     F = args[8]
     N, C, H, W = x.shape
     kh, kw = w.shape[2:]
-    Ho, Wo = (conv_output_size(x.shape[2 + d], w.shape[2 + d], stride[d], pad_before[d], args[14][d], dilation[d])
-              for d in range(2))
     Cg, taps = C // groups, kh * kw
     Kg = Cg * taps
     e_wide = (1 << 15) - 1
@@ -704,21 +702,20 @@ class Telemetry:
         then = reference.lns_mm_reference if mac.fixed and not native else None
         counter = _ProductCounter(counts if mac.fixed else {}, mac, then, _weight_cache(m))
         x, x_off, w, w_off, table, _, x_bits, w_bits, F = args[:9]
-        if x_off.numel() == 1 and x.dim() == 4 and not blocks and then is None:  # per-tensor codes: by windows
+        if x.dim() == 4 and then is None and (blocks or x_off.numel() == 1):  # 2-D, by windows (no columns)
             stride, pad_before, pad_after, dilation, groups = args[12:17]
             Ho, Wo = (conv_output_size(x.shape[2 + d], w.shape[2 + d], stride[d], pad_before[d], pad_after[d],
                                        dilation[d]) for d in range(2))
-            hist = _code_hist(x, x_bits, w.shape[2:], stride, pad_before, dilation, Ho, Wo)
-            counter.tally(hist, int(x_off.reshape(-1)[0]), x_bits, w.reshape(w.shape[0], -1),
-                          w_off.reshape(w.shape[0], -1) if w_off.numel() == w.numel() else w_off.reshape(-1, 1),
-                          w_bits, table, F, args[11], groups=groups)
-            return
-        if blocks and x.dim() == 4 and then is None:  # dynamic blocks without their columns
-            hist, lo = _blocks_hist(args, counts)
+            if blocks:
+                (hist, lo), logs = _blocks_hist(args, Ho, Wo, counts), True
+            else:
+                hist, lo, logs = _code_hist(x, x_bits, w.shape[2:], stride, pad_before, dilation, Ho, Wo), \
+                    int(x_off.reshape(-1)[0]), False
             if mac.fixed:
+                per_element = w_off.numel() == w.numel()
                 counter.tally(hist, lo, x_bits, w.reshape(w.shape[0], -1),
-                              w_off.reshape(w.shape[0], -1) if w_off.numel() == w.numel() else w_off.reshape(-1, 1),
-                              w_bits, table, F, args[11], groups=args[16], logs=True)
+                              w_off.reshape(w.shape[0], -1) if per_element else w_off.reshape(-1, 1), w_bits, table, F,
+                              args[11], groups=groups, logs=logs)
             return
         with reference.telemetry_sink(counts):  # the blocks' codes and, without C++, the totals
             reference.lns_conv_reference(*args, mm=counter)
