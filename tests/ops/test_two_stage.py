@@ -55,12 +55,24 @@ MACS = [MACConfig(conversion=c, lut_bits=4, accumulator="fixed", acc_bits=W, ove
                                                  ((0, 0), (3, 8), (8, 10), (5, 0)))]
 
 
+def _code_pairs(K: int = 8):
+    """(x, w): every code of FMT at every k position over x's rows, against 16 rolled weight rows."""
+    codes = torch.arange(64, dtype=torch.uint8)
+    return (torch.stack([codes.roll(-i)[:K] for i in range(0, 64, 1)]),
+            torch.stack([codes.roll(-3 * j)[:K] for j in range(0, 64, 4)]))
+
+
+def _op_args(mac: MACConfig) -> tuple:
+    """``lns_mm``'s arguments for the code pairs, offsets -4 and -2, acc_lsb -3, a bias."""
+    x, w = _code_pairs()
+    return (x, torch.tensor([[-4]], dtype=torch.int32), w, torch.tensor([[-2]], dtype=torch.int32),
+            mac.table(FMT.frac_bits, torch.device("cpu")), torch.linspace(-40, 40, w.shape[0]), FMT.bits, FMT.bits,
+            FMT.frac_bits, True, mac.acc_bits, -3, mac.overflow, mac.chunk, mac.chunk_bits)
+
+
 @pytest.mark.parametrize("mac", MACS, ids=repr)
 def test_every_code_pair_against_the_integer_oracle(mac):
-    K = 8
-    codes = torch.arange(64, dtype=torch.uint8)
-    x = torch.stack([codes.roll(-i)[:K] for i in range(0, 64, 1)])  # each code at every k position, over rows
-    w = torch.stack([codes.roll(-3 * j)[:K] for j in range(0, 64, 4)])
+    x, w = _code_pairs()
     xo, wo, lsb = -4, -2, -3
     xq = LNSTensor(x, torch.tensor(xo), FMT)
     wq = LNSTensor(w, torch.tensor(wo), FMT)
@@ -151,16 +163,8 @@ def test_the_cpu_kernel_at_every_isa_level_is_the_reference(isa):
     against the reference op's (which the integer oracle pins above)."""
     from torchlns.ops.reference import lns_mm_reference
 
-    K = 8
-    codes = torch.arange(64, dtype=torch.uint8)
-    x = torch.stack([codes.roll(-i)[:K] for i in range(64)])
-    w = torch.stack([codes.roll(-3 * j)[:K] for j in range(0, 64, 4)])
-    xo, wo = torch.tensor([[-4]], dtype=torch.int32), torch.tensor([[-2]], dtype=torch.int32)
-    bias = torch.linspace(-40, 40, w.shape[0])
     for mac in TWO_STAGE:
-        table = mac.table(FMT.frac_bits, torch.device("cpu"))
-        args = (x, xo, w, wo, table, bias, FMT.bits, FMT.bits, FMT.frac_bits, True, mac.acc_bits, -3, mac.overflow,
-                mac.chunk, mac.chunk_bits)
+        args = _op_args(mac)
         with torchlns.ops.force_isa(isa):
             got = torch.ops.torchlns.lns_mm(*args)
         want = lns_mm_reference(*args)
@@ -183,16 +187,9 @@ def test_the_triton_kernel_every_code_pair(config):
     triton_mac = _triton()
     from torchlns.ops.reference import lns_mm_reference
 
-    K = 8
-    codes = torch.arange(64, dtype=torch.uint8)
-    x = torch.stack([codes.roll(-i)[:K] for i in range(64)])
-    w = torch.stack([codes.roll(-3 * j)[:K] for j in range(0, 64, 4)])
-    xo, wo = torch.tensor([[-4]], dtype=torch.int32), torch.tensor([[-2]], dtype=torch.int32)
-    bias = torch.linspace(-40, 40, w.shape[0])
     cfg = triton_mac._direct_configs()[config]
     for mac in sweep(TWO_STAGE, 8, seed=config):
-        args = (x, xo, w, wo, mac.table(FMT.frac_bits, torch.device("cpu")), bias, FMT.bits, FMT.bits, FMT.frac_bits,
-                True, mac.acc_bits, -3, mac.overflow, mac.chunk, mac.chunk_bits)
+        args = _op_args(mac)
         got = triton_mac.lns_mm(*args, config=cfg)
         assert torch.equal(got.view(torch.int32), lns_mm_reference(*args).view(torch.int32)), mac
 
