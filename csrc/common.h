@@ -6,11 +6,13 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 // Note: instruction sets
@@ -144,21 +146,62 @@ std::vector<float> extended_table(const double* C, int frac_bits);
 // Note: accumulator telemetry
 // torchlns.telemetry counts, per chip layer, the fixed accumulator's totals that overflow and
 // the largest |total| (spec section 2, before the final saturation). The totals exist only
-// here, in the epilogue, so the epilogue reports them while telemetry_on() (one relaxed load
-// per output otherwise): per ATen thread a slot of counters, summed when read, so that
-// threads never share a cache line. Each output must reach the epilogue once; the dynamic
-// blocks' repair, which finishes changed positions twice, stands aside while it is on, and
-// torchlns.telemetry checks the count of outputs against the layer's. The product and
+// here, in the epilogue, so the epilogue counts them while telemetry_on(): the loop that finishes a stretch of
+// outputs holds a Tally (nothing while telemetry is off) and passes it to each epilogue; the
+// Tally adds its counts to its thread's counters when the stretch ends, and those are summed
+// when read.
+// Each output must reach the epilogue once: the dynamic blocks' repair finishes changed
+// positions twice, so the static pass leaves them out of its counts (telemetry_skip in
+// lns_conv_direct), and torchlns.telemetry checks the count of outputs against the layer's. The product and
 // activation counts come from the codes (torchlns/deploy/telemetry.py).
+// One thread's counts over a stretch of outputs, kept in registers by the loop that finishes
+// them and added to the thread's counters once (a call per output cost more than the MAC of a
+// depthwise layer). A total (or a chunk sum, chunk = true) overflows above T, or below -T
+// (saturate) or -T - 1 (wrap).
 struct TelemetryCounts {
-  int64_t outputs, overflow, max_abs, chunks, chunk_overflow, max_chunk;
+  int64_t outputs = 0, overflow = 0, max_abs = 0, chunks = 0, chunk_overflow = 0, max_chunk = 0;
+  TORCHLNS_INLINE void record(int64_t total, int64_t T, bool wrap, bool chunk) {
+    const int64_t mag = total < 0 ? (total == INT64_MIN ? INT64_MAX : -total) : total;
+    const int64_t over = total > T || total < (wrap ? -T - 1 : -T);
+    if (chunk) {
+      ++chunks, chunk_overflow += over, max_chunk = std::max(max_chunk, mag);
+    } else {
+      ++outputs, overflow += over, max_abs = std::max(max_abs, mag);
+    }
+  }
 };
 extern std::atomic<bool> telemetry_flag;
 TORCHLNS_INLINE bool telemetry_on() { return telemetry_flag.load(std::memory_order_relaxed); }
-// A total (or a chunk sum, chunk = true) overflows above T, or below -T (saturate) or -T - 1 (wrap).
-void telemetry_record(int64_t total, int64_t T, bool wrap = false, bool chunk = false);
+void telemetry_add(const TelemetryCounts& counts);  // into this thread's counters
 void telemetry_start();
 TelemetryCounts telemetry_stop();
+// The counts so far, and putting them back (a kernel that counted some outputs, then declined
+// the call to another that counts them all).
+TelemetryCounts telemetry_read();
+void telemetry_reset_to(const TelemetryCounts& counts);
+// Of float32 activations x: how many have |x| > 0, |x| >= sat, and 0 < |x| < flush (NaN: none).
+std::array<int64_t, 3> act_counts(const at::Tensor& x, double flush, double sat);
+// A dynamic-block convolution's logs per (channel, tap) (Note: dynamic blocks' telemetry in conv_cpu.cpp).
+std::tuple<at::Tensor, int64_t, int64_t, int64_t, int64_t> blocks_tap_hist(
+    const at::Tensor& x, int64_t x_off, int64_t frac_bits, int64_t groups, int64_t kh, int64_t kw,
+    at::IntArrayRef stride, at::IntArrayRef pad_before, at::IntArrayRef dilation, int64_t Ho, int64_t Wo,
+    int64_t x_block, int64_t x_block_bits);
+
+// A loop's TelemetryCounts while telemetry is on (get() is null otherwise), added when it ends.
+class Tally {
+ public:
+  Tally() : on_(telemetry_on()) {}
+  ~Tally() {
+    if (on_) telemetry_add(counts_);
+  }
+  Tally(const Tally&) = delete;
+  Tally& operator=(const Tally&) = delete;
+  TelemetryCounts* get() { return on_ ? &counts_ : nullptr; }
+
+ private:
+  bool on_;
+  TelemetryCounts counts_;
+};
 
 // A finite bias as rne(b / 2^Λ), clamped to ±(2^63 - 1024), which cannot change a saturated
 // result (Note: reference MAC arithmetic in torchlns/ops/reference.py).
@@ -168,7 +211,8 @@ TORCHLNS_INLINE int64_t bias_units(float bias, int64_t acc_lsb) {
   return int64_t(bd > kBiasClamp ? kBiasClamp : (bd < -kBiasClamp ? -kBiasClamp : bd));
 }
 
-TORCHLNS_INLINE float fixed_epilogue(int64_t acc, const float* bias, int64_t T, int64_t acc_lsb, bool nan_out) {
+TORCHLNS_INLINE float fixed_epilogue(int64_t acc, const float* bias, int64_t T, int64_t acc_lsb, bool nan_out,
+                                     TelemetryCounts* tally) {
   if (bias) {
     if (*bias != *bias) {
       nan_out = true;
@@ -177,7 +221,7 @@ TORCHLNS_INLINE float fixed_epilogue(int64_t acc, const float* bias, int64_t T, 
       if (__builtin_add_overflow(acc, b, &acc)) acc = b > 0 ? INT64_MAX : -INT64_MAX;
     }
   }
-  if (telemetry_on() && !nan_out) telemetry_record(acc, T);
+  if (tally && !nan_out) tally->record(acc, T, false, false);
   acc = acc > T ? T : (acc < -T ? -T : acc);
   return nan_out ? __builtin_nanf("") : float(double(acc) * pow2(acc_lsb));
 }
@@ -190,7 +234,8 @@ TORCHLNS_INLINE int64_t wrap_to(int64_t x, int bits) {
 
 // fixed_epilogue with overflow="wrap" (see Note: overflow and chunks in torchlns/ops/reference.py):
 // the total and the bias's rne(b / 2^Λ), each reduced modulo 2^W, then their sum.
-TORCHLNS_INLINE float fixed_epilogue_wrap(int64_t acc, const float* bias, int acc_bits, int64_t acc_lsb, bool nan_out) {
+TORCHLNS_INLINE float fixed_epilogue_wrap(int64_t acc, const float* bias, int acc_bits, int64_t acc_lsb, bool nan_out,
+                                          TelemetryCounts* tally) {
   int64_t total = acc;  // for telemetry: the sum before the wrap (beyond int64: ±(2^63 - 1))
   if (bias) {
     if (*bias != *bias) {
@@ -202,7 +247,7 @@ TORCHLNS_INLINE float fixed_epilogue_wrap(int64_t acc, const float* bias, int ac
     }
   }
   const int64_t T = (int64_t(1) << (acc_bits - 1)) - 1;
-  if (telemetry_on() && !nan_out) telemetry_record(total, T, true);
+  if (tally && !nan_out) tally->record(total, T, true, false);
   acc = wrap_to(acc, acc_bits);
   return nan_out ? __builtin_nanf("") : float(double(acc) * pow2(acc_lsb));
 }
@@ -248,7 +293,8 @@ std::optional<at::Tensor> lns_conv_direct(const at::Tensor& x, const at::Tensor&
                                           const std::optional<at::Tensor>& bias, int64_t x_bits, int64_t w_bits,
                                           int64_t frac_bits, bool fixed, int64_t acc_bits, int64_t acc_lsb,
                                           at::IntArrayRef stride, at::IntArrayRef pad_before, at::IntArrayRef dilation,
-                                          int64_t Ho, int64_t Wo, int64_t groups);
+                                          int64_t Ho, int64_t Wo, int64_t groups,
+                                          const uint8_t* telemetry_skip = nullptr);
 
 // The columns kernel over per-group segments of a flat k-major code buffer (the repair of
 // dynamic blocks in conv_cpu.cpp): group g (w's rows g Ng..) has S[g] columns, its k-th row

@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <limits>
@@ -266,7 +267,6 @@ std::optional<at::Tensor> blocks_by_repair(const at::Tensor& x, const at::Tensor
                                            IntArrayRef stride, IntArrayRef pad_before, IntArrayRef dilation,
                                            int64_t Ho, int64_t Wo, int64_t groups, int64_t x_block,
                                            int64_t x_block_bits) {
-  if (telemetry_on()) return std::nullopt;  // it finishes changed positions twice (Note: accumulator telemetry)
   const auto xc = x.contiguous();
   const int32_t x_off = x_offset.reshape({-1})[0].item<int32_t>();
   const NarrowBlocks nb(xc, x_off, int(frac_bits), groups, w.size(2), w.size(3), stride, pad_before, dilation, Ho,
@@ -330,6 +330,7 @@ std::optional<at::Tensor> blocks_by_repair(const at::Tensor& x, const at::Tensor
   if (4 * total > N * G * L) return std::nullopt;
   // 3. The static kernel on the wide codes, those magnitudes zeroed: only the positions
   // repaired below see them, and ±inf or a flushed 2^-126 would keep the kernel from running.
+  const TelemetryCounts counted = total && telemetry_on() ? telemetry_read() : TelemetryCounts{};
   at::Tensor xs = xc;
   if (total) {
     xs = xc.clone();
@@ -341,7 +342,8 @@ std::optional<at::Tensor> blocks_by_repair(const at::Tensor& x, const at::Tensor
     });
   }
   auto y = lns_conv_direct(xs, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits,
-                           acc_lsb, stride, pad_before, dilation, Ho, Wo, groups);
+                           acc_lsb, stride, pad_before, dilation, Ho, Wo, groups,
+                           total ? changed.data() : nullptr);  // the repair below counts those (Note: accumulator telemetry)
   if (!y || !total) {
     if (y) count_blocks_path(BlocksPath::unchanged);
     return y;
@@ -379,7 +381,10 @@ std::optional<at::Tensor> blocks_by_repair(const at::Tensor& x, const at::Tensor
   const auto [w2, w_off] = weight_rows(w, w_offset);
   const auto vals = lns_cols_segments(codes, x_offset, seg, ld, S, w2, w_off, table, bias, x_bits, w_bits, frac_bits,
                                       fixed, acc_bits, acc_lsb);
-  if (!vals) return std::nullopt;
+  if (!vals) {  // the caller's kernel finishes (and counts) every output
+    if (telemetry_on()) telemetry_reset_to(counted);
+    return std::nullopt;
+  }
   const float* v = vals->data_ptr<float>();
   float* out = y->data_ptr<float>();
   const int64_t Cout = w.size(0);
@@ -584,6 +589,182 @@ at::Tensor lns_conv_cpu(const at::Tensor& x, const at::Tensor& x_offset, const a
 }
 
 }  // namespace
+
+// Note: dynamic blocks' telemetry
+// torchlns.telemetry counts a dynamic-block convolution's products from, per (channel, tap),
+// a histogram of the logs its outputs read there, as each receptive field's blocks encode them
+// (_blocks_hist in torchlns/deploy/telemetry.py states the rule and is the fallback). Here in
+// four passes: (1) per (image, group) the bound below which some block could flush a
+// magnitude (as the repair's step 1: a block's offset grows with its maximum), (2) the normal
+// magnitudes' range and the odd ones (below that bound, capped by a clamped top offset, ±inf:
+// few), (3) each odd code once per receptive field that reads it, with its own block's offset,
+// (4) the normal logs per (channel, tap) from one histogram per stride phase less the border
+// strips that the tap does not read. Returns (hist (C*kh*kw, 2, span) of logs lo.. by sign,
+// lo, the reads of nonzero codes, those saturated, those flushed).
+std::tuple<at::Tensor, int64_t, int64_t, int64_t, int64_t> blocks_tap_hist(
+    const at::Tensor& x, int64_t x_off64, int64_t frac_bits, int64_t groups, int64_t kh, int64_t kw,
+    IntArrayRef stride, IntArrayRef pad_before, IntArrayRef dilation, int64_t Ho, int64_t Wo, int64_t x_block,
+    int64_t x_block_bits) {
+  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu(), "blocks_tap_hist: x must be (N, C, H, W) wide codes on the CPU");
+  const auto xc = x.contiguous();
+  const int32_t x_off = int32_t(x_off64);
+  const NarrowBlocks nb(xc, x_off, int(frac_bits), groups, kh, kw, stride, pad_before, dilation, Ho, Wo, x_block,
+                        x_block_bits);
+  const int64_t N = nb.N, C = nb.C, H = nb.H, W = nb.W, G = groups, Cg = C / G, HW = H * W, taps = nb.taps;
+  const int64_t L = nb.L, Kg = nb.Kg;
+  const uint16_t* src = nb.src;
+  // 1.
+  std::vector<int32_t> lo_ok(static_cast<size_t>(N * G));  // normal magnitudes are >= lo_ok[t] ...
+  const int32_t hi_ok = std::min(nb.off_max + nb.e_max - x_off, kWideMax - 1);  // ... and <= hi_ok
+  at::parallel_for(0, N * G, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const uint16_t* p = src + t * Cg * HW;
+      int32_t top = 0;
+      for (int64_t e = 0; e < Cg * HW; ++e) {
+        const int32_t mag = p[e] & kWideMax;
+        top = std::max(top, mag < kWideMax ? mag : 0);
+      }
+      lo_ok[t] = top ? std::max(top + x_off - nb.e_max, nb.off_min) + 1 - x_off : 1;
+    }
+  });
+  // 2. Per (image, channel) plane.
+  const int64_t planes = N * C;
+  std::vector<int32_t> lo_mag(static_cast<size_t>(planes), kWideMax), hi_mag(static_cast<size_t>(planes), 0);
+  std::vector<std::vector<int64_t>> odd(static_cast<size_t>(planes));
+  at::parallel_for(0, planes, 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const uint16_t* p = src + q * HW;
+      const int32_t lo = lo_ok[(q / C) * G + (q % C) / Cg];
+      int32_t a = kWideMax, b = 0;
+      for (int64_t e = 0; e < HW; ++e) {
+        const int32_t mag = p[e] & kWideMax;
+        if (!mag) continue;
+        if (mag >= lo && mag <= hi_ok) {
+          a = std::min(a, mag), b = std::max(b, mag);
+        } else {
+          odd[q].push_back(e);
+        }
+      }
+      lo_mag[q] = a, hi_mag[q] = b;
+    }
+  });
+  // 3. Each read of an odd code: (row c*taps + t, sign, log) when kept.
+  struct Kept {
+    int64_t row;
+    int32_t neg, g;
+  };
+  std::vector<std::vector<Kept>> kept(static_cast<size_t>(planes));
+  std::vector<std::array<int64_t, 3>> odd_counts(static_cast<size_t>(planes), {0, 0, 0});
+  at::parallel_for(0, planes, 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t img = q / C, c = q % C, gi = c / Cg;
+      const uint16_t* p = src + q * HW;
+      for (const int64_t e : odd[q]) {
+        const int64_t ih = e / W, iw = e % W;
+        const int32_t mag = p[e] & kWideMax, neg = p[e] >> 15;
+        for (int64_t i = 0; i < kh; ++i) {
+          const int64_t u = ih + nb.pad[0] - i * nb.dilation[0];
+          if (u < 0 || u % nb.stride[0] || u / nb.stride[0] >= Ho) continue;
+          for (int64_t j = 0; j < kw; ++j) {
+            const int64_t v = iw + nb.pad[1] - j * nb.dilation[1];
+            if (v < 0 || v % nb.stride[1] || v / nb.stride[1] >= Wo) continue;
+            const int64_t oh = u / nb.stride[0], ow = v / nb.stride[1], t = i * kw + j;
+            const int64_t k = (c % Cg) * taps + t, k0 = (k / x_block) * x_block, k1 = std::min(Kg, k0 + x_block);
+            int32_t top = 0;  // the block's largest finite magnitude at this position
+            for (int64_t kk = k0; kk < k1; ++kk) {
+              const int64_t c2 = gi * Cg + kk / taps, i2 = (kk % taps) / kw, j2 = kk % kw;
+              const int64_t y2 = oh * nb.stride[0] - nb.pad[0] + i2 * nb.dilation[0];
+              const int64_t x2 = ow * nb.stride[1] - nb.pad[1] + j2 * nb.dilation[1];
+              if (y2 < 0 || y2 >= H || x2 < 0 || x2 >= W) continue;
+              const int32_t m2 = src[(img * C + c2) * HW + y2 * W + x2] & kWideMax;
+              top = std::max(top, m2 < kWideMax ? m2 : 0);
+            }
+            const int32_t off = block_offset(top, x_off, nb.e_max, nb.off_min, nb.off_max);
+            const int32_t cap = off + nb.e_max;
+            const bool inf = mag == kWideMax;
+            const int32_t g = inf ? cap : std::min(mag + x_off, cap);
+            const bool keep = g - off >= 1;
+            auto& n3 = odd_counts[q];
+            ++n3[0];
+            n3[1] += inf || mag + x_off > cap;
+            n3[2] += !inf && !keep;
+            if (keep) kept[q].push_back({c * taps + t, neg, g});
+          }
+        }
+      }
+    }
+  });
+  // 4. The logs' range, then the histograms.
+  int32_t lo = std::numeric_limits<int32_t>::max(), hi = std::numeric_limits<int32_t>::min();
+  for (int64_t q = 0; q < planes; ++q) {
+    if (lo_mag[q] <= hi_mag[q]) lo = std::min(lo, lo_mag[q] + x_off), hi = std::max(hi, hi_mag[q] + x_off);
+    for (const Kept& r : kept[q]) lo = std::min(lo, r.g), hi = std::max(hi, r.g);
+  }
+  if (hi < lo) lo = hi = 0;  // nothing kept
+  const int64_t span = int64_t(hi) - lo + 1;
+  auto hist = at::zeros({C * taps, 2, span}, x.options().dtype(at::kLong));
+  int64_t* h = hist.data_ptr<int64_t>();
+  int64_t normal_reads = 0;
+  std::vector<int64_t> reads(static_cast<size_t>(C), 0);
+  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+    const int64_t phases = nb.stride[0] * nb.stride[1];
+    std::vector<std::vector<int64_t>> phase(static_cast<size_t>(phases));  // 2 * span counts each, of channel c
+    for (int64_t c = c0; c < c1; ++c) {
+      for (auto& ph : phase) ph.clear();
+      for (int64_t t = 0; t < taps; ++t) {
+        const int64_t i = t / kw, j = t % kw;
+        int64_t ph[2], size[2], a0[2], a1[2];
+        const int64_t r0[2] = {i * nb.dilation[0] - nb.pad[0], j * nb.dilation[1] - nb.pad[1]};
+        const int64_t n_in[2] = {H, W}, n_out[2] = {Ho, Wo};
+        for (int d = 0; d < 2; ++d) {
+          const int64_t s = nb.stride[d];
+          ph[d] = ((r0[d] % s) + s) % s;
+          size[d] = ph[d] < n_in[d] ? (n_in[d] - ph[d] + s - 1) / s : 0;
+          const int64_t first = (r0[d] - ph[d]) / s;
+          a0[d] = std::max<int64_t>(0, first), a1[d] = std::min(size[d] - 1, first + n_out[d] - 1);
+        }
+        // count(d = ±1) of the normal codes of this phase at lattice rows [u0, u1] x cols [v0, v1]
+        const auto visit = [&](int64_t* into, int64_t u0, int64_t u1, int64_t v0, int64_t v1, int64_t d) {
+          for (int64_t img = 0; img < N; ++img) {
+            const uint16_t* plane = src + (img * C + c) * HW;
+            const int32_t lo_q = lo_ok[img * G + c / Cg];
+            for (int64_t u = u0; u <= u1; ++u) {
+              const uint16_t* row = plane + (ph[0] + u * nb.stride[0]) * W + ph[1];
+              for (int64_t v = v0; v <= v1; ++v) {
+                const int32_t code = row[v * nb.stride[1]], mag = code & kWideMax;
+                if (mag < lo_q || mag > hi_ok) continue;  // zero, odd
+                into[(code >> 15) * span + (mag + x_off - lo)] += d;
+              }
+            }
+          }
+        };
+        int64_t* out = h + (c * taps + t) * 2 * span;
+        if (a0[0] > a1[0] || a0[1] > a1[1]) continue;  // the tap reads only padding
+        auto& full = phase[ph[0] * nb.stride[1] + ph[1]];
+        if (full.empty()) {
+          full.assign(static_cast<size_t>(2 * span), 0);
+          visit(full.data(), 0, size[0] - 1, 0, size[1] - 1, 1);
+        }
+        std::copy(full.begin(), full.end(), out);
+        // less the strips outside the rectangle
+        visit(out, 0, a0[0] - 1, 0, size[1] - 1, -1);
+        visit(out, a1[0] + 1, size[0] - 1, 0, size[1] - 1, -1);
+        visit(out, a0[0], a1[0], 0, a0[1] - 1, -1);
+        visit(out, a0[0], a1[0], a1[1] + 1, size[1] - 1, -1);
+        int64_t n_read = 0;
+        for (int64_t e = 0; e < 2 * span; ++e) n_read += out[e];
+        reads[c] += n_read;
+      }
+    }
+  });
+  for (const int64_t r : reads) normal_reads += r;
+  int64_t values = normal_reads, saturated = 0, flushed = 0;
+  for (int64_t q = 0; q < planes; ++q) {
+    for (const Kept& r : kept[q]) ++h[(r.row * 2 + r.neg) * span + (r.g - lo)];
+    values += odd_counts[q][0], saturated += odd_counts[q][1], flushed += odd_counts[q][2];
+  }
+  return {hist, lo, values, saturated, flushed};
+}
 
 TORCH_LIBRARY_IMPL(torchlns, CPU, m) { m.impl("lns_conv", &lns_conv_cpu); }
 

@@ -231,28 +231,36 @@ struct MatrixRows : RowSource {
 };
 
 // The epilogue of one output: bias, and for the fixed accumulator its saturation and scaling.
-TORCHLNS_INLINE float finish(const Plan& p, const float* sf, const int64_t* si, int64_t i, const float* bias) {
-  return si ? fixed_epilogue(si[i], bias, p.T, p.acc_lsb, false) : (bias ? sf[i] + *bias : sf[i]);
+TORCHLNS_INLINE float finish(const Plan& p, const float* sf, const int64_t* si, int64_t i, const float* bias,
+                             TelemetryCounts* tally) {
+  return si ? fixed_epilogue(si[i], bias, p.T, p.acc_lsb, false, tally) : (bias ? sf[i] + *bias : sf[i]);
 }
 
 // Sums of rows m into y[m * ld + n] (linear) or y[(img * N + n) * L + l] with m = img * L + l
 // (a convolution's channels-first output).
+// skip (a convolution's telemetry): per (img * groups + n / Ng) * L + l, nonzero where another
+// pass reports the output's total (see Note: accumulator telemetry in common.h).
 struct OutputSink : RowSink {
   const Plan& plan;
   const float* bias;
   float* y;
   int64_t N, L;
   bool channels_first;
+  const uint8_t* skip = nullptr;
+  int64_t Ng = 1, groups = 1;
   OutputSink(const Plan& p, const float* b, float* out, int64_t n, int64_t l, bool cf)
       : plan(p), bias(b), y(out), N(n), L(l), channels_first(cf) {}
   void store(int64_t m0, int64_t m1, int64_t n0, int64_t n1, const float* sf, const int64_t* si) const override {
     const int64_t width = n1 - n0;
     int64_t img = m0 / L, l = m0 % L;
+    Tally tally;
     for (int64_t m = m0; m < m1; ++m) {
       float* row = channels_first ? y + img * N * L + l : y + m * N;
       const int64_t step = channels_first ? L : 1;
-      for (int64_t n = n0; n < n1; ++n)
-        row[n * step] = finish(plan, sf, si, (m - m0) * width + (n - n0), bias ? bias + n : nullptr);
+      for (int64_t n = n0; n < n1; ++n) {
+        TelemetryCounts* t = skip && skip[(img * groups + n / Ng) * L + l] ? nullptr : tally.get();
+        row[n * step] = finish(plan, sf, si, (m - m0) * width + (n - n0), bias ? bias + n : nullptr, t);
+      }
       if (++l == L) l = 0, ++img;
     }
   }
@@ -372,9 +380,11 @@ std::optional<at::Tensor> lns_mm_direct(const at::Tensor& x, const at::Tensor& x
     const int64_t* si = fixed ? sums.data_ptr<int64_t>() : nullptr;
     float* y = out.data_ptr<float>();
     at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+      Tally tally;
       for (int64_t n = n0; n < n1; ++n)
         for (int64_t m = 0; m < M; ++m)
-          y[L ? ((m / L) * N + n) * L + m % L : m * N + n] = finish(*plan, sf, si, n * M + m, b ? b + n : nullptr);
+          y[L ? ((m / L) * N + n) * L + m % L : m * N + n] =
+              finish(*plan, sf, si, n * M + m, b ? b + n : nullptr, tally.get());
     });
   }
   // NaN dominates its dot products (even against a zero partner), within its group.
@@ -459,6 +469,7 @@ std::optional<at::Tensor> lns_cols_segments(const at::Tensor& codes, const at::T
   const bool* w_nan = wq[3] ? wf[2].data_ptr<bool>() : nullptr;
   const float nan = std::numeric_limits<float>::quiet_NaN();
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    Tally tally;
     for (int64_t g = g0; g < g1; ++g)
       for (int64_t j = 0; j < S[g]; ++j) {
         bool hit = false;  // NaN dominates its dot products (even against a zero partner)
@@ -466,7 +477,7 @@ std::optional<at::Tensor> lns_cols_segments(const at::Tensor& codes, const at::T
         for (int64_t n = g * Ng; n < (g + 1) * Ng; ++n)
           y[out_at[g] + (n - g * Ng) * S[g] + j] =
               hit || (w_nan && w_nan[n]) ? nan : finish(*plan, sf, si, sums_at[g] + (n - g * Ng) * ld[g] + j,
-                                                        b ? b + n : nullptr);
+                                                        b ? b + n : nullptr, tally.get());
       }
   });
   return out;
@@ -611,7 +622,7 @@ std::optional<at::Tensor> lns_conv_direct(const at::Tensor& x, const at::Tensor&
                                           const std::optional<at::Tensor>& bias, int64_t x_bits, int64_t w_bits,
                                           int64_t frac_bits, bool fixed, int64_t acc_bits, int64_t acc_lsb,
                                           at::IntArrayRef stride, at::IntArrayRef pad_before, at::IntArrayRef dilation,
-                                          int64_t Ho, int64_t Wo, int64_t groups) {
+                                          int64_t Ho, int64_t Wo, int64_t groups, const uint8_t* telemetry_skip) {
   const auto plan = plan_for(table, frac_bits, fixed, acc_bits, acc_lsb);
   if (!plan) return declined();
   const int64_t Nb = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
@@ -645,7 +656,8 @@ std::optional<at::Tensor> lns_conv_direct(const at::Tensor& x, const at::Tensor&
     if (plan->pair) src.tail_delta = x.numel();
     src.H = H, src.W = W, src.C = C, src.groups = groups, src.kh = kh, src.kw = kw, src.Ho = Ho, src.Wo = Wo;
     for (int d = 0; d < 2; ++d) src.stride[d] = stride[d], src.pad[d] = pad_before[d], src.dilation[d] = dilation[d];
-    const OutputSink sink(*plan, b, out.data_ptr<float>(), Cout, L, true);
+    OutputSink sink(*plan, b, out.data_ptr<float>(), Cout, L, true);
+    sink.skip = telemetry_skip, sink.Ng = Ng, sink.groups = groups;
     if (out.numel()) direct_rows(*args, src, sink, Nb * L, groups, Kg, wf[0].data_ptr<int32_t>(), Ng, NB);
   } else if (out.numel()) {  // float sums straight into the output; fixed sums [img][n][L] first
     ConvCols src(fields, Nb, C, H, W, groups, kh, kw, stride, pad_before, dilation, Ho, Wo, Cout,
@@ -659,12 +671,15 @@ std::optional<at::Tensor> lns_conv_direct(const at::Tensor& x, const at::Tensor&
     float* y = out.data_ptr<float>();
     const int64_t Cp = src.Cp;
     at::parallel_for(0, Nb * Cout, std::max<int64_t>(1, 4096 / std::max<int64_t>(L, 1)), [&](int64_t r0, int64_t r1) {
+      Tally tally;
       for (int64_t r = r0; r < r1; ++r) {
         const float* bn = b ? b + r % Cout : nullptr;
+        const uint8_t* skip = telemetry_skip ? telemetry_skip + ((r / Cout) * groups + (r % Cout) / Ng) * L : nullptr;
         for (int64_t oh = 0; oh < Ho; ++oh) {
           float* yr = y + r * L + oh * Wo;
           const int64_t i0 = r * wide + oh * Cp;
-          for (int64_t ow = 0; ow < Wo; ++ow) yr[ow] = finish(*plan, sf, si, i0 + ow, bn);
+          for (int64_t ow = 0; ow < Wo; ++ow)
+            yr[ow] = finish(*plan, sf, si, i0 + ow, bn, skip && skip[oh * Wo + ow] ? nullptr : tally.get());
         }
       }
     });

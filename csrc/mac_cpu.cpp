@@ -156,14 +156,13 @@ TORCHLNS_ISA_CLONES(int64_t, products,
 // W1-bit products, each chunk sum saturated or wrapped to W1 bits, then summed.
 int64_t dot_two_stage(const int32_t* gx, const float* sx, const int32_t* gw, const float* sw, int64_t K,
                       const double* table, int frac_bits, int64_t acc_lsb, int acc_bits, bool wrap, int64_t L,
-                      int W1) {
+                      int W1, TelemetryCounts* tally) {
   if (!L) return products(gx, sx, gw, sw, 0, K, table, frac_bits, acc_lsb, acc_bits, wrap);
   const int64_t T1 = (int64_t(1) << (W1 - 1)) - 1;
-  const bool counting = telemetry_on();
   int64_t total = 0;
   for (int64_t k0 = 0; k0 < K; k0 += L) {
     const int64_t c = products(gx, sx, gw, sw, k0, std::min(K, k0 + L), table, frac_bits, acc_lsb, W1, wrap);
-    if (counting) telemetry_record(c, T1, wrap, true);
+    if (tally) tally->record(c, T1, wrap, true);
     total += wrap ? wrap_to(c, W1) : std::clamp(c, -T1, T1);
   }
   return total;
@@ -317,24 +316,26 @@ at::Tensor lns_mm_cpu(const at::Tensor& x, const at::Tensor& x_offset, const at:
     const int W = int(acc_bits), W1 = int(chunk ? (chunk_bits ? chunk_bits : acc_bits) : acc_bits);
     const int64_t T = (int64_t(1) << (W - 1)) - 1;
     at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+      Tally tally;
       for (int64_t m = m0; m < m1; ++m)
         for (int64_t n = 0; n < N; ++n) {
           const bool nan_out = nx[m] || nw[n];
           const int64_t acc = dot_two_stage(gx + m * K, sx + m * K, gw + n * K, sw + n * K, K, C, F, acc_lsb, W, wrap,
-                                            chunk, W1);
-          y[m * N + n] = wrap ? fixed_epilogue_wrap(acc, b ? b + n : nullptr, W, acc_lsb, nan_out)
-                              : fixed_epilogue(acc, b ? b + n : nullptr, T, acc_lsb, nan_out);
+                                            chunk, W1, tally.get());
+          y[m * N + n] = wrap ? fixed_epilogue_wrap(acc, b ? b + n : nullptr, W, acc_lsb, nan_out, tally.get())
+                              : fixed_epilogue(acc, b ? b + n : nullptr, T, acc_lsb, nan_out, tally.get());
         }
     });
   } else if (fixed) {
     TORCH_CHECK(acc_bits >= 8 && acc_bits <= 48, "lns_mm: acc_bits out of range");
     const int64_t T = (int64_t(1) << (acc_bits - 1)) - 1;
     at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+      Tally tally;
       for (int64_t m = m0; m < m1; ++m)
         for (int64_t n = 0; n < N; ++n) {
           const int64_t acc = dot_fixed_dispatch(gx + m * K, sx + m * K, gw + n * K, sw + n * K, K, C, F, acc_lsb,
                                                  double(T));
-          y[m * N + n] = fixed_epilogue(acc, b ? b + n : nullptr, T, acc_lsb, nx[m] || nw[n]);
+          y[m * N + n] = fixed_epilogue(acc, b ? b + n : nullptr, T, acc_lsb, nx[m] || nw[n], tally.get());
         }
     });
   } else if (try_classes(path, frac_bits) && M && N && K && class_terms_in_range(lx, lw)) {  // Note: remainder classes

@@ -3,6 +3,7 @@ equals a brute-force count over each output's products, written here from the sp
 counting changes no output bit; the C++ epilogue's totals agree with the reference's."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -336,3 +337,44 @@ def test_dynamic_blocks_with_codes_below_the_group_bound(mac):
     report = torchlns.telemetry(q, data)
     _check(q, data, report)
     assert report.total.act_saturated >= 2
+
+
+@pytest.mark.skipif(not backend.has_native(), reason="needs the C++ kernels")
+@pytest.mark.parametrize("geometry", [
+    dict(kernel_size=3, padding=1), dict(kernel_size=3, padding=1, groups=6), dict(kernel_size=3, stride=2),
+    dict(kernel_size=(2, 3), stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=3), dict(kernel_size=1),
+    dict(kernel_size=5, stride=3, padding=4, groups=2), dict(kernel_size=3, padding=2, dilation=2, groups=6)], ids=str)
+@pytest.mark.parametrize("block", [1, 4, 9, 64])
+def test_native_block_histograms_equal_torch(geometry, block, monkeypatch):
+    """The C++ per-(channel, tap) logs of dynamic blocks equal the torch form's, bit for bit, with
+    codes below the group bound, ±inf, flushes and every kind of geometry."""
+    tm = sys.modules["torchlns.deploy.telemetry"]  # the package's name `telemetry` is the function
+    seen, native = [], tm._blocks_hist
+
+    def both(args, Ho, Wo, counts):
+        mine: dict = {}
+        want = tm._blocks_hist_torch(args, Ho, Wo, mine)
+        got = native(args, Ho, Wo, counts)
+        assert got[1] == want[1] and torch.equal(got[0], want[0])
+        assert {k: counts[k] for k in mine} == mine  # counts started empty for this call
+        seen.append(int(want[0].sum()))
+        return got
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(6, 6, **geometry)).eval()
+    cfg = ConvertConfig(mac=MACS["fixed12"], activation="dynamic", activation_block_size=block, acc_headroom_bits=0)
+    q = torchlns.convert(model, cfg, calibration_data=[torch.randn(2, 6, 9, 8)])
+    x = torch.randn(3, 6, 9, 8)
+    x[:, 1] *= 1e6  # the others fall below their group's bound
+    x[:, 4] *= 1e-3
+    x[0, 2, 3, 3] = float("inf")
+    x[1, 3, 0, 0] = -float("inf")
+    x[2, 5, 8, 7] = 1e-30
+    x[2, 0] = 0.0
+    monkeypatch.setattr(tm, "_blocks_hist", both)
+    report = torchlns.telemetry(q, [x])
+    assert seen and report.total.act_values
+    _check(q, [x], report)
+    # near float32's top the offsets clamp and cap codes (products beyond int64: no brute force)
+    torchlns.telemetry(q, [x[:2] * 1e38])
+    assert len(seen) == 2

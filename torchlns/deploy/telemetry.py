@@ -31,12 +31,13 @@ from the reference's own geometry (``lns_conv_reference`` with this count in ``l
 place), so every layout, group, 3-D and transposed convolution and dynamic block counts as
 the op computes it; 2-D convolutions with per-tensor codes take the histograms from one pass
 over each stride phase of the input instead (``_code_hist``), and their dynamic blocks from
-that plus the few codes a block can change, one receptive field at a time (``_blocks_hist``). The totals exist only inside the accumulator: the C++ epilogue reports
+that plus the few codes a block can change, one receptive field at a time (``_blocks_hist``,
+in C++ on the CPU). The totals exist only inside the accumulator: the C++ epilogue reports
 them, and two-stage MACs their chunk sums (Note: accumulator telemetry in csrc/common.h);
 without the C++ kernels, the reference's epilogue does for two-stage MACs, and for the
-others the reference runs the layer's MAC once more to count them. Nothing here changes an output bit:
-the observers read operands (Note: MAC observers in functional.py) and the layers run as
-they always do.
+others the reference runs the layer's MAC once more to count them. Nothing here changes an
+output bit: the observers read operands (Note: MAC observers in functional.py) and the
+layers run as they always do.
 """
 
 from __future__ import annotations
@@ -440,7 +441,23 @@ def _code_hist(codes: torch.Tensor, bits: int, kernel, stride, pad_before, dilat
 def _blocks_hist(args: tuple, Ho: int, Wo: int, counts: dict) -> tuple:
     """A convolution's dynamic per-block activations (Note: dynamic blocks in ops/reference.py),
     counted without its im2col columns: ((K, 2, span) counts of the kept logs by sign, lowest log),
-    the activation counters added to ``counts``.
+    the activation counters added to ``counts``. The C++ kernels' form on the CPU (Note: dynamic
+    blocks' telemetry in csrc/conv_cpu.cpp), else ``_blocks_hist_torch``."""
+    x = args[0]
+    if not (x.device.type == "cpu" and backend.has_native()):
+        return _blocks_hist_torch(args, Ho, Wo, counts)
+    x_offset, w, F = args[1], args[2], args[8]
+    stride, pad_before, _, dilation, groups, x_block, x_block_bits = args[12:19]
+    hist, lo, values, saturated, flushed = backend.native().blocks_tap_hist(
+        x, int(x_offset.reshape(-1)[0]), F, groups, w.shape[2], w.shape[3], list(stride), list(pad_before),
+        list(dilation), Ho, Wo, x_block, x_block_bits)
+    for name, v in (("act_values", values), ("act_saturated", saturated), ("act_flushed", flushed)):
+        counts[name] = counts.get(name, 0) + v
+    return hist, lo
+
+
+def _blocks_hist_torch(args: tuple, Ho: int, Wo: int, counts: dict) -> tuple:
+    """``_blocks_hist`` in torch operations (any device; the C++ form's oracle in the tests).
 
     A block's offset comes from its largest finite log, which is at most its (image, group)'s
     largest, g_top; so a finite code above g_top - E_max (and within the top offset's cap) keeps
@@ -659,13 +676,15 @@ class Telemetry:
             return
         c = cur[2]
         if coded.param.numel() == 1:  # one offset: two thresholds on |x|, found once
-            a = x.to(torch.float32).abs()
             off = int(coded.param.reshape(-1)[0])
             sat, flush = _threshold(fmt, off + fmt.e_max + 1), _threshold(fmt, off + 1)
-            zeros = a.numel() - int(torch.count_nonzero(a))  # NaN is nonzero; NaN > 0 and NaN < t are false
-            for name, v in (("act_values", int(torch.count_nonzero(a > 0))),
-                            ("act_saturated", int(torch.count_nonzero(a >= sat))),
-                            ("act_flushed", int(torch.count_nonzero(a < flush)) - zeros)):
+            x32 = x.detach().to(torch.float32)
+            if x32.device.type == "cpu" and backend.has_native():  # one pass
+                counts = backend.native().act_counts(x32, flush, sat)
+            else:  # NaN > 0, NaN >= t and NaN < t are all false
+                a = x32.abs()
+                counts = [int(torch.count_nonzero(v)) for v in (a > 0, a >= sat, (a > 0) & (a < flush))]
+            for name, v in zip(("act_values", "act_saturated", "act_flushed"), counts):
                 c[name] = c.get(name, 0) + v
             return
         off = coded.expanded_param().to(torch.int64)
