@@ -590,43 +590,52 @@ at::Tensor lns_conv_cpu(const at::Tensor& x, const at::Tensor& x_offset, const a
 
 }  // namespace
 
-// Note: dynamic blocks' telemetry
-// torchlns.telemetry counts a dynamic-block convolution's products from, per (channel, tap),
-// a histogram of the logs its outputs read there, as each receptive field's blocks encode them
-// (_blocks_hist in torchlns/deploy/telemetry.py states the rule and is the fallback). Here in
-// four passes: (1) per (image, group) the bound below which some block could flush a
-// magnitude (as the repair's step 1: a block's offset grows with its maximum), (2) the normal
-// magnitudes' range and the odd ones (below that bound, capped by a clamped top offset, ±inf:
-// few), (3) each odd code once per receptive field that reads it, with its own block's offset,
-// (4) the normal logs per (channel, tap) from one histogram per stride phase less the border
-// strips that the tap does not read. Returns (hist (C*kh*kw, 2, span) of logs lo.. by sign,
-// lo, the reads of nonzero codes, those saturated, those flushed).
-std::tuple<at::Tensor, int64_t, int64_t, int64_t, int64_t> blocks_tap_hist(
-    const at::Tensor& x, int64_t x_off64, int64_t frac_bits, int64_t groups, int64_t kh, int64_t kw,
+// Note: telemetry's tap histograms
+// torchlns.telemetry counts a 2-D convolution's products from, per (channel, tap), a
+// histogram of the logs its outputs read there (Note: telemetry counters in
+// torchlns/deploy/telemetry.py). With per-tensor codes (x_block = 0: x_bits-bit codes, offset
+// x_off) every nonzero code keeps its log E + x_off wherever it is read. With dynamic blocks
+// (x 16-bit wide codes) each receptive field's blocks re-encode them, and _blocks_hist there
+// states the rule (and is the fallback): (1) per (image, group) the bound below which some
+// block could flush a magnitude (as the repair's step 1: a block's offset grows with its
+// maximum), (2) the normal magnitudes' range and the odd ones (below that bound, capped by a
+// clamped top offset, ±inf: few), (3) each odd code once per receptive field that reads it,
+// with its own block's offset. Then (4) the normal logs per (channel, tap) from one histogram
+// per stride phase less the border strips that the tap does not read. Returns (hist
+// (C*kh*kw, 2, span) of logs lo.. by sign, lo, and of dynamic blocks the reads of nonzero
+// codes, those saturated, those flushed).
+std::tuple<at::Tensor, int64_t, int64_t, int64_t, int64_t> tap_hist(
+    const at::Tensor& x, int64_t x_off64, int64_t x_bits, int64_t frac_bits, int64_t groups, int64_t kh, int64_t kw,
     IntArrayRef stride, IntArrayRef pad_before, IntArrayRef dilation, int64_t Ho, int64_t Wo, int64_t x_block,
     int64_t x_block_bits) {
-  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu(), "blocks_tap_hist: x must be (N, C, H, W) wide codes on the CPU");
-  const auto xc = x.contiguous();
+  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu(), "tap_hist: x must be (N, C, H, W) codes on the CPU");
+  const bool blocks = x_block > 0;
+  TORCH_CHECK(blocks ? x.scalar_type() == at::kShort : (x_bits >= 2 && x_bits <= 16),
+              "tap_hist: dynamic blocks take 16-bit wide codes (int16); static codes 2..16 bits");
+  const auto xc = x.to(at::kShort).contiguous();  // uint8 codes keep their values
   const int32_t x_off = int32_t(x_off64);
-  const NarrowBlocks nb(xc, x_off, int(frac_bits), groups, kh, kw, stride, pad_before, dilation, Ho, Wo, x_block,
-                        x_block_bits);
+  const NarrowBlocks nb(xc, x_off, int(frac_bits), groups, kh, kw, stride, pad_before, dilation, Ho, Wo,
+                        blocks ? x_block : 1, blocks ? x_block_bits : 16);
   const int64_t N = nb.N, C = nb.C, H = nb.H, W = nb.W, G = groups, Cg = C / G, HW = H * W, taps = nb.taps;
-  const int64_t L = nb.L, Kg = nb.Kg;
+  const int64_t Kg = nb.Kg;
   const uint16_t* src = nb.src;
+  const int sign_at = blocks ? 15 : int(x_bits) - 1;
+  const int32_t mag_mask = (1 << sign_at) - 1;
   // 1.
-  std::vector<int32_t> lo_ok(static_cast<size_t>(N * G));  // normal magnitudes are >= lo_ok[t] ...
-  const int32_t hi_ok = std::min(nb.off_max + nb.e_max - x_off, kWideMax - 1);  // ... and <= hi_ok
-  at::parallel_for(0, N * G, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const uint16_t* p = src + t * Cg * HW;
-      int32_t top = 0;
-      for (int64_t e = 0; e < Cg * HW; ++e) {
-        const int32_t mag = p[e] & kWideMax;
-        top = std::max(top, mag < kWideMax ? mag : 0);
+  std::vector<int32_t> lo_ok(static_cast<size_t>(N * G), 1);  // normal magnitudes are >= lo_ok[t] ...
+  const int32_t hi_ok = blocks ? std::min(nb.off_max + nb.e_max - x_off, kWideMax - 1) : mag_mask;  // ... <= hi_ok
+  if (blocks)
+    at::parallel_for(0, N * G, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const uint16_t* p = src + t * Cg * HW;
+        int32_t top = 0;
+        for (int64_t e = 0; e < Cg * HW; ++e) {
+          const int32_t mag = p[e] & kWideMax;
+          top = std::max(top, mag < kWideMax ? mag : 0);
+        }
+        lo_ok[t] = top ? std::max(top + x_off - nb.e_max, nb.off_min) + 1 - x_off : 1;
       }
-      lo_ok[t] = top ? std::max(top + x_off - nb.e_max, nb.off_min) + 1 - x_off : 1;
-    }
-  });
+    });
   // 2. Per (image, channel) plane.
   const int64_t planes = N * C;
   std::vector<int32_t> lo_mag(static_cast<size_t>(planes), kWideMax), hi_mag(static_cast<size_t>(planes), 0);
@@ -637,7 +646,7 @@ std::tuple<at::Tensor, int64_t, int64_t, int64_t, int64_t> blocks_tap_hist(
       const int32_t lo = lo_ok[(q / C) * G + (q % C) / Cg];
       int32_t a = kWideMax, b = 0;
       for (int64_t e = 0; e < HW; ++e) {
-        const int32_t mag = p[e] & kWideMax;
+        const int32_t mag = p[e] & mag_mask;
         if (!mag) continue;
         if (mag >= lo && mag <= hi_ok) {
           a = std::min(a, mag), b = std::max(b, mag);
@@ -731,9 +740,9 @@ std::tuple<at::Tensor, int64_t, int64_t, int64_t, int64_t> blocks_tap_hist(
             for (int64_t u = u0; u <= u1; ++u) {
               const uint16_t* row = plane + (ph[0] + u * nb.stride[0]) * W + ph[1];
               for (int64_t v = v0; v <= v1; ++v) {
-                const int32_t code = row[v * nb.stride[1]], mag = code & kWideMax;
+                const int32_t code = row[v * nb.stride[1]], mag = code & mag_mask;
                 if (mag < lo_q || mag > hi_ok) continue;  // zero, odd
-                into[(code >> 15) * span + (mag + x_off - lo)] += d;
+                into[((code >> sign_at) & 1) * span + (mag + x_off - lo)] += d;
               }
             }
           }

@@ -371,6 +371,21 @@ def test_native_block_histograms_equal_torch(geometry, block, monkeypatch):
     x[1, 3, 0, 0] = -float("inf")
     x[2, 5, 8, 7] = 1e-30
     x[2, 0] = 0.0
+    # per-tensor codes: the C++ histograms against _code_hist's
+    cfg_static = ConvertConfig(mac=MACS["fixed12"], acc_headroom_bits=0)
+    qs = torchlns.convert(model, cfg_static, calibration_data=[torch.randn(2, 6, 9, 8)])
+    layer = qs[0]
+    codes = torchlns.codec.encode(x, layer.fmt, layer.input_param)
+    stride, pad, dil = layer.stride, layer.padding, layer.dilation
+    Ho, Wo = qs(x).shape[2:]
+    off = int(layer.input_param)
+    hist, lo, *_ = backend.native().tap_hist(codes, off, layer.fmt.bits, layer.fmt.frac_bits, layer.groups,
+                                             *layer.weight.shape[2:], list(stride), list(pad), list(dil), Ho, Wo, 0, 0)
+    want = tm._code_hist(codes, layer.fmt.bits, layer.weight.shape[2:], stride, pad, dil, Ho, Wo)
+    want = want.view(hist.shape[0], 2, -1)[:, :, 1:]  # codes E = 1.. are logs off + 1..
+    got = torch.zeros_like(want)
+    got[:, :, lo - off - 1:lo - off - 1 + hist.shape[2]] = hist
+    assert torch.equal(got, want) and int(want.sum())
     monkeypatch.setattr(tm, "_blocks_hist", both)
     report = torchlns.telemetry(q, [x])
     assert seen and report.total.act_values
@@ -378,3 +393,17 @@ def test_native_block_histograms_equal_torch(geometry, block, monkeypatch):
     # near float32's top the offsets clamp and cap codes (products beyond int64: no brute force)
     torchlns.telemetry(q, [x[:2] * 1e38])
     assert len(seen) == 2
+
+
+@pytest.mark.parametrize("activation", ["static", "dynamic"])
+@pytest.mark.parametrize("mac", ["fixed12", "chunk5x12-wrap"])
+def test_torch_forms_count_the_same(activation, mac, monkeypatch):
+    """Without the C++ kernels (another device), the torch forms of the tap histograms and the
+    reference's totals count what the brute force counts."""
+    _, q = _convert("conv2d", LNSFormat(8, 3), MACS[mac], activation)
+    data = _data("conv2d", scale=6.0)
+    with_native = torchlns.telemetry(q, data)
+    monkeypatch.setattr(backend, "has_native", lambda: False)
+    without = torchlns.telemetry(q, data)
+    _check(q, data, without)
+    assert [r.to_dict() for r in with_native.rows] == [r.to_dict() for r in without.rows]

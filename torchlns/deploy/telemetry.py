@@ -31,13 +31,13 @@ from the reference's own geometry (``lns_conv_reference`` with this count in ``l
 place), so every layout, group, 3-D and transposed convolution and dynamic block counts as
 the op computes it; 2-D convolutions with per-tensor codes take the histograms from one pass
 over each stride phase of the input instead (``_code_hist``), and their dynamic blocks from
-that plus the few codes a block can change, one receptive field at a time (``_blocks_hist``,
-in C++ on the CPU). The totals exist only inside the accumulator: the C++ epilogue reports
-them, and two-stage MACs their chunk sums (Note: accumulator telemetry in csrc/common.h);
-without the C++ kernels, the reference's epilogue does for two-stage MACs, and for the
-others the reference runs the layer's MAC once more to count them. Nothing here changes an
-output bit: the observers read operands (Note: MAC observers in functional.py) and the
-layers run as they always do.
+that plus the few codes a block can change, one receptive field at a time (``_blocks_hist``);
+on the CPU both in C++ (Note: telemetry's tap histograms in csrc/conv_cpu.cpp). The totals
+exist only inside the accumulator: the C++ epilogue reports them, and two-stage MACs their
+chunk sums (Note: accumulator telemetry in csrc/common.h); without them (another device),
+the reference runs the layer's MAC once more and its epilogue counts them. Nothing here
+changes an output bit: the observers read operands (Note: MAC observers in functional.py)
+and the layers run as they always do.
 """
 
 from __future__ import annotations
@@ -441,15 +441,15 @@ def _code_hist(codes: torch.Tensor, bits: int, kernel, stride, pad_before, dilat
 def _blocks_hist(args: tuple, Ho: int, Wo: int, counts: dict) -> tuple:
     """A convolution's dynamic per-block activations (Note: dynamic blocks in ops/reference.py),
     counted without its im2col columns: ((K, 2, span) counts of the kept logs by sign, lowest log),
-    the activation counters added to ``counts``. The C++ kernels' form on the CPU (Note: dynamic
-    blocks' telemetry in csrc/conv_cpu.cpp), else ``_blocks_hist_torch``."""
+    the activation counters added to ``counts``. The C++ form on the CPU (Note: telemetry's tap
+    histograms in csrc/conv_cpu.cpp), else ``_blocks_hist_torch``."""
     x = args[0]
     if not (x.device.type == "cpu" and backend.has_native()):
         return _blocks_hist_torch(args, Ho, Wo, counts)
     x_offset, w, F = args[1], args[2], args[8]
     stride, pad_before, _, dilation, groups, x_block, x_block_bits = args[12:19]
-    hist, lo, values, saturated, flushed = backend.native().blocks_tap_hist(
-        x, int(x_offset.reshape(-1)[0]), F, groups, w.shape[2], w.shape[3], list(stride), list(pad_before),
+    hist, lo, values, saturated, flushed = backend.native().tap_hist(
+        x, int(x_offset.reshape(-1)[0]), 16, F, groups, w.shape[2], w.shape[3], list(stride), list(pad_before),
         list(dilation), Ho, Wo, x_block, x_block_bits)
     for name, v in (("act_values", values), ("act_saturated", saturated), ("act_flushed", flushed)):
         counts[name] = counts.get(name, 0) + v
@@ -575,7 +575,7 @@ class Telemetry:
                 warnings.simplefilter("ignore")
                 self.floats = dict(fold_batchnorm(reference).named_modules())
         self.rows: Dict[str, LayerTelemetry] = {}
-        self._current: List[tuple] = []  # (row, mac, counts of this call)
+        self._current: List[tuple] = []  # (fqn, layer, counts of this call, whether the C++ epilogue counts)
         self._handles: list = []
         self._held = None
 
@@ -591,11 +591,8 @@ class Telemetry:
 
     def __exit__(self, *exc) -> None:
         while self._current:  # a forward that raised left its layer open
-            _, _, _, native, sink = self._current.pop()
-            if native:
+            if self._current.pop()[3]:
                 backend.native().telemetry_stop()
-            elif sink is not None:
-                sink.__exit__(None, None, None)
         functional.set_observer(self._held)
         for h in self._handles:
             h.remove()
@@ -620,18 +617,14 @@ class Telemetry:
             counts: dict = {}
             x = args[0] if args else next(iter(kwargs.values()))
             native = self._native_totals(m, x.device)
-            sink = None
             if native:
                 backend.native().telemetry_start()
-            elif m.mac.two_stage:  # the reference runs it, and counts its chunks and totals
-                sink = reference.telemetry_sink(counts)
-                sink.__enter__()
-            self._current.append((fqn, m, counts, native, sink))
+            self._current.append((fqn, m, counts, native))
         return hook
 
     def _after(self, fqn, m):
         def hook(module, args, kwargs, out):
-            _, _, counts, native, sink = self._current.pop()
+            _, _, counts, native = self._current.pop()
             if native:
                 c = backend.native().telemetry_stop()
                 finite = out.numel() - int(torch.isnan(out).sum())
@@ -641,8 +634,6 @@ class Telemetry:
                 counts.update(totals=c["outputs"], total_overflow=c["overflow"], max_total=c["max_abs"])
                 if m.mac.chunk:
                     counts.update(chunks=c["chunks"], chunk_overflow=c["chunk_overflow"], max_chunk=c["max_chunk"])
-            elif sink is not None:
-                sink.__exit__(None, None, None)
             row = self._row(fqn, m)
             row.calls += 1
             row.add(counts)
@@ -701,20 +692,21 @@ class Telemetry:
         cur = self._counts()
         if cur is None or not mac.fixed:
             return
-        fqn, m, counts, native, _ = cur
+        fqn, m, counts, native = cur
         F = x.fmt.frac_bits
         args = (x.codes, x.expanded_param().to(torch.int32), w.codes, w.expanded_param().to(torch.int32),
                 mac.table(F, x.codes.device), bias, x.fmt.bits, w.fmt.bits, F, True, mac.acc_bits, acc_lsb)
         _ProductCounter(counts, mac, cache=_weight_cache(m))(*args)
-        if not native and not mac.two_stage:  # no epilogue that counts saw the totals: the reference counts them
+        if not native:  # no epilogue that counts sees the totals (another device): the reference counts them
+            two = (mac.overflow, mac.chunk, mac.chunk_bits) if mac.two_stage else ()
             with reference.telemetry_sink(counts):
-                reference.lns_mm_reference(*args)
+                reference.lns_mm_reference(*args, *two)
 
     def conv(self, args: tuple, mac: MACConfig, fmt) -> None:
         cur = self._counts()
         if cur is None:
             return
-        fqn, m, counts, native, _ = cur
+        fqn, m, counts, native = cur
         blocks = len(args) > 17 and args[17] > 0
         if not (mac.fixed or blocks):
             return
@@ -727,6 +719,10 @@ class Telemetry:
                                        dilation[d]) for d in range(2))
             if blocks:
                 (hist, lo), logs = _blocks_hist(args, Ho, Wo, counts), True
+            elif x.device.type == "cpu" and backend.has_native():
+                (hist, lo, *_), logs = backend.native().tap_hist(
+                    x, int(x_off.reshape(-1)[0]), x_bits, F, groups, w.shape[2], w.shape[3], list(stride),
+                    list(pad_before), list(dilation), Ho, Wo, 0, 0), True
             else:
                 hist, lo, logs = _code_hist(x, x_bits, w.shape[2:], stride, pad_before, dilation, Ho, Wo), \
                     int(x_off.reshape(-1)[0]), False
