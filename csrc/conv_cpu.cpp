@@ -336,10 +336,10 @@ std::optional<at::Tensor> blocks_by_repair(const at::Tensor& x, const at::Tensor
     xs = xc.clone();
     int16_t* q = xs.data_ptr<int16_t>();
     at::parallel_for(0, N * G, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t)
-        for (int64_t e = t * Cg * HW; changes[t] && e < (t + 1) * Cg * HW; ++e)
-          if (changeable(uint16_t(q[e]) & kWideMax, t)) q[e] = 0;
-    });
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t e = t * Cg * HW; changes[t] && e < (t + 1) * Cg * HW; ++e)
+        if (changeable(uint16_t(q[e]) & kWideMax, t)) q[e] = 0;
+  });
   }
   auto y = lns_conv_direct(xs, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits,
                            acc_lsb, stride, pad_before, dilation, Ho, Wo, groups,
@@ -592,40 +592,150 @@ at::Tensor lns_conv_cpu(const at::Tensor& x, const at::Tensor& x_offset, const a
 
 // Note: telemetry's tap histograms
 // torchlns.telemetry counts a 2-D convolution's products from, per (channel, tap), a
-// histogram of the logs its outputs read there (Note: telemetry counters in
-// torchlns/deploy/telemetry.py). With per-tensor codes (x_block = 0: x_bits-bit codes, offset
-// x_off) every nonzero code keeps its log E + x_off wherever it is read. With dynamic blocks
-// (x 16-bit wide codes) each receptive field's blocks re-encode them, and _blocks_hist there
-// states the rule (and is the fallback): (1) per (image, group) the bound below which some
-// block could flush a magnitude (as the repair's step 1: a block's offset grows with its
-// maximum), (2) the normal magnitudes' range and the odd ones (below that bound, capped by a
-// clamped top offset, ±inf: few), (3) each odd code once per receptive field that reads it,
-// with its own block's offset. Then (4) the normal logs per (channel, tap) from one histogram
-// per stride phase less the border strips that the tap does not read. Returns (hist
-// (C*kh*kw, 2, span) of logs lo.. by sign, lo, and of dynamic blocks the reads of nonzero
-// codes, those saturated, those flushed).
+// histogram of the activations its outputs read there (Note: telemetry counters in
+// torchlns/deploy/telemetry.py). The outputs that tap (i, j) serves read one stride phase of
+// the input, a rectangle of it: that phase's histogram less the border strips outside the
+// rectangle (a few rows and columns) costs about one pass over the input instead of kh*kw.
+//
+// code_hist: per-tensor codes keep their log E + x_off wherever they are read, so the
+// histograms count raw codes (what _code_hist there computes in torch operations, its
+// fallback and oracle). One pass per channel fills every phase it needs; four interleaved
+// copies of each histogram keep runs of one code (a ReLU's zeros) from serializing on the
+// same counter.
+//
+// tap_hist: dynamic blocks (x 16-bit wide codes) re-encode each receptive field, and
+// _blocks_hist there states the rule (and is the fallback): (1) per (image, group) the bound
+// below which some block could flush a magnitude (as the repair's step 1: a block's offset
+// grows with its maximum), (2) the normal magnitudes' range and the odd ones (below that
+// bound, capped by a clamped top offset, ±inf: few), (3) each odd code once per receptive
+// field that reads it, with its own block's offset, (4) the normal logs by phases and strips.
+// Returns (hist (C*kh*kw, 2, span) of logs lo.. by sign, lo, the reads of nonzero codes,
+// those saturated, those flushed).
+namespace {
+
+// The window of tap offset r0 (= i*dilation - pad) along one axis: the stride phase ph it
+// reads, the phase lattice's size, and the lattice indices [a0, a1] that its outputs read.
+struct TapWindow {
+  int64_t ph, size, a0, a1;
+  TapWindow(int64_t r0, int64_t s, int64_t n_in, int64_t n_out) {
+    ph = ((r0 % s) + s) % s;
+    size = ph < n_in ? (n_in - ph + s - 1) / s : 0;
+    const int64_t first = (r0 - ph) / s;
+    a0 = std::max<int64_t>(0, first), a1 = std::min(size - 1, first + n_out - 1);
+  }
+};
+
+template <typename T>
+void code_hist_channels(const T* src, int64_t* out, int64_t N, int64_t C, int64_t H, int64_t W, int64_t kh,
+                        int64_t kw, const int64_t* stride, const int64_t* pad, const int64_t* dil, int64_t Ho,
+                        int64_t Wo, int64_t V) {
+  const int64_t taps = kh * kw, s0 = stride[0], s1 = stride[1], phases = s0 * s1, HW = H * W;
+  const uint32_t mask = uint32_t(V - 1);
+  std::vector<TapWindow> rows, cols;
+  for (int64_t i = 0; i < kh; ++i) rows.emplace_back(i * dil[0] - pad[0], s0, H, Ho);
+  for (int64_t j = 0; j < kw; ++j) cols.emplace_back(j * dil[1] - pad[1], s1, W, Wo);
+  std::vector<char> wanted(static_cast<size_t>(phases), 0);
+  for (const auto& r : rows)
+    for (const auto& c : cols) wanted[r.ph * s1 + c.ph] = 1;
+  constexpr int kCopies = 4;
+  const int copies = V <= 4096 ? kCopies : 1;  // a large V spills the cache instead
+  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<int64_t> full(static_cast<size_t>(phases * V));
+    std::vector<int32_t> part(static_cast<size_t>(copies * V));  // one image plane's counts fit int32
+    for (int64_t c = c0; c < c1; ++c) {
+      std::fill(full.begin(), full.end(), 0);
+      for (int64_t img = 0; img < N; ++img) {
+        const T* plane = src + (img * C + c) * HW;
+        for (int64_t p = 0; p < phases; ++p) {
+          if (!wanted[p]) continue;
+          const int64_t ph = p / s1, pw = p % s1;
+          std::fill(part.begin(), part.end(), 0);
+          for (int64_t y = ph; y < H; y += s0) {
+            const T* row = plane + y * W;
+            int64_t x = pw, e = 0;
+            if (copies == kCopies)
+              for (; x + 3 * s1 < W; x += 4 * s1, e += 4) {
+                ++part[0 * V + (row[x] & mask)];
+                ++part[1 * V + (row[x + s1] & mask)];
+                ++part[2 * V + (row[x + 2 * s1] & mask)];
+                ++part[3 * V + (row[x + 3 * s1] & mask)];
+              }
+            for (; x < W; x += s1) ++part[row[x] & mask];
+          }
+          int64_t* f = full.data() + p * V;
+          for (int k = 0; k < copies; ++k)
+            for (int64_t v = 0; v < V; ++v) f[v] += part[k * V + v];
+        }
+      }
+      for (int64_t i = 0; i < kh; ++i)
+        for (int64_t j = 0; j < kw; ++j) {
+          const TapWindow &r = rows[i], &q = cols[j];
+          int64_t* o = out + (c * taps + i * kw + j) * V;
+          if (r.a0 > r.a1 || q.a0 > q.a1) {  // the tap reads only padding
+            std::fill(o, o + V, 0);
+            continue;
+          }
+          const int64_t* f = full.data() + (r.ph * s1 + q.ph) * V;
+          std::copy(f, f + V, o);
+          // less the strips outside the rectangle: lattice rows [u0, u1] x columns [v0, v1]
+          const auto less = [&](int64_t u0, int64_t u1, int64_t v0, int64_t v1) {
+            for (int64_t img = 0; img < N; ++img)
+              for (int64_t u = u0; u <= u1; ++u) {
+                const T* row = src + (img * C + c) * HW + (r.ph + u * s0) * W + q.ph;
+                for (int64_t v = v0; v <= v1; ++v) --o[row[v * s1] & mask];
+              }
+          };
+          less(0, r.a0 - 1, 0, q.size - 1);
+          less(r.a1 + 1, r.size - 1, 0, q.size - 1);
+          less(r.a0, r.a1, 0, q.a0 - 1);
+          less(r.a0, r.a1, q.a1 + 1, q.size - 1);
+        }
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor code_hist(const at::Tensor& x, int64_t bits, int64_t kh, int64_t kw, IntArrayRef stride,
+                     IntArrayRef pad_before, IntArrayRef dilation, int64_t Ho, int64_t Wo) {
+  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu() && (x.scalar_type() == at::kByte || x.scalar_type() == at::kShort),
+              "code_hist: x must be (N, C, H, W) uint8 or int16 codes on the CPU");
+  TORCH_CHECK(bits >= 1 && bits <= (x.scalar_type() == at::kByte ? 8 : 16), "code_hist: bits out of range: ", bits);
+  TORCH_CHECK(kh >= 1 && kw >= 1 && stride.size() == 2 && pad_before.size() == 2 && dilation.size() == 2 &&
+                  stride[0] >= 1 && stride[1] >= 1 && dilation[0] >= 1 && dilation[1] >= 1 && Ho >= 0 && Wo >= 0,
+              "code_hist: bad convolution geometry");
+  const auto xc = x.contiguous();
+  const int64_t C = x.size(1), V = int64_t(1) << bits;
+  auto out = at::empty({C * kh * kw, V}, x.options().dtype(at::kLong));
+  const int64_t s[2] = {stride[0], stride[1]}, p[2] = {pad_before[0], pad_before[1]}, d[2] = {dilation[0], dilation[1]};
+  if (x.scalar_type() == at::kByte)
+    code_hist_channels(xc.data_ptr<uint8_t>(), out.data_ptr<int64_t>(), x.size(0), C, x.size(2), x.size(3), kh, kw, s,
+                       p, d, Ho, Wo, V);
+  else
+    code_hist_channels(reinterpret_cast<const uint16_t*>(xc.data_ptr<int16_t>()), out.data_ptr<int64_t>(), x.size(0),
+                       C, x.size(2), x.size(3), kh, kw, s, p, d, Ho, Wo, V);
+  return out;
+}
+
 std::tuple<at::Tensor, int64_t, int64_t, int64_t, int64_t> tap_hist(
-    const at::Tensor& x, int64_t x_off64, int64_t x_bits, int64_t frac_bits, int64_t groups, int64_t kh, int64_t kw,
+    const at::Tensor& x, int64_t x_off64, int64_t frac_bits, int64_t groups, int64_t kh, int64_t kw,
     IntArrayRef stride, IntArrayRef pad_before, IntArrayRef dilation, int64_t Ho, int64_t Wo, int64_t x_block,
     int64_t x_block_bits) {
-  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu(), "tap_hist: x must be (N, C, H, W) codes on the CPU");
-  const bool blocks = x_block > 0;
-  TORCH_CHECK(blocks ? x.scalar_type() == at::kShort : (x_bits >= 2 && x_bits <= 16),
-              "tap_hist: dynamic blocks take 16-bit wide codes (int16); static codes 2..16 bits");
-  const auto xc = x.to(at::kShort).contiguous();  // uint8 codes keep their values
+  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu() && x.scalar_type() == at::kShort && x_block > 0,
+              "tap_hist: x must be (N, C, H, W) 16-bit wide codes (int16) on the CPU, with x_block > 0");
+  const auto xc = x.contiguous();
   const int32_t x_off = int32_t(x_off64);
-  const NarrowBlocks nb(xc, x_off, int(frac_bits), groups, kh, kw, stride, pad_before, dilation, Ho, Wo,
-                        blocks ? x_block : 1, blocks ? x_block_bits : 16);
+  const NarrowBlocks nb(xc, x_off, int(frac_bits), groups, kh, kw, stride, pad_before, dilation, Ho, Wo, x_block,
+                        x_block_bits);
   const int64_t N = nb.N, C = nb.C, H = nb.H, W = nb.W, G = groups, Cg = C / G, HW = H * W, taps = nb.taps;
   const int64_t Kg = nb.Kg;
   const uint16_t* src = nb.src;
-  const int sign_at = blocks ? 15 : int(x_bits) - 1;
-  const int32_t mag_mask = (1 << sign_at) - 1;
+  constexpr int sign_at = 15;
+  constexpr int32_t mag_mask = kWideMax;
   // 1.
   std::vector<int32_t> lo_ok(static_cast<size_t>(N * G), 1);  // normal magnitudes are >= lo_ok[t] ...
-  const int32_t hi_ok = blocks ? std::min(nb.off_max + nb.e_max - x_off, kWideMax - 1) : mag_mask;  // ... <= hi_ok
-  if (blocks)
-    at::parallel_for(0, N * G, 1, [&](int64_t t0, int64_t t1) {
+  const int32_t hi_ok = std::min(nb.off_max + nb.e_max - x_off, kWideMax - 1);  // ... <= hi_ok
+  at::parallel_for(0, N * G, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const uint16_t* p = src + t * Cg * HW;
         int32_t top = 0;
@@ -721,24 +831,15 @@ std::tuple<at::Tensor, int64_t, int64_t, int64_t, int64_t> tap_hist(
     for (int64_t c = c0; c < c1; ++c) {
       for (auto& ph : phase) ph.clear();
       for (int64_t t = 0; t < taps; ++t) {
-        const int64_t i = t / kw, j = t % kw;
-        int64_t ph[2], size[2], a0[2], a1[2];
-        const int64_t r0[2] = {i * nb.dilation[0] - nb.pad[0], j * nb.dilation[1] - nb.pad[1]};
-        const int64_t n_in[2] = {H, W}, n_out[2] = {Ho, Wo};
-        for (int d = 0; d < 2; ++d) {
-          const int64_t s = nb.stride[d];
-          ph[d] = ((r0[d] % s) + s) % s;
-          size[d] = ph[d] < n_in[d] ? (n_in[d] - ph[d] + s - 1) / s : 0;
-          const int64_t first = (r0[d] - ph[d]) / s;
-          a0[d] = std::max<int64_t>(0, first), a1[d] = std::min(size[d] - 1, first + n_out[d] - 1);
-        }
+        const TapWindow r(t / kw * nb.dilation[0] - nb.pad[0], nb.stride[0], H, Ho);
+        const TapWindow q(t % kw * nb.dilation[1] - nb.pad[1], nb.stride[1], W, Wo);
         // count(d = ±1) of the normal codes of this phase at lattice rows [u0, u1] x cols [v0, v1]
         const auto visit = [&](int64_t* into, int64_t u0, int64_t u1, int64_t v0, int64_t v1, int64_t d) {
           for (int64_t img = 0; img < N; ++img) {
             const uint16_t* plane = src + (img * C + c) * HW;
             const int32_t lo_q = lo_ok[img * G + c / Cg];
             for (int64_t u = u0; u <= u1; ++u) {
-              const uint16_t* row = plane + (ph[0] + u * nb.stride[0]) * W + ph[1];
+              const uint16_t* row = plane + (r.ph + u * nb.stride[0]) * W + q.ph;
               for (int64_t v = v0; v <= v1; ++v) {
                 const int32_t code = row[v * nb.stride[1]], mag = code & mag_mask;
                 if (mag < lo_q || mag > hi_ok) continue;  // zero, odd
@@ -748,18 +849,18 @@ std::tuple<at::Tensor, int64_t, int64_t, int64_t, int64_t> tap_hist(
           }
         };
         int64_t* out = h + (c * taps + t) * 2 * span;
-        if (a0[0] > a1[0] || a0[1] > a1[1]) continue;  // the tap reads only padding
-        auto& full = phase[ph[0] * nb.stride[1] + ph[1]];
+        if (r.a0 > r.a1 || q.a0 > q.a1) continue;  // the tap reads only padding
+        auto& full = phase[r.ph * nb.stride[1] + q.ph];
         if (full.empty()) {
           full.assign(static_cast<size_t>(2 * span), 0);
-          visit(full.data(), 0, size[0] - 1, 0, size[1] - 1, 1);
+          visit(full.data(), 0, r.size - 1, 0, q.size - 1, 1);
         }
         std::copy(full.begin(), full.end(), out);
         // less the strips outside the rectangle
-        visit(out, 0, a0[0] - 1, 0, size[1] - 1, -1);
-        visit(out, a1[0] + 1, size[0] - 1, 0, size[1] - 1, -1);
-        visit(out, a0[0], a1[0], 0, a0[1] - 1, -1);
-        visit(out, a0[0], a1[0], a1[1] + 1, size[1] - 1, -1);
+        visit(out, 0, r.a0 - 1, 0, q.size - 1, -1);
+        visit(out, r.a1 + 1, r.size - 1, 0, q.size - 1, -1);
+        visit(out, r.a0, r.a1, 0, q.a0 - 1, -1);
+        visit(out, r.a0, r.a1, q.a1 + 1, q.size - 1, -1);
         int64_t n_read = 0;
         for (int64_t e = 0; e < 2 * span; ++e) n_read += out[e];
         reads[c] += n_read;

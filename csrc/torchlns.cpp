@@ -126,13 +126,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
      "max_abs (the largest |total|), and chunks, chunk_overflow, max_chunk of two-stage MACs.");
   m.def("act_counts", &torchlns::act_counts, py::arg("x"), py::arg("flush"), py::arg("sat"),
         "Of float32 CPU activations: how many have |x| > 0, |x| >= sat, and 0 < |x| < flush (telemetry).");
-  m.def("tap_hist", [](const at::Tensor& x, int64_t x_off, int64_t x_bits, int64_t frac_bits, int64_t groups,
-                       int64_t kh, int64_t kw, std::vector<int64_t> stride, std::vector<int64_t> pad_before,
-                       std::vector<int64_t> dilation, int64_t Ho, int64_t Wo, int64_t x_block, int64_t x_block_bits) {
-    return torchlns::tap_hist(x, x_off, x_bits, frac_bits, groups, kh, kw, stride, pad_before, dilation, Ho, Wo,
-                              x_block, x_block_bits);
-  }, "A 2-D convolution's logs per (channel, tap) for telemetry: (hist, lo, and of dynamic blocks reads, saturated, "
-     "flushed) (Note: telemetry's tap histograms in csrc/conv_cpu.cpp).");
+  m.def("code_hist", [](const at::Tensor& x, int64_t bits, int64_t kh, int64_t kw, std::vector<int64_t> stride,
+                        std::vector<int64_t> pad_before, std::vector<int64_t> dilation, int64_t Ho, int64_t Wo) {
+    return torchlns::code_hist(x, bits, kh, kw, stride, pad_before, dilation, Ho, Wo);
+  }, "A 2-D convolution's per-tensor codes per (channel, tap) for telemetry: (C*kh*kw, 2^bits) read counts "
+     "(Note: telemetry's tap histograms in csrc/conv_cpu.cpp).");
+  m.def("tap_hist", [](const at::Tensor& x, int64_t x_off, int64_t frac_bits, int64_t groups, int64_t kh, int64_t kw,
+                       std::vector<int64_t> stride, std::vector<int64_t> pad_before, std::vector<int64_t> dilation,
+                       int64_t Ho, int64_t Wo, int64_t x_block, int64_t x_block_bits) {
+    return torchlns::tap_hist(x, x_off, frac_bits, groups, kh, kw, stride, pad_before, dilation, Ho, Wo, x_block,
+                              x_block_bits);
+  }, "A 2-D convolution's dynamic-block logs per (channel, tap) for telemetry: (hist, lo, reads, saturated, flushed) "
+     "(Note: telemetry's tap histograms in csrc/conv_cpu.cpp).");
   m.def("reset_direct_counts", &torchlns::reset_direct_counts, "Zero the direct-kernel counters.");
   m.def("clear_weight_cache", &torchlns::clear_weight_cache, "Drop every prepared weight.");
   m.def("set_weight_cache_capacity", &torchlns::set_weight_cache_capacity, "Cache capacity in bytes (0: off).");

@@ -371,21 +371,6 @@ def test_native_block_histograms_equal_torch(geometry, block, monkeypatch):
     x[1, 3, 0, 0] = -float("inf")
     x[2, 5, 8, 7] = 1e-30
     x[2, 0] = 0.0
-    # per-tensor codes: the C++ histograms against _code_hist's
-    cfg_static = ConvertConfig(mac=MACS["fixed12"], acc_headroom_bits=0)
-    qs = torchlns.convert(model, cfg_static, calibration_data=[torch.randn(2, 6, 9, 8)])
-    layer = qs[0]
-    codes = torchlns.codec.encode(x, layer.fmt, layer.input_param)
-    stride, pad, dil = layer.stride, layer.padding, layer.dilation
-    Ho, Wo = qs(x).shape[2:]
-    off = int(layer.input_param)
-    hist, lo, *_ = backend.native().tap_hist(codes, off, layer.fmt.bits, layer.fmt.frac_bits, layer.groups,
-                                             *layer.weight.shape[2:], list(stride), list(pad), list(dil), Ho, Wo, 0, 0)
-    want = tm._code_hist(codes, layer.fmt.bits, layer.weight.shape[2:], stride, pad, dil, Ho, Wo)
-    want = want.view(hist.shape[0], 2, -1)[:, :, 1:]  # codes E = 1.. are logs off + 1..
-    got = torch.zeros_like(want)
-    got[:, :, lo - off - 1:lo - off - 1 + hist.shape[2]] = hist
-    assert torch.equal(got, want) and int(want.sum())
     monkeypatch.setattr(tm, "_blocks_hist", both)
     report = torchlns.telemetry(q, [x])
     assert seen and report.total.act_values
@@ -393,6 +378,33 @@ def test_native_block_histograms_equal_torch(geometry, block, monkeypatch):
     # near float32's top the offsets clamp and cap codes (products beyond int64: no brute force)
     torchlns.telemetry(q, [x[:2] * 1e38])
     assert len(seen) == 2
+
+
+@pytest.mark.skipif(not backend.has_native(), reason="needs the C++ kernels")
+@pytest.mark.parametrize("geometry", [
+    ((9, 8), 3, 1, 1, 1), ((9, 8), 1, 1, 0, 1), ((9, 8), 3, 2, 0, 1), ((9, 8), (2, 3), (2, 1), (1, 0), (1, 2)),
+    ((9, 8), 5, 3, 4, 1), ((9, 8), 3, 1, 2, 2), ((1, 1), 3, 3, 2, 1), ((17, 40), 3, 2, 1, 1)], ids=str)
+@pytest.mark.parametrize("dtype,bits", [(torch.uint8, 8), (torch.uint8, 4), (torch.int16, 12), (torch.int16, 16)])
+def test_native_code_histograms_equal_torch(geometry, dtype, bits):
+    """The C++ per-(channel, tap) code counts of per-tensor codes equal the torch form's, bit for
+    bit, for every kind of geometry (taps that read only padding among them) and code width; runs
+    of one code (a ReLU's zeros) exercise the interleaved counters."""
+    tm = sys.modules["torchlns.deploy.telemetry"]
+    (H, W), kernel, stride, pad, dil = geometry
+    pair = lambda v: (v, v) if isinstance(v, int) else v  # noqa: E731
+    kernel, stride, pad, dil = map(pair, (kernel, stride, pad, dil))
+    Ho, Wo = ((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in zip((H, W), kernel, stride, pad, dil))
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 1 << bits, (3, 5, H, W), generator=g, dtype=torch.int32)
+    codes[:, :, :, : W // 2] *= torch.rand(3, 5, H, 1, generator=g) < 0.5  # runs of zeros
+    codes = codes.to(torch.uint8) if dtype == torch.uint8 else (codes - (codes >> 15 << 16)).to(torch.int16)
+    got = tm._code_hist(codes, bits, kernel, stride, pad, dil, Ho, Wo)
+    want = tm._code_hist_torch(codes, bits, kernel, stride, pad, dil, Ho, Wo)
+    assert got.dtype == want.dtype == torch.int64 and torch.equal(got, want)
+    assert int(want.sum()) == 3 * sum(  # every read of an input position, counted by brute force
+        1 for c in range(5) for oh in range(Ho) for ow in range(Wo) for i in range(kernel[0])
+        for j in range(kernel[1]) if 0 <= oh * stride[0] - pad[0] + i * dil[0] < H
+        and 0 <= ow * stride[1] - pad[1] + j * dil[1] < W)
 
 
 @pytest.mark.parametrize("activation", ["static", "dynamic"])

@@ -389,7 +389,18 @@ def _code_hist(codes: torch.Tensor, bits: int, kernel, stride, pad_before, dilat
                values: Optional[int] = None) -> torch.Tensor:
     """(C·kh·kw, 2^bits): for each (channel, tap) of a 2-D convolution over (N, C, H, W) codes,
     how many outputs read each code there (padding reads none). ``values``: the codes are
-    labels in [0, values) instead (int32), counted the same way.
+    labels in [0, values) instead (int32), counted the same way. The C++ form on the CPU
+    (Note: telemetry's tap histograms in csrc/conv_cpu.cpp), else ``_code_hist_torch``."""
+    if (values is None and codes.device.type == "cpu" and codes.dtype in (torch.uint8, torch.int16)
+            and backend.has_native()):
+        return backend.native().code_hist(codes, bits, kernel[0], kernel[1], list(stride), list(pad_before),
+                                          list(dilation), Ho, Wo)
+    return _code_hist_torch(codes, bits, kernel, stride, pad_before, dilation, Ho, Wo, values)
+
+
+def _code_hist_torch(codes: torch.Tensor, bits: int, kernel, stride, pad_before, dilation, Ho: int, Wo: int,
+                     values: Optional[int] = None) -> torch.Tensor:
+    """``_code_hist`` in torch operations (any device, labels; the C++ form's oracle in the tests).
 
     The outputs that tap (i, j) serves read one stride phase of the input, a rectangle of it:
     the phase's histogram, less the strips outside the rectangle (a few rows and columns at
@@ -449,7 +460,7 @@ def _blocks_hist(args: tuple, Ho: int, Wo: int, counts: dict) -> tuple:
     x_offset, w, F = args[1], args[2], args[8]
     stride, pad_before, _, dilation, groups, x_block, x_block_bits = args[12:19]
     hist, lo, values, saturated, flushed = backend.native().tap_hist(
-        x, int(x_offset.reshape(-1)[0]), 16, F, groups, w.shape[2], w.shape[3], list(stride), list(pad_before),
+        x, int(x_offset.reshape(-1)[0]), F, groups, w.shape[2], w.shape[3], list(stride), list(pad_before),
         list(dilation), Ho, Wo, x_block, x_block_bits)
     for name, v in (("act_values", values), ("act_saturated", saturated), ("act_flushed", flushed)):
         counts[name] = counts.get(name, 0) + v
@@ -719,10 +730,6 @@ class Telemetry:
                                        dilation[d]) for d in range(2))
             if blocks:
                 (hist, lo), logs = _blocks_hist(args, Ho, Wo, counts), True
-            elif x.device.type == "cpu" and backend.has_native():
-                (hist, lo, *_), logs = backend.native().tap_hist(
-                    x, int(x_off.reshape(-1)[0]), x_bits, F, groups, w.shape[2], w.shape[3], list(stride),
-                    list(pad_before), list(dilation), Ho, Wo, 0, 0), True
             else:
                 hist, lo, logs = _code_hist(x, x_bits, w.shape[2:], stride, pad_before, dilation, Ho, Wo), \
                     int(x_off.reshape(-1)[0]), False
