@@ -599,9 +599,9 @@ at::Tensor lns_conv_cpu(const at::Tensor& x, const at::Tensor& x_offset, const a
 //
 // code_hist: per-tensor codes keep their log E + x_off wherever they are read, so the
 // histograms count raw codes (what _code_hist there computes in torch operations, its
-// fallback and oracle). One pass per channel fills every phase it needs; four interleaved
-// copies of each histogram keep runs of one code (a ReLU's zeros) from serializing on the
-// same counter.
+// fallback and oracle). One pass per channel fills every phase it needs; on large planes four
+// interleaved copies of each histogram keep runs of one code (a ReLU's zeros) from
+// serializing on the same counter.
 //
 // tap_hist: dynamic blocks (x 16-bit wide codes) re-encode each receptive field, and
 // _blocks_hist there states the rule (and is the fallback): (1) per (image, group) the bound
@@ -637,11 +637,13 @@ void code_hist_channels(const T* src, int64_t* out, int64_t N, int64_t C, int64_
   std::vector<char> wanted(static_cast<size_t>(phases), 0);
   for (const auto& r : rows)
     for (const auto& c : cols) wanted[r.ph * s1 + c.ph] = 1;
+  // Interleaved int32 copies pay a fold of 4 V counts per image: worth it on large planes only
+  // (and a large V would spill the cache instead).
   constexpr int kCopies = 4;
-  const int copies = V <= 4096 ? kCopies : 1;  // a large V spills the cache instead
+  const bool interleave = V <= 4096 && HW >= 8 * V;
   at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
     std::vector<int64_t> full(static_cast<size_t>(phases * V));
-    std::vector<int32_t> part(static_cast<size_t>(copies * V));  // one image plane's counts fit int32
+    std::vector<int32_t> part(interleave ? static_cast<size_t>(kCopies * V) : 0);  // an image's counts fit int32
     for (int64_t c = c0; c < c1; ++c) {
       std::fill(full.begin(), full.end(), 0);
       for (int64_t img = 0; img < N; ++img) {
@@ -649,21 +651,25 @@ void code_hist_channels(const T* src, int64_t* out, int64_t N, int64_t C, int64_
         for (int64_t p = 0; p < phases; ++p) {
           if (!wanted[p]) continue;
           const int64_t ph = p / s1, pw = p % s1;
+          int64_t* f = full.data() + p * V;
+          if (!interleave) {
+            for (int64_t y = ph; y < H; y += s0)
+              for (int64_t x = pw; x < W; x += s1) ++f[plane[y * W + x] & mask];
+            continue;
+          }
           std::fill(part.begin(), part.end(), 0);
           for (int64_t y = ph; y < H; y += s0) {
             const T* row = plane + y * W;
-            int64_t x = pw, e = 0;
-            if (copies == kCopies)
-              for (; x + 3 * s1 < W; x += 4 * s1, e += 4) {
-                ++part[0 * V + (row[x] & mask)];
-                ++part[1 * V + (row[x + s1] & mask)];
-                ++part[2 * V + (row[x + 2 * s1] & mask)];
-                ++part[3 * V + (row[x + 3 * s1] & mask)];
-              }
+            int64_t x = pw;
+            for (; x + 3 * s1 < W; x += 4 * s1) {
+              ++part[0 * V + (row[x] & mask)];
+              ++part[1 * V + (row[x + s1] & mask)];
+              ++part[2 * V + (row[x + 2 * s1] & mask)];
+              ++part[3 * V + (row[x + 3 * s1] & mask)];
+            }
             for (; x < W; x += s1) ++part[row[x] & mask];
           }
-          int64_t* f = full.data() + p * V;
-          for (int k = 0; k < copies; ++k)
+          for (int k = 0; k < kCopies; ++k)
             for (int64_t v = 0; v < V; ++v) f[v] += part[k * V + v];
         }
       }
