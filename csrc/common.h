@@ -147,9 +147,9 @@ std::vector<float> extended_table(const double* C, int frac_bits);
 // torchlns.telemetry counts, per chip layer, the fixed accumulator's totals that overflow and
 // the largest |total| (spec section 2, before the final saturation). The totals exist only
 // here, in the epilogue, so the epilogue counts them while telemetry_on(): the loop that finishes a stretch of
-// outputs runs in tallied(), which passes each epilogue a local tally (nothing while telemetry
-// is off) and adds it to its thread's counters when the stretch ends; those are summed when
-// read.
+// outputs holds a Tally (nothing while telemetry is off) and passes it to each epilogue; the
+// Tally adds its counts to its thread's counters when the stretch ends, and those are summed
+// when read.
 // Each output must reach the epilogue once: the dynamic blocks' repair finishes changed
 // positions twice, so the static pass leaves them out of its counts (telemetry_skip in
 // lns_conv_direct), and torchlns.telemetry checks the count of outputs against the layer's. The product and
@@ -190,16 +190,21 @@ std::tuple<at::Tensor, int64_t, int64_t, int64_t, int64_t> tap_hist(
     at::IntArrayRef stride, at::IntArrayRef pad_before, at::IntArrayRef dilation, int64_t Ho, int64_t Wo,
     int64_t x_block, int64_t x_block_bits);
 
-// Runs body(tally) over a stretch of outputs: with tally a TelemetryCounts* to a local that the
-// inlined loop keeps in registers while telemetry is on (then added to the thread's counters
-// once), else with a nullptr_t, so that the loop is compiled a second time without counting.
-template <typename Body>
-TORCHLNS_INLINE void tallied(const Body& body) {
-  if (!telemetry_on()) return body(nullptr);
-  TelemetryCounts counts;
-  body(&counts);
-  telemetry_add(counts);
-}
+// A loop's TelemetryCounts while telemetry is on (get() is null otherwise), added when it ends.
+class Tally {
+ public:
+  Tally() : on_(telemetry_on()) {}
+  ~Tally() {
+    if (on_) telemetry_add(counts_);
+  }
+  Tally(const Tally&) = delete;
+  Tally& operator=(const Tally&) = delete;
+  TelemetryCounts* get() { return on_ ? &counts_ : nullptr; }
+
+ private:
+  bool on_;
+  TelemetryCounts counts_;
+};
 
 // A finite bias as rne(b / 2^Λ), clamped to ±(2^63 - 1024), which cannot change a saturated
 // result (Note: reference MAC arithmetic in torchlns/ops/reference.py).

@@ -253,17 +253,16 @@ struct OutputSink : RowSink {
   void store(int64_t m0, int64_t m1, int64_t n0, int64_t n1, const float* sf, const int64_t* si) const override {
     const int64_t width = n1 - n0;
     int64_t img = m0 / L, l = m0 % L;
-    tallied([&](auto tally) {
-      for (int64_t m = m0; m < m1; ++m) {
-        float* row = channels_first ? y + img * N * L + l : y + m * N;
-        const int64_t step = channels_first ? L : 1;
-        for (int64_t n = n0; n < n1; ++n) {
-          TelemetryCounts* t = skip && skip[(img * groups + n / Ng) * L + l] ? nullptr : tally;
-          row[n * step] = finish(plan, sf, si, (m - m0) * width + (n - n0), bias ? bias + n : nullptr, t);
-        }
-        if (++l == L) l = 0, ++img;
+    Tally tally;
+    for (int64_t m = m0; m < m1; ++m) {
+      float* row = channels_first ? y + img * N * L + l : y + m * N;
+      const int64_t step = channels_first ? L : 1;
+      for (int64_t n = n0; n < n1; ++n) {
+        TelemetryCounts* t = skip && skip[(img * groups + n / Ng) * L + l] ? nullptr : tally.get();
+        row[n * step] = finish(plan, sf, si, (m - m0) * width + (n - n0), bias ? bias + n : nullptr, t);
       }
-    });
+      if (++l == L) l = 0, ++img;
+    }
   }
 };
 
@@ -381,12 +380,11 @@ std::optional<at::Tensor> lns_mm_direct(const at::Tensor& x, const at::Tensor& x
     const int64_t* si = fixed ? sums.data_ptr<int64_t>() : nullptr;
     float* y = out.data_ptr<float>();
     at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
-      tallied([&](auto tally) {
-        for (int64_t n = n0; n < n1; ++n)
-          for (int64_t m = 0; m < M; ++m)
-            y[L ? ((m / L) * N + n) * L + m % L : m * N + n] =
-                finish(*plan, sf, si, n * M + m, b ? b + n : nullptr, tally);
-      });
+      Tally tally;
+      for (int64_t n = n0; n < n1; ++n)
+        for (int64_t m = 0; m < M; ++m)
+          y[L ? ((m / L) * N + n) * L + m % L : m * N + n] =
+              finish(*plan, sf, si, n * M + m, b ? b + n : nullptr, tally.get());
     });
   }
   // NaN dominates its dot products (even against a zero partner), within its group.
@@ -471,17 +469,16 @@ std::optional<at::Tensor> lns_cols_segments(const at::Tensor& codes, const at::T
   const bool* w_nan = wq[3] ? wf[2].data_ptr<bool>() : nullptr;
   const float nan = std::numeric_limits<float>::quiet_NaN();
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-    tallied([&](auto tally) {
-      for (int64_t g = g0; g < g1; ++g)
-        for (int64_t j = 0; j < S[g]; ++j) {
-          bool hit = false;  // NaN dominates its dot products (even against a zero partner)
-          for (int64_t k = 0; x_nan && k < Kg; ++k) hit |= x_nan[seg[g] + k * ld[g] + j];
-          for (int64_t n = g * Ng; n < (g + 1) * Ng; ++n)
-            y[out_at[g] + (n - g * Ng) * S[g] + j] =
-                hit || (w_nan && w_nan[n]) ? nan : finish(*plan, sf, si, sums_at[g] + (n - g * Ng) * ld[g] + j,
-                                                          b ? b + n : nullptr, tally);
-        }
-    });
+    Tally tally;
+    for (int64_t g = g0; g < g1; ++g)
+      for (int64_t j = 0; j < S[g]; ++j) {
+        bool hit = false;  // NaN dominates its dot products (even against a zero partner)
+        for (int64_t k = 0; x_nan && k < Kg; ++k) hit |= x_nan[seg[g] + k * ld[g] + j];
+        for (int64_t n = g * Ng; n < (g + 1) * Ng; ++n)
+          y[out_at[g] + (n - g * Ng) * S[g] + j] =
+              hit || (w_nan && w_nan[n]) ? nan : finish(*plan, sf, si, sums_at[g] + (n - g * Ng) * ld[g] + j,
+                                                        b ? b + n : nullptr, tally.get());
+      }
   });
   return out;
 }
@@ -674,19 +671,17 @@ std::optional<at::Tensor> lns_conv_direct(const at::Tensor& x, const at::Tensor&
     float* y = out.data_ptr<float>();
     const int64_t Cp = src.Cp;
     at::parallel_for(0, Nb * Cout, std::max<int64_t>(1, 4096 / std::max<int64_t>(L, 1)), [&](int64_t r0, int64_t r1) {
-      tallied([&](auto tally) {
-        for (int64_t r = r0; r < r1; ++r) {
-          const float* bn = b ? b + r % Cout : nullptr;
-          const uint8_t* skip =
-              telemetry_skip ? telemetry_skip + ((r / Cout) * groups + (r % Cout) / Ng) * L : nullptr;
-          for (int64_t oh = 0; oh < Ho; ++oh) {
-            float* yr = y + r * L + oh * Wo;
-            const int64_t i0 = r * wide + oh * Cp;
-            for (int64_t ow = 0; ow < Wo; ++ow)
-              yr[ow] = finish(*plan, sf, si, i0 + ow, bn, skip && skip[oh * Wo + ow] ? nullptr : tally);
-          }
+      Tally tally;
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* bn = b ? b + r % Cout : nullptr;
+        const uint8_t* skip = telemetry_skip ? telemetry_skip + ((r / Cout) * groups + (r % Cout) / Ng) * L : nullptr;
+        for (int64_t oh = 0; oh < Ho; ++oh) {
+          float* yr = y + r * L + oh * Wo;
+          const int64_t i0 = r * wide + oh * Cp;
+          for (int64_t ow = 0; ow < Wo; ++ow)
+            yr[ow] = finish(*plan, sf, si, i0 + ow, bn, skip && skip[oh * Wo + ow] ? nullptr : tally.get());
         }
-      });
+      }
     });
   }
   const float nan = std::numeric_limits<float>::quiet_NaN();

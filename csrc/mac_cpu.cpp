@@ -316,29 +316,27 @@ at::Tensor lns_mm_cpu(const at::Tensor& x, const at::Tensor& x_offset, const at:
     const int W = int(acc_bits), W1 = int(chunk ? (chunk_bits ? chunk_bits : acc_bits) : acc_bits);
     const int64_t T = (int64_t(1) << (W - 1)) - 1;
     at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
-      tallied([&](auto tally) {
-        for (int64_t m = m0; m < m1; ++m)
-          for (int64_t n = 0; n < N; ++n) {
-            const bool nan_out = nx[m] || nw[n];
-            const int64_t acc = dot_two_stage(gx + m * K, sx + m * K, gw + n * K, sw + n * K, K, C, F, acc_lsb, W,
-                                              wrap, chunk, W1, tally);
-            y[m * N + n] = wrap ? fixed_epilogue_wrap(acc, b ? b + n : nullptr, W, acc_lsb, nan_out, tally)
-                                : fixed_epilogue(acc, b ? b + n : nullptr, T, acc_lsb, nan_out, tally);
-          }
-      });
+      Tally tally;
+      for (int64_t m = m0; m < m1; ++m)
+        for (int64_t n = 0; n < N; ++n) {
+          const bool nan_out = nx[m] || nw[n];
+          const int64_t acc = dot_two_stage(gx + m * K, sx + m * K, gw + n * K, sw + n * K, K, C, F, acc_lsb, W, wrap,
+                                            chunk, W1, tally.get());
+          y[m * N + n] = wrap ? fixed_epilogue_wrap(acc, b ? b + n : nullptr, W, acc_lsb, nan_out, tally.get())
+                              : fixed_epilogue(acc, b ? b + n : nullptr, T, acc_lsb, nan_out, tally.get());
+        }
     });
   } else if (fixed) {
     TORCH_CHECK(acc_bits >= 8 && acc_bits <= 48, "lns_mm: acc_bits out of range");
     const int64_t T = (int64_t(1) << (acc_bits - 1)) - 1;
     at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
-      tallied([&](auto tally) {
-        for (int64_t m = m0; m < m1; ++m)
-          for (int64_t n = 0; n < N; ++n) {
-            const int64_t acc = dot_fixed_dispatch(gx + m * K, sx + m * K, gw + n * K, sw + n * K, K, C, F, acc_lsb,
-                                                   double(T));
-            y[m * N + n] = fixed_epilogue(acc, b ? b + n : nullptr, T, acc_lsb, nx[m] || nw[n], tally);
-          }
-      });
+      Tally tally;
+      for (int64_t m = m0; m < m1; ++m)
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t acc = dot_fixed_dispatch(gx + m * K, sx + m * K, gw + n * K, sw + n * K, K, C, F, acc_lsb,
+                                                 double(T));
+          y[m * N + n] = fixed_epilogue(acc, b ? b + n : nullptr, T, acc_lsb, nx[m] || nw[n], tally.get());
+        }
     });
   } else if (try_classes(path, frac_bits) && M && N && K && class_terms_in_range(lx, lw)) {  // Note: remainder classes
     const auto sums = lns_mm_float_classes(lx, lw, C, F);
