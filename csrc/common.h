@@ -148,8 +148,8 @@ std::vector<float> extended_table(const double* C, int frac_bits);
 // the largest |total| (spec section 2, before the final saturation). The totals exist only
 // here, in the epilogue, so the epilogue counts them while telemetry_on(): the loop that finishes a stretch of
 // outputs holds a Tally (nothing while telemetry is off) and passes it to each epilogue; the
-// Tally adds its counts to its thread's counters when the stretch ends, and those are summed
-// when read.
+// Tally keeps its counts in registers and adds them to its thread's counters when the
+// stretch ends, and those are summed when read.
 // Each output must reach the epilogue once: the dynamic blocks' repair finishes changed
 // positions twice, so the static pass leaves them out of its counts (telemetry_skip in
 // lns_conv_direct), and torchlns.telemetry checks the count of outputs against the layer's. The product and
@@ -190,15 +190,21 @@ std::tuple<at::Tensor, int64_t, int64_t, int64_t, int64_t> tap_hist(
     at::IntArrayRef stride, at::IntArrayRef pad_before, at::IntArrayRef dilation, int64_t Ho, int64_t Wo,
     int64_t x_block, int64_t x_block_bits);
 
-// A loop's TelemetryCounts while telemetry is on (get() is null otherwise), added when it ends.
+// A loop's TelemetryCounts while telemetry is on, added to the thread's counters when it ends.
+// The epilogues take the Tally itself and record() is inline, and the destructor hands
+// telemetry_add a copy: no pointer to counts_ escapes, so the compiler keeps the counts in
+// registers (counters in memory cost a store-to-load chain per output, +80% on the direct
+// kernels' epilogue). get() is for a callee that is not inlined (the two-stage chunks).
 class Tally {
  public:
   Tally() : on_(telemetry_on()) {}
   ~Tally() {
-    if (on_) telemetry_add(counts_);
+    if (on_) telemetry_add(TelemetryCounts(counts_));
   }
   Tally(const Tally&) = delete;
   Tally& operator=(const Tally&) = delete;
+  bool on() const { return on_; }
+  TORCHLNS_INLINE void record(int64_t total, int64_t T, bool wrap) { counts_.record(total, T, wrap, false); }
   TelemetryCounts* get() { return on_ ? &counts_ : nullptr; }
 
  private:
@@ -214,19 +220,30 @@ TORCHLNS_INLINE int64_t bias_units(float bias, int64_t acc_lsb) {
   return int64_t(bd > kBiasClamp ? kBiasClamp : (bd < -kBiasClamp ? -kBiasClamp : bd));
 }
 
-TORCHLNS_INLINE float fixed_epilogue(int64_t acc, const float* bias, int64_t T, int64_t acc_lsb, bool nan_out,
-                                     TelemetryCounts* tally) {
-  if (bias) {
-    if (*bias != *bias) {
-      nan_out = true;
-    } else {  // a sum beyond int64 is far beyond the rails: ±(2^63 - 1) saturates the same
-      const int64_t b = bias_units(*bias, acc_lsb);
-      if (__builtin_add_overflow(acc, b, &acc)) acc = b > 0 ? INT64_MAX : -INT64_MAX;
-    }
-  }
-  if (tally && !nan_out) tally->record(acc, T, false, false);
+// A bias as the fixed epilogue adds it: bias_units (none: 0), or NaN. Loops make it once per
+// bias, not per output: the conversion calls nearbyint.
+struct FixedBias {
+  int64_t units = 0;
+  bool nan = false;
+};
+TORCHLNS_INLINE FixedBias fixed_bias(const float* bias, int64_t acc_lsb) {
+  if (!bias) return {};
+  if (*bias != *bias) return {0, true};
+  return {bias_units(*bias, acc_lsb), false};
+}
+
+// count: false where another pass reports this output's total (Note: accumulator telemetry).
+TORCHLNS_INLINE float fixed_epilogue(int64_t acc, const FixedBias& b, int64_t T, int64_t acc_lsb, bool nan_out,
+                                     Tally& tally, bool count = true) {
+  nan_out |= b.nan;  // a sum beyond int64 is far beyond the rails: ±(2^63 - 1) saturates the same
+  if (__builtin_add_overflow(acc, b.units, &acc)) acc = b.units > 0 ? INT64_MAX : -INT64_MAX;
+  if (tally.on() && count && !nan_out) tally.record(acc, T, false);
   acc = acc > T ? T : (acc < -T ? -T : acc);
   return nan_out ? __builtin_nanf("") : float(double(acc) * pow2(acc_lsb));
+}
+TORCHLNS_INLINE float fixed_epilogue(int64_t acc, const float* bias, int64_t T, int64_t acc_lsb, bool nan_out,
+                                     Tally& tally) {
+  return fixed_epilogue(acc, fixed_bias(bias, acc_lsb), T, acc_lsb, nan_out, tally);
 }
 
 // x reduced modulo 2^bits into [-2^(bits-1), 2^(bits-1)) (bits <= 48).
@@ -238,7 +255,7 @@ TORCHLNS_INLINE int64_t wrap_to(int64_t x, int bits) {
 // fixed_epilogue with overflow="wrap" (see Note: overflow and chunks in torchlns/ops/reference.py):
 // the total and the bias's rne(b / 2^Λ), each reduced modulo 2^W, then their sum.
 TORCHLNS_INLINE float fixed_epilogue_wrap(int64_t acc, const float* bias, int acc_bits, int64_t acc_lsb, bool nan_out,
-                                          TelemetryCounts* tally) {
+                                          Tally& tally) {
   int64_t total = acc;  // for telemetry: the sum before the wrap (beyond int64: ±(2^63 - 1))
   if (bias) {
     if (*bias != *bias) {
@@ -250,7 +267,7 @@ TORCHLNS_INLINE float fixed_epilogue_wrap(int64_t acc, const float* bias, int ac
     }
   }
   const int64_t T = (int64_t(1) << (acc_bits - 1)) - 1;
-  if (tally && !nan_out) tally->record(total, T, true, false);
+  if (tally.on() && !nan_out) tally.record(total, T, true);
   acc = wrap_to(acc, acc_bits);
   return nan_out ? __builtin_nanf("") : float(double(acc) * pow2(acc_lsb));
 }

@@ -231,9 +231,10 @@ struct MatrixRows : RowSource {
 };
 
 // The epilogue of one output: bias, and for the fixed accumulator its saturation and scaling.
+// fb: fixed_bias(bias), made once per bias by the loop.
 TORCHLNS_INLINE float finish(const Plan& p, const float* sf, const int64_t* si, int64_t i, const float* bias,
-                             TelemetryCounts* tally) {
-  return si ? fixed_epilogue(si[i], bias, p.T, p.acc_lsb, false, tally) : (bias ? sf[i] + *bias : sf[i]);
+                             const FixedBias& fb, Tally& tally, bool count = true) {
+  return si ? fixed_epilogue(si[i], fb, p.T, p.acc_lsb, false, tally, count) : (bias ? sf[i] + *bias : sf[i]);
 }
 
 // Sums of rows m into y[m * ld + n] (linear) or y[(img * N + n) * L + l] with m = img * L + l
@@ -248,8 +249,11 @@ struct OutputSink : RowSink {
   bool channels_first;
   const uint8_t* skip = nullptr;
   int64_t Ng = 1, groups = 1;
+  std::vector<FixedBias> fbs;  // per n
   OutputSink(const Plan& p, const float* b, float* out, int64_t n, int64_t l, bool cf)
-      : plan(p), bias(b), y(out), N(n), L(l), channels_first(cf) {}
+      : plan(p), bias(b), y(out), N(n), L(l), channels_first(cf), fbs(static_cast<size_t>(n)) {
+    for (int64_t j = 0; j < n; ++j) fbs[j] = fixed_bias(b ? b + j : nullptr, p.acc_lsb);
+  }
   void store(int64_t m0, int64_t m1, int64_t n0, int64_t n1, const float* sf, const int64_t* si) const override {
     const int64_t width = n1 - n0;
     int64_t img = m0 / L, l = m0 % L;
@@ -257,10 +261,9 @@ struct OutputSink : RowSink {
     for (int64_t m = m0; m < m1; ++m) {
       float* row = channels_first ? y + img * N * L + l : y + m * N;
       const int64_t step = channels_first ? L : 1;
-      for (int64_t n = n0; n < n1; ++n) {
-        TelemetryCounts* t = skip && skip[(img * groups + n / Ng) * L + l] ? nullptr : tally.get();
-        row[n * step] = finish(plan, sf, si, (m - m0) * width + (n - n0), bias ? bias + n : nullptr, t);
-      }
+      for (int64_t n = n0; n < n1; ++n)
+        row[n * step] = finish(plan, sf, si, (m - m0) * width + (n - n0), bias ? bias + n : nullptr, fbs[n], tally,
+                               !(skip && skip[(img * groups + n / Ng) * L + l]));
       if (++l == L) l = 0, ++img;
     }
   }
@@ -381,10 +384,12 @@ std::optional<at::Tensor> lns_mm_direct(const at::Tensor& x, const at::Tensor& x
     float* y = out.data_ptr<float>();
     at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
       Tally tally;
-      for (int64_t n = n0; n < n1; ++n)
+      for (int64_t n = n0; n < n1; ++n) {
+        const float* bn = b ? b + n : nullptr;
+        const FixedBias fb = fixed_bias(bn, plan->acc_lsb);
         for (int64_t m = 0; m < M; ++m)
-          y[L ? ((m / L) * N + n) * L + m % L : m * N + n] =
-              finish(*plan, sf, si, n * M + m, b ? b + n : nullptr, tally.get());
+          y[L ? ((m / L) * N + n) * L + m % L : m * N + n] = finish(*plan, sf, si, n * M + m, bn, fb, tally);
+      }
     });
   }
   // NaN dominates its dot products (even against a zero partner), within its group.
@@ -463,6 +468,8 @@ std::optional<at::Tensor> lns_cols_segments(const at::Tensor& codes, const at::T
   std::optional<at::Tensor> b32;
   if (bias.has_value()) b32 = bias->to(at::kFloat).contiguous();
   const float* b = b32 ? b32->data_ptr<float>() : nullptr;
+  std::vector<FixedBias> fbs(static_cast<size_t>(N));
+  for (int64_t n = 0; n < N; ++n) fbs[n] = fixed_bias(b ? b + n : nullptr, plan->acc_lsb);
   auto out = at::empty({outs}, codes.options().dtype(at::kFloat));
   float* y = out.data_ptr<float>();
   const bool* x_nan = xf.any_nan ? xf.nan.data_ptr<bool>() : nullptr;
@@ -477,7 +484,7 @@ std::optional<at::Tensor> lns_cols_segments(const at::Tensor& codes, const at::T
         for (int64_t n = g * Ng; n < (g + 1) * Ng; ++n)
           y[out_at[g] + (n - g * Ng) * S[g] + j] =
               hit || (w_nan && w_nan[n]) ? nan : finish(*plan, sf, si, sums_at[g] + (n - g * Ng) * ld[g] + j,
-                                                        b ? b + n : nullptr, tally.get());
+                                                        b ? b + n : nullptr, fbs[n], tally);
       }
   });
   return out;
@@ -674,12 +681,13 @@ std::optional<at::Tensor> lns_conv_direct(const at::Tensor& x, const at::Tensor&
       Tally tally;
       for (int64_t r = r0; r < r1; ++r) {
         const float* bn = b ? b + r % Cout : nullptr;
+        const FixedBias fb = fixed_bias(bn, plan->acc_lsb);
         const uint8_t* skip = telemetry_skip ? telemetry_skip + ((r / Cout) * groups + (r % Cout) / Ng) * L : nullptr;
         for (int64_t oh = 0; oh < Ho; ++oh) {
           float* yr = y + r * L + oh * Wo;
           const int64_t i0 = r * wide + oh * Cp;
           for (int64_t ow = 0; ow < Wo; ++ow)
-            yr[ow] = finish(*plan, sf, si, i0 + ow, bn, skip && skip[oh * Wo + ow] ? nullptr : tally.get());
+            yr[ow] = finish(*plan, sf, si, i0 + ow, bn, fb, tally, !(skip && skip[oh * Wo + ow]));
         }
       }
     });

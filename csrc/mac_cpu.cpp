@@ -322,8 +322,8 @@ at::Tensor lns_mm_cpu(const at::Tensor& x, const at::Tensor& x_offset, const at:
           const bool nan_out = nx[m] || nw[n];
           const int64_t acc = dot_two_stage(gx + m * K, sx + m * K, gw + n * K, sw + n * K, K, C, F, acc_lsb, W, wrap,
                                             chunk, W1, tally.get());
-          y[m * N + n] = wrap ? fixed_epilogue_wrap(acc, b ? b + n : nullptr, W, acc_lsb, nan_out, tally.get())
-                              : fixed_epilogue(acc, b ? b + n : nullptr, T, acc_lsb, nan_out, tally.get());
+          y[m * N + n] = wrap ? fixed_epilogue_wrap(acc, b ? b + n : nullptr, W, acc_lsb, nan_out, tally)
+                              : fixed_epilogue(acc, b ? b + n : nullptr, T, acc_lsb, nan_out, tally);
         }
     });
   } else if (fixed) {
@@ -335,7 +335,7 @@ at::Tensor lns_mm_cpu(const at::Tensor& x, const at::Tensor& x_offset, const at:
         for (int64_t n = 0; n < N; ++n) {
           const int64_t acc = dot_fixed_dispatch(gx + m * K, sx + m * K, gw + n * K, sw + n * K, K, C, F, acc_lsb,
                                                  double(T));
-          y[m * N + n] = fixed_epilogue(acc, b ? b + n : nullptr, T, acc_lsb, nx[m] || nw[n], tally.get());
+          y[m * N + n] = fixed_epilogue(acc, b ? b + n : nullptr, T, acc_lsb, nx[m] || nw[n], tally);
         }
     });
   } else if (try_classes(path, frac_bits) && M && N && K && class_terms_in_range(lx, lw)) {  // Note: remainder classes
