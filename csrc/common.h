@@ -185,7 +185,7 @@ std::array<int64_t, 3> act_counts(const at::Tensor& x, double flush, double sat)
 // conv_cpu.cpp): per-tensor codes (C*kh*kw, 2^bits), and the logs of dynamic blocks.
 at::Tensor code_hist(const at::Tensor& x, int64_t bits, int64_t kh, int64_t kw, at::IntArrayRef stride,
                      at::IntArrayRef pad_before, at::IntArrayRef dilation, int64_t Ho, int64_t Wo);
-std::tuple<at::Tensor, int64_t, int64_t, int64_t, int64_t> tap_hist(
+std::tuple<at::Tensor, int64_t, int64_t, int64_t, int64_t> blocks_tap_hist(
     const at::Tensor& x, int64_t x_off, int64_t frac_bits, int64_t groups, int64_t kh, int64_t kw,
     at::IntArrayRef stride, at::IntArrayRef pad_before, at::IntArrayRef dilation, int64_t Ho, int64_t Wo,
     int64_t x_block, int64_t x_block_bits);

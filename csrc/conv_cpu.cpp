@@ -336,10 +336,10 @@ std::optional<at::Tensor> blocks_by_repair(const at::Tensor& x, const at::Tensor
     xs = xc.clone();
     int16_t* q = xs.data_ptr<int16_t>();
     at::parallel_for(0, N * G, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t)
-      for (int64_t e = t * Cg * HW; changes[t] && e < (t + 1) * Cg * HW; ++e)
-        if (changeable(uint16_t(q[e]) & kWideMax, t)) q[e] = 0;
-  });
+      for (int64_t t = t0; t < t1; ++t)
+        for (int64_t e = t * Cg * HW; changes[t] && e < (t + 1) * Cg * HW; ++e)
+          if (changeable(uint16_t(q[e]) & kWideMax, t)) q[e] = 0;
+    });
   }
   auto y = lns_conv_direct(xs, x_offset, w, w_offset, table, bias, x_bits, w_bits, frac_bits, fixed, acc_bits,
                            acc_lsb, stride, pad_before, dilation, Ho, Wo, groups,
@@ -603,7 +603,7 @@ at::Tensor lns_conv_cpu(const at::Tensor& x, const at::Tensor& x_offset, const a
 // interleaved copies of each histogram keep runs of one code (a ReLU's zeros) from
 // serializing on the same counter.
 //
-// tap_hist: dynamic blocks (x 16-bit wide codes) re-encode each receptive field, and
+// blocks_tap_hist: dynamic blocks (x 16-bit wide codes) re-encode each receptive field, and
 // _blocks_hist there states the rule (and is the fallback): (1) per (image, group) the bound
 // below which some block could flush a magnitude (as the repair's step 1: a block's offset
 // grows with its maximum), (2) the normal magnitudes' range and the odd ones (below that
@@ -723,12 +723,12 @@ at::Tensor code_hist(const at::Tensor& x, int64_t bits, int64_t kh, int64_t kw, 
   return out;
 }
 
-std::tuple<at::Tensor, int64_t, int64_t, int64_t, int64_t> tap_hist(
+std::tuple<at::Tensor, int64_t, int64_t, int64_t, int64_t> blocks_tap_hist(
     const at::Tensor& x, int64_t x_off64, int64_t frac_bits, int64_t groups, int64_t kh, int64_t kw,
     IntArrayRef stride, IntArrayRef pad_before, IntArrayRef dilation, int64_t Ho, int64_t Wo, int64_t x_block,
     int64_t x_block_bits) {
   TORCH_CHECK(x.dim() == 4 && x.device().is_cpu() && x.scalar_type() == at::kShort && x_block > 0,
-              "tap_hist: x must be (N, C, H, W) 16-bit wide codes (int16) on the CPU, with x_block > 0");
+              "blocks_tap_hist: x must be (N, C, H, W) 16-bit wide codes (int16) on the CPU, with x_block > 0");
   const auto xc = x.contiguous();
   const int32_t x_off = int32_t(x_off64);
   const NarrowBlocks nb(xc, x_off, int(frac_bits), groups, kh, kw, stride, pad_before, dilation, Ho, Wo, x_block,
@@ -736,22 +736,20 @@ std::tuple<at::Tensor, int64_t, int64_t, int64_t, int64_t> tap_hist(
   const int64_t N = nb.N, C = nb.C, H = nb.H, W = nb.W, G = groups, Cg = C / G, HW = H * W, taps = nb.taps;
   const int64_t Kg = nb.Kg;
   const uint16_t* src = nb.src;
-  constexpr int sign_at = 15;
-  constexpr int32_t mag_mask = kWideMax;
   // 1.
-  std::vector<int32_t> lo_ok(static_cast<size_t>(N * G), 1);  // normal magnitudes are >= lo_ok[t] ...
-  const int32_t hi_ok = std::min(nb.off_max + nb.e_max - x_off, kWideMax - 1);  // ... <= hi_ok
+  std::vector<int32_t> lo_ok(static_cast<size_t>(N * G));  // normal magnitudes are >= lo_ok[t] ...
+  const int32_t hi_ok = std::min(nb.off_max + nb.e_max - x_off, kWideMax - 1);  // ... and <= hi_ok
   at::parallel_for(0, N * G, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const uint16_t* p = src + t * Cg * HW;
-        int32_t top = 0;
-        for (int64_t e = 0; e < Cg * HW; ++e) {
-          const int32_t mag = p[e] & kWideMax;
-          top = std::max(top, mag < kWideMax ? mag : 0);
-        }
-        lo_ok[t] = top ? std::max(top + x_off - nb.e_max, nb.off_min) + 1 - x_off : 1;
+    for (int64_t t = t0; t < t1; ++t) {
+      const uint16_t* p = src + t * Cg * HW;
+      int32_t top = 0;
+      for (int64_t e = 0; e < Cg * HW; ++e) {
+        const int32_t mag = p[e] & kWideMax;
+        top = std::max(top, mag < kWideMax ? mag : 0);
       }
-    });
+      lo_ok[t] = top ? std::max(top + x_off - nb.e_max, nb.off_min) + 1 - x_off : 1;
+    }
+  });
   // 2. Per (image, channel) plane.
   const int64_t planes = N * C;
   std::vector<int32_t> lo_mag(static_cast<size_t>(planes), kWideMax), hi_mag(static_cast<size_t>(planes), 0);
@@ -762,7 +760,7 @@ std::tuple<at::Tensor, int64_t, int64_t, int64_t, int64_t> tap_hist(
       const int32_t lo = lo_ok[(q / C) * G + (q % C) / Cg];
       int32_t a = kWideMax, b = 0;
       for (int64_t e = 0; e < HW; ++e) {
-        const int32_t mag = p[e] & mag_mask;
+        const int32_t mag = p[e] & kWideMax;
         if (!mag) continue;
         if (mag >= lo && mag <= hi_ok) {
           a = std::min(a, mag), b = std::max(b, mag);
@@ -847,9 +845,9 @@ std::tuple<at::Tensor, int64_t, int64_t, int64_t, int64_t> tap_hist(
             for (int64_t u = u0; u <= u1; ++u) {
               const uint16_t* row = plane + (r.ph + u * nb.stride[0]) * W + q.ph;
               for (int64_t v = v0; v <= v1; ++v) {
-                const int32_t code = row[v * nb.stride[1]], mag = code & mag_mask;
+                const int32_t code = row[v * nb.stride[1]], mag = code & kWideMax;
                 if (mag < lo_q || mag > hi_ok) continue;  // zero, odd
-                into[((code >> sign_at) & 1) * span + (mag + x_off - lo)] += d;
+                into[(code >> 15) * span + (mag + x_off - lo)] += d;
               }
             }
           }

@@ -231,10 +231,16 @@ struct MatrixRows : RowSource {
 };
 
 // The epilogue of one output: bias, and for the fixed accumulator its saturation and scaling.
-// fb: fixed_bias(bias), made once per bias by the loop.
+// fb: fixed_bias(bias), made once per bias by the loop (fixed_biases).
 TORCHLNS_INLINE float finish(const Plan& p, const float* sf, const int64_t* si, int64_t i, const float* bias,
                              const FixedBias& fb, Tally& tally, bool count = true) {
   return si ? fixed_epilogue(si[i], fb, p.T, p.acc_lsb, false, tally, count) : (bias ? sf[i] + *bias : sf[i]);
+}
+
+std::vector<FixedBias> fixed_biases(const float* b, int64_t n, int64_t acc_lsb) {
+  std::vector<FixedBias> fbs(static_cast<size_t>(n));
+  for (int64_t j = 0; j < n; ++j) fbs[j] = fixed_bias(b ? b + j : nullptr, acc_lsb);
+  return fbs;
 }
 
 // Sums of rows m into y[m * ld + n] (linear) or y[(img * N + n) * L + l] with m = img * L + l
@@ -251,9 +257,7 @@ struct OutputSink : RowSink {
   int64_t Ng = 1, groups = 1;
   std::vector<FixedBias> fbs;  // per n
   OutputSink(const Plan& p, const float* b, float* out, int64_t n, int64_t l, bool cf)
-      : plan(p), bias(b), y(out), N(n), L(l), channels_first(cf), fbs(static_cast<size_t>(n)) {
-    for (int64_t j = 0; j < n; ++j) fbs[j] = fixed_bias(b ? b + j : nullptr, p.acc_lsb);
-  }
+      : plan(p), bias(b), y(out), N(n), L(l), channels_first(cf), fbs(fixed_biases(b, n, p.acc_lsb)) {}
   void store(int64_t m0, int64_t m1, int64_t n0, int64_t n1, const float* sf, const int64_t* si) const override {
     const int64_t width = n1 - n0;
     int64_t img = m0 / L, l = m0 % L;
@@ -468,8 +472,7 @@ std::optional<at::Tensor> lns_cols_segments(const at::Tensor& codes, const at::T
   std::optional<at::Tensor> b32;
   if (bias.has_value()) b32 = bias->to(at::kFloat).contiguous();
   const float* b = b32 ? b32->data_ptr<float>() : nullptr;
-  std::vector<FixedBias> fbs(static_cast<size_t>(N));
-  for (int64_t n = 0; n < N; ++n) fbs[n] = fixed_bias(b ? b + n : nullptr, plan->acc_lsb);
+  const std::vector<FixedBias> fbs = fixed_biases(b, N, plan->acc_lsb);
   auto out = at::empty({outs}, codes.options().dtype(at::kFloat));
   float* y = out.data_ptr<float>();
   const bool* x_nan = xf.any_nan ? xf.nan.data_ptr<bool>() : nullptr;

@@ -131,11 +131,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return torchlns::code_hist(x, bits, kh, kw, stride, pad_before, dilation, Ho, Wo);
   }, "A 2-D convolution's per-tensor codes per (channel, tap) for telemetry: (C*kh*kw, 2^bits) read counts "
      "(Note: telemetry's tap histograms in csrc/conv_cpu.cpp).");
-  m.def("tap_hist", [](const at::Tensor& x, int64_t x_off, int64_t frac_bits, int64_t groups, int64_t kh, int64_t kw,
-                       std::vector<int64_t> stride, std::vector<int64_t> pad_before, std::vector<int64_t> dilation,
-                       int64_t Ho, int64_t Wo, int64_t x_block, int64_t x_block_bits) {
-    return torchlns::tap_hist(x, x_off, frac_bits, groups, kh, kw, stride, pad_before, dilation, Ho, Wo, x_block,
-                              x_block_bits);
+  m.def("blocks_tap_hist", [](const at::Tensor& x, int64_t x_off, int64_t frac_bits, int64_t groups, int64_t kh,
+                              int64_t kw, std::vector<int64_t> stride, std::vector<int64_t> pad_before,
+                              std::vector<int64_t> dilation, int64_t Ho, int64_t Wo, int64_t x_block,
+                              int64_t x_block_bits) {
+    return torchlns::blocks_tap_hist(x, x_off, frac_bits, groups, kh, kw, stride, pad_before, dilation, Ho, Wo,
+                                     x_block, x_block_bits);
   }, "A 2-D convolution's dynamic-block logs per (channel, tap) for telemetry: (hist, lo, reads, saturated, flushed) "
      "(Note: telemetry's tap histograms in csrc/conv_cpu.cpp).");
   m.def("reset_direct_counts", &torchlns::reset_direct_counts, "Zero the direct-kernel counters.");

@@ -459,7 +459,7 @@ def _blocks_hist(args: tuple, Ho: int, Wo: int, counts: dict) -> tuple:
         return _blocks_hist_torch(args, Ho, Wo, counts)
     x_offset, w, F = args[1], args[2], args[8]
     stride, pad_before, _, dilation, groups, x_block, x_block_bits = args[12:19]
-    hist, lo, values, saturated, flushed = backend.native().tap_hist(
+    hist, lo, values, saturated, flushed = backend.native().blocks_tap_hist(
         x, int(x_offset.reshape(-1)[0]), F, groups, w.shape[2], w.shape[3], list(stride), list(pad_before),
         list(dilation), Ho, Wo, x_block, x_block_bits)
     for name, v in (("act_values", values), ("act_saturated", saturated), ("act_flushed", flushed)):
